@@ -1,0 +1,367 @@
+"""Requests, batching policies and the engine thread.
+
+`Inference` is one request: its tokens, sampling parameters, state, timestamps and the `threading.Event` its
+HTTP thread waits on. `BatchingManager` owns one engine thread that runs steps: each step the `Scheduler`
+picks which sequences run and how many tokens each contributes (a prefill chunk or one decode token), the
+model runner does one packed forward and one sampler call, and finished sequences release their KV blocks and
+set their Event.
+
+The three policies of the original project differ only in their admission rule, i.e. when waiting requests
+may join the running ones:
+  nobatch  one request at a time;
+  static   everything waiting forms a batch once, and nothing joins until its longest member is done;
+  dynamic  (Orca's iteration-level scheduling) waiting requests join at the next step, up to max_batch.
+"""
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from runner import ModelRunner
+from sampling import InvalidRequest, SampledToken, SamplingParams
+from tokenizer import EOT_TOKEN, StreamDecoder
+
+log = logging.getLogger(__name__)
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+class Overloaded(RuntimeError):
+    """The waiting queue is full (HTTP 503)."""
+
+
+class Inference:
+    """One request's life: waiting -> running (-> waiting again if preempted) -> finished."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: str, prompt_ids: list[int], params: SamplingParams, stream: bool = False):
+        self.id = next(Inference._ids)
+        self.prompt = prompt
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.token_ids = list(prompt_ids)  # prompt + generated; the model runner reads it
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
+        self.state = WAITING
+        self.finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
+        self.error: str | None = None
+        self.output_ids: list[int] = []
+        self.logprobs: list[SampledToken] = []
+        self.text = ""  # generated text, cut at a stop string
+        self._decoder = StreamDecoder()
+        self._streamed = 0  # characters of `text` handed to the stream so far
+        self.stream: queue.SimpleQueue | None = queue.SimpleQueue() if stream else None
+        self.num_preemptions = 0
+        self.arrival_time = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.token_times: list[float] = []
+        self.finish_time: float | None = None
+        self.event = threading.Event()
+
+    @property
+    def completion(self) -> str:
+        return self.prompt + self.text
+
+    @property
+    def done(self) -> bool:
+        return self.state == FINISHED
+
+    def append(self, sampled: SampledToken, now: float) -> None:
+        """Record a sampled token and decide whether the request is finished."""
+        self.first_token_time = self.first_token_time or now
+        self.token_times.append(now)
+        if sampled.token == EOT_TOKEN and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+            return
+        self.output_ids.append(sampled.token)
+        self.token_ids.append(sampled.token)
+        if self.params.logprobs is not None:
+            self.logprobs.append(sampled)
+        self.text += self._decoder.push(sampled.token)
+        if len(self.output_ids) == self.params.max_tokens:
+            self.text += self._decoder.flush()
+            self.finish_reason = "length"
+        self._cut_at_stop_string()
+
+    def _cut_at_stop_string(self) -> None:
+        cuts = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
+        if cuts:
+            self.text = self.text[:min(cuts)]
+            self.finish_reason = "stop"
+
+    def stream_delta(self) -> str:
+        """Text not yet streamed. While running, hold back what could still turn into a stop string."""
+        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.params.stop), default=0)
+        end = max(self._streamed, len(self.text) - hold)
+        delta, self._streamed = self.text[self._streamed:end], end
+        return delta
+
+
+# ---- policies: admission rules only ----
+
+@dataclass
+class Policy:
+    name: str
+    max_batch: int
+
+    def num_to_admit(self, num_active: int) -> int:
+        """How many waiting requests may join, given how many are running (or preempted) now."""
+        raise NotImplementedError
+
+
+class NoBatching(Policy):
+    def num_to_admit(self, num_active: int) -> int:
+        return 0 if num_active else 1
+
+
+class StaticBatching(Policy):
+    def num_to_admit(self, num_active: int) -> int:
+        return 0 if num_active else self.max_batch
+
+
+class DynamicBatching(Policy):
+    def num_to_admit(self, num_active: int) -> int:
+        return self.max_batch - num_active
+
+
+POLICIES = {"nobatch": NoBatching, "static": StaticBatching, "dynamic": DynamicBatching}
+
+
+def make_policy(name: str, max_batch: int = 128) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return POLICIES[name](name, max_batch)
+
+
+class Scheduler:
+    """Decides each step who runs and with how many tokens, within a token budget and the KV block pool.
+
+    Running sequences go first (decodes, then prefill chunks); when the pool runs dry the most recently
+    admitted sequence is preempted: its blocks are freed and it is recomputed from its tokens later, ahead of
+    any new admission. Preempted sequences were already admitted, so the policy is not asked again."""
+
+    def __init__(self, policy: Policy, runner: ModelRunner, max_step_tokens: int):
+        assert max_step_tokens >= policy.max_batch, "the step budget must fit one decode token per sequence"
+        self.policy = policy
+        self.blocks = runner.block_manager
+        self.max_step_tokens = max_step_tokens
+        self.waiting: deque[Inference] = deque()
+        self.preempted: deque[Inference] = deque()
+        self.running: list[Inference] = []
+        self.num_preemptions = 0
+
+    def schedule(self) -> list[tuple[Inference, int]]:
+        budget = self.max_step_tokens
+        plan: list[tuple[Inference, int]] = []
+        preemptions_before = self.num_preemptions
+        decodes_first = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
+        for seq in decodes_first:
+            if budget == 0:
+                break
+            if seq.state != RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if self._make_room(seq, seq.num_computed + n):
+                plan.append((seq, n))
+                budget -= n
+        if self.num_preemptions == preemptions_before:  # the pool is not short: resume, then admit
+            budget = self._admit(self.preempted, len(self.preempted), plan, budget)
+            if not self.preempted:
+                self._admit(self.waiting, self.policy.num_to_admit(len(self.running)), plan, budget)
+        return plan
+
+    def _make_room(self, seq: Inference, num_tokens: int) -> bool:
+        """Grow seq's blocks to num_tokens, preempting the newest running sequences if needed; False if seq
+        itself had to be preempted."""
+        while not self.blocks.can_grow(seq.id, num_tokens):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.grow(seq.id, num_tokens)
+        return True
+
+    def _admit(self, source: deque, limit: int, plan: list, budget: int) -> int:
+        """Move up to `limit` sequences from the head of `source` into running (first come, first served:
+        stop at the first that does not fit in the pool) and give each a first chunk from the budget."""
+        for _ in range(min(limit, len(source))):
+            seq = source[0]
+            if not self.blocks.can_allocate(len(seq.token_ids)):
+                break
+            source.popleft()
+            self.blocks.allocate(seq.id, len(seq.token_ids))
+            seq.state = RUNNING
+            self.running.append(seq)
+            if budget:
+                n = min(len(seq.token_ids), budget)
+                plan.append((seq, n))
+                budget -= n
+        return budget
+
+    def preempt(self, seq: Inference) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.id)
+        seq.num_computed = 0
+        seq.state = WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.preempted.appendleft(seq)
+
+    def remove(self, seq: Inference) -> None:
+        """Take a sequence out wherever it is and release its blocks."""
+        for q in (self.waiting, self.preempted):
+            if seq in q:
+                q.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.free(seq.id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + len(self.preempted)
+
+
+class BatchingManager:
+    """Owns the engine thread. HTTP threads call `enqueue` and wait on the Inference's Event (or read its
+    stream); only the engine thread touches the scheduler, the model and the device."""
+
+    IDLE_SLEEP = 0.01  # seconds, the original's polling period; slept only when there is nothing to run
+
+    def __init__(self, runner: ModelRunner, policy: Policy, max_step_tokens: int = 2048, max_waiting: int = 1024,
+                 on_finish: list | None = None):
+        self.runner = runner
+        self.policy = policy
+        self.scheduler = Scheduler(policy, runner, max(max_step_tokens, policy.max_batch))
+        self.max_waiting = max_waiting
+        self.max_context = runner.model.config.block_size
+        self.on_finish = list(on_finish or [])  # callbacks(inference), run on the engine thread
+        self._lock = threading.Lock()
+        self._inbox: list[Inference] = []
+        self._aborts: list[Inference] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_step_time = time.monotonic()
+        self.steps = 0
+        self.fatal_error: str | None = None
+
+    # ---- called from HTTP threads ----
+
+    def enqueue(self, inf: Inference) -> Inference:
+        total = len(inf.prompt_ids) + inf.params.max_tokens
+        if total > self.max_context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
+                f"{total} tokens ({len(inf.prompt_ids)} in the prompt, {inf.params.max_tokens} to generate). "
+                "Please reduce the length of the prompt or the number of tokens to generate.",
+                param="num_tokens", code="context_length_exceeded")
+        if self.runner.block_manager.blocks_needed(total) > self.runner.block_manager.num_blocks:
+            raise InvalidRequest(f"the request needs {total} tokens of KV cache, more than the whole pool holds",
+                                 param="num_tokens", code="context_length_exceeded")
+        with self._lock:
+            if len(self._inbox) + self.scheduler.num_waiting >= self.max_waiting:
+                raise Overloaded(f"{self.max_waiting} requests are already waiting; try again later")
+            self._inbox.append(inf)
+        return inf
+
+    def abort(self, inf: Inference) -> None:
+        """Stop a request (e.g. its client went away); its blocks return to the pool at the next step."""
+        if not inf.done:
+            with self._lock:
+                self._aborts.append(inf)
+
+    # ---- the engine thread ----
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        for inf in self._in_flight():
+            self._finish(inf, "abort", error="the server is shutting down")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        log.info("engine thread started: policy=%s max_batch=%d", self.policy.name, self.policy.max_batch)
+        try:
+            while not self._stop.is_set():
+                self.last_step_time = time.monotonic()
+                if not self.step():
+                    time.sleep(self.IDLE_SLEEP)
+        except BaseException as e:  # a bug in the engine itself: say so loudly, fail what is in flight
+            log.exception("engine thread died")
+            self.fatal_error = f"engine thread died: {e!r}"
+            for inf in self._in_flight():
+                self._finish(inf, "error", error=self.fatal_error)
+
+    def step(self) -> bool:
+        """Run one step; False when there was nothing to run."""
+        self._take_inbox()
+        plan = self.scheduler.schedule()
+        if not plan:
+            return False
+        try:
+            sampled = self.runner.run(plan)
+        except Exception as e:  # fail this step's requests, keep serving the rest
+            log.exception("step failed for requests %s", [seq.id for seq, _ in plan])
+            for seq, _ in plan:
+                self._finish(seq, "error", error=f"inference failed: {e!r}")
+            return True
+        self.steps += 1
+        now = time.perf_counter()
+        for seq, n in plan:
+            seq.num_computed += n
+            if seq.id in sampled:
+                seq.append(sampled[seq.id], now)
+                if seq.finish_reason:
+                    self._finish(seq, seq.finish_reason)
+                elif seq.stream is not None:
+                    seq.stream.put(seq.stream_delta())
+        return True
+
+    def _take_inbox(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        self.scheduler.waiting.extend(inbox)
+        for inf in aborts:
+            if not inf.done:
+                self._finish(inf, "abort")
+
+    def _in_flight(self) -> list[Inference]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        s = self.scheduler
+        return inbox + list(s.waiting) + list(s.preempted) + list(s.running)
+
+    def _finish(self, inf: Inference, reason: str, error: str | None = None) -> None:
+        self.scheduler.remove(inf)
+        inf.finish_reason, inf.error = reason, error
+        inf.finish_time = time.perf_counter()
+        inf.state = FINISHED
+        if inf.stream is not None:
+            inf.stream.put(inf.stream_delta())
+            inf.stream.put(None)  # end of stream
+        for callback in self.on_finish:
+            try:
+                callback(inf)
+            except Exception:
+                log.exception("on_finish callback failed")
+        inf.event.set()
+
+    def load(self) -> dict:
+        s, bm = self.scheduler, self.runner.block_manager
+        return {"running": len(s.running), "waiting": s.num_waiting + len(self._inbox),
+                "kv-cache-usage": bm.usage, "kv-blocks-free": bm.num_free, "kv-blocks-total": bm.num_blocks,
+                "preemptions": s.num_preemptions, "steps": self.steps}

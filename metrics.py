@@ -1,0 +1,86 @@
+"""Latency and throughput figures of finished requests, with vLLM `bench serve`'s definitions.
+
+TTFT: arrival -> first output token. TPOT: (E2E - TTFT) / (output tokens - 1). ITL: gaps between consecutive
+tokens, pooled over requests. Throughput: output tokens over wall-clock time. Used by the server's /stats and by
+every benchmark, so both report the same thing.
+"""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class RequestRecord:
+    arrival: float  # seconds, any monotonic clock shared by the records being summarised
+    first_token: float | None
+    finish: float
+    prompt_tokens: int
+    output_tokens: int
+    requested_tokens: int = 0
+    token_times: list[float] = field(default_factory=list)  # when each output token was produced (for ITL)
+
+    @property
+    def e2e(self) -> float:
+        return self.finish - self.arrival
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        if self.first_token is None or self.output_tokens < 2:
+            return None
+        return (self.finish - self.first_token) / (self.output_tokens - 1)
+
+    @property
+    def itls(self) -> list[float]:
+        return np.diff(self.token_times).tolist()
+
+
+def distribution(values: list[float]) -> dict[str, float | None]:
+    """mean, p50, p90, p99 of values (None when there are none)."""
+    if len(values) == 0:
+        return dict(mean=None, p50=None, p90=None, p99=None)
+    a = np.asarray(values, dtype=float)
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return dict(mean=float(a.mean()), p50=float(p50), p90=float(p90), p99=float(p99))
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: wall-clock time with at least one request in flight."""
+    total, cur_start, cur_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def summarize(records: list[RequestRecord], slo_ttft: float = 1.0, slo_tpot: float = 0.05) -> dict:
+    """Every figure of bench.md for a set of finished requests. Wall-clock span: first arrival -> last finish."""
+    if not records:
+        return dict(requests=0)
+    span = max(r.finish for r in records) - min(r.arrival for r in records)
+    out_tokens = sum(r.output_tokens for r in records)
+    good = [r for r in records
+            if r.ttft is not None and r.ttft <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
+    return dict(
+        requests=len(records),
+        duration_s=span,
+        prompt_tokens=sum(r.prompt_tokens for r in records),
+        output_tokens=out_tokens,
+        output_tokens_per_s=out_tokens / span if span > 0 else None,
+        requests_per_s=len(records) / span if span > 0 else None,
+        goodput_requests_per_s=len(good) / span if span > 0 else None,
+        slo=dict(ttft_s=slo_ttft, tpot_s=slo_tpot),
+        ttft_s=distribution([r.ttft for r in records if r.ttft is not None]),
+        tpot_s=distribution([r.tpot for r in records if r.tpot is not None]),
+        itl_s=distribution([x for r in records for x in r.itls]),
+        e2e_s=distribution([r.e2e for r in records]),
+    )

@@ -1,0 +1,273 @@
+"""GPT-2 in the shape of nanoGPT, run as one packed forward over many sequences with a paged KV cache.
+
+The model knows nothing of requests or scheduling. Each forward takes a flat list of new tokens (prefill chunks
+and single decode tokens of different sequences, concatenated with no padding), their positions, and an
+`AttentionMetadata` that says where each token's K/V goes in the cache (`slot_mapping`) and which cached tokens
+each sequence attends to (`block_tables`, `context_lens`).
+
+Weights: an HF name or local directory in the HF GPT-2 layout (Conv1D weights transposed on load), a nanoGPT
+checkpoint, or random weights of a named shape.
+"""
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # context length
+    vocab_size: int = 50257
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    layer_norm_epsilon: float = 1e-5
+
+
+SHAPES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens sit, per sequence. B sequences, N new tokens in all."""
+    query_start: torch.Tensor  # (B+1,) offsets of each sequence's new tokens in the packed batch
+    query_lens: list[int]  # (B,) new tokens per sequence
+    context_lens: torch.Tensor  # (B,) tokens in the cache for each sequence once this step's K/V are written
+    block_tables: torch.Tensor  # (B, max_blocks) cache block ids, -1 past the end
+    slot_mapping: torch.Tensor  # (N,) flat cache slot for each new token's K/V
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              meta: AttentionMetadata) -> torch.Tensor:
+    """Causal attention of each new token over its own sequence's cached tokens, in plain PyTorch.
+
+    q: (N, nh, hs); caches: (num_blocks, block_size, nh, hs). Decodes (one new token) run as one padded batch;
+    each prefill chunk runs on its own so that no (B, Tq, Tk) mask is built for a long prompt.
+    """
+    out = torch.empty_like(q)
+    block_size = k_cache.shape[1]
+    context_lens = meta.context_lens.tolist()
+    decodes = [i for i, n in enumerate(meta.query_lens) if n == 1]
+    if decodes:
+        rows = torch.tensor(decodes, device=q.device)
+        max_ctx = max(context_lens[i] for i in decodes)
+        tables = meta.block_tables[rows, :math.ceil(max_ctx / block_size)].clamp(min=0)
+        k = k_cache[tables].flatten(1, 2)[:, :max_ctx]  # (B, T, nh, hs)
+        v = v_cache[tables].flatten(1, 2)[:, :max_ctx]
+        mask = torch.arange(max_ctx, device=q.device)[None, :] < meta.context_lens[rows][:, None]  # (B, T)
+        token_idx = meta.query_start[rows]
+        y = F.scaled_dot_product_attention(q[token_idx].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=mask[:, None, None, :])  # (B, nh, 1, hs)
+        out[token_idx] = y.squeeze(2)
+    for i, n in enumerate(meta.query_lens):
+        if n == 1:
+            continue
+        ctx = context_lens[i]
+        start = int(meta.query_start[i])
+        table = meta.block_tables[i, :math.ceil(ctx / block_size)]
+        k = k_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)  # (nh, T, hs)
+        v = v_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)
+        # the chunk's queries sit at the last n positions of the context
+        mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
+        y = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), k, v, attn_mask=mask)
+        out[start:start + n] = y.transpose(0, 1)
+    return out
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.n_head = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        # (num_blocks, block_size, nh, hs) each; set by the model runner, which owns the cache memory
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        N, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=1)
+        q, k, v = (t.view(N, self.n_head, self.head_dim) for t in (q, k, v))  # (N, nh, hs)
+        # one write path for prefill and decode: slot -1 means "do not store"
+        keep = meta.slot_mapping >= 0
+        slots = meta.slot_mapping[keep]
+        self.k_cache.view(-1, self.n_head, self.head_dim).index_copy_(0, slots, k[keep])
+        self.v_cache.view(-1, self.n_head, self.head_dim).index_copy_(0, slots, v[keep])
+        y = paged_attention_reference(q, self.k_cache, self.v_cache, meta)
+        return self.c_proj(y.reshape(N, C))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), meta)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+
+    def forward(self, idx: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata,
+                logits_indices: torch.Tensor) -> torch.Tensor:
+        """idx, pos: (N,) packed new tokens; returns fp32 logits (len(logits_indices), vocab) for the rows that
+        sample, so the large vocab projection runs only where a token is drawn."""
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (N, C)
+        for block in self.transformer.h:
+            x = block(x, meta)
+        x = self.transformer.ln_f(x[logits_indices])
+        return self.lm_head(x).float()
+
+    # ---- weights ----
+
+    @classmethod
+    def random(cls, name: str, seed: int = 0) -> "GPT":
+        """Random weights of a named shape (GPT-2's init), for benchmarks and offline demos."""
+        if name not in SHAPES:
+            raise ValueError(f"unknown model shape {name!r}; known: {', '.join(SHAPES)}")
+        config = GPTConfig(**SHAPES[name])
+        torch.manual_seed(seed)
+        model = cls(config)
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                nn.init.zeros_(p)
+            elif ".ln_" in pname or pname.startswith("transformer.ln_f"):
+                nn.init.ones_(p)
+            elif pname.endswith("c_proj.weight"):  # residual projections, scaled as GPT-2 does
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+            else:
+                nn.init.normal_(p, std=0.02)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, source: str) -> "GPT":
+        """Load GPT-2 weights from a nanoGPT checkpoint file, a local HF directory, or an HF hub name."""
+        if os.path.isfile(source):
+            return cls._from_nanogpt_checkpoint(source)
+        if not os.path.isdir(source):
+            source = _download_hf(source)
+        return cls._from_hf_dir(source)
+
+    @classmethod
+    def _from_hf_dir(cls, path: str) -> "GPT":
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                           layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5))
+        sd_hf = _read_state_dict(path)
+        # HF checkpoints name keys with or without the "transformer." prefix, and drop lm_head (tied to wte)
+        sd_hf = {k if k.startswith(("transformer.", "lm_head")) else "transformer." + k: v for k, v in sd_hf.items()}
+        sd_hf = {k: v for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        # HF GPT-2 uses Conv1D modules, whose weights are the transpose of nn.Linear's
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        model = cls(config)
+        sd = model.state_dict()
+        for k in sd:
+            if k == "lm_head.weight":
+                continue
+            if k not in sd_hf:
+                raise KeyError(f"{path}: weight {k} missing from the checkpoint")
+            w = sd_hf[k].t() if k.endswith(transposed) else sd_hf[k]
+            if w.shape != sd[k].shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, expected {tuple(sd[k].shape)}")
+            with torch.no_grad():
+                sd[k].copy_(w)
+        return model
+
+    @classmethod
+    def _from_nanogpt_checkpoint(cls, path: str) -> "GPT":
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        known = {f.name for f in fields(GPTConfig)}
+        config = GPTConfig(**{k: v for k, v in ckpt["model_args"].items() if k in known})
+        if ckpt["model_args"].get("bias") is False:
+            raise ValueError(f"{path}: nanoGPT checkpoints without biases are not GPT-2 and are not supported")
+        state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # torch.compile's prefix
+        model = cls(config)
+        model.load_state_dict({k: v for k, v in state.items() if not k.endswith(".attn.bias")})
+        return model
+
+
+def load_model(source: str, weights: str = "auto") -> tuple[GPT, str]:
+    """The server's model: returns (model, "pretrained" | "random").
+
+    weights: "pretrained" loads `source` or fails; "random" builds random weights of the shape named `source`;
+    "auto" tries pretrained and falls back to random weights with a loud warning."""
+    if weights not in ("auto", "pretrained", "random"):
+        raise ValueError(f"unknown WEIGHTS {weights!r}; use auto, pretrained or random")
+    if weights == "random":
+        return GPT.random(source), "random"
+    try:
+        return GPT.from_pretrained(source), "pretrained"
+    except Exception as e:
+        if weights == "pretrained" or source not in SHAPES:
+            raise
+        log.warning("\n%s\n!!! could not load pretrained weights for %s (%s)\n!!! serving RANDOM weights of its "
+                    "shape: completions will be gibberish (WEIGHTS=random says this on purpose)\n%s",
+                    "!" * 100, source, e, "!" * 100)
+        return GPT.random(source), "random"
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    st = os.path.join(path, "model.safetensors")
+    if os.path.exists(st):
+        from safetensors.torch import load_file
+        return load_file(st)
+    bin_ = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(bin_):
+        return torch.load(bin_, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin")
+
+
+def _download_hf(name: str) -> str:
+    """Local HF cache first (no network), then the hub; returns the snapshot directory."""
+    from huggingface_hub import snapshot_download
+    patterns = ["config.json", "model.safetensors"]
+    try:
+        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    except Exception:
+        log.info("%s is not in the local HF cache; asking the hub", name)
+        return snapshot_download(name, allow_patterns=patterns)

@@ -1,0 +1,117 @@
+"""Shared fixtures: a tiny random GPT-2 saved in HF format, engines built on it, and real gunicorn servers."""
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from batching import BatchingManager, Inference, make_policy  # noqa: E402
+from model import GPT  # noqa: E402
+from runner import ModelRunner  # noqa: E402
+from sampling import SamplingParams  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=50257)
+
+
+def make_hf_model(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    # a wide init makes the random model's greedy choices varied and far from ties
+    config = GPT2Config(**TINY, initializer_range=0.3)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model():
+    return make_hf_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_hf_model) -> str:
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_hf_model.save_pretrained(path)
+    return str(path)
+
+
+def make_manager(model_dir: str, policy: str = "dynamic", max_batch: int = 8, num_blocks: int = 256,
+                 block_size: int = 4, max_step_tokens: int = 256, max_waiting: int = 1024, **kw) -> BatchingManager:
+    """An engine on the CPU in fp32; tests drive it with step() or start its thread."""
+    runner = ModelRunner(GPT.from_pretrained(model_dir), torch.device("cpu"), torch.float32, block_size=block_size,
+                         num_blocks=num_blocks, seed=0)
+    return BatchingManager(runner, make_policy(policy, max_batch), max_step_tokens, max_waiting, **kw)
+
+
+def request(prompt_ids: list[int], max_tokens: int, **params) -> Inference:
+    params.setdefault("temperature", 0)
+    return Inference("", prompt_ids, SamplingParams(max_tokens=max_tokens, **params))
+
+
+def run_until_idle(manager: BatchingManager, max_steps: int = 10_000) -> int:
+    """Step the engine on this thread until nothing is left; returns the number of steps."""
+    for n in range(max_steps):
+        if not manager.step():
+            return n
+    raise AssertionError("engine did not become idle")
+
+
+def assert_nothing_leaked(manager: BatchingManager) -> None:
+    bm, s = manager.runner.block_manager, manager.scheduler
+    assert bm.num_free == bm.num_blocks, "KV blocks leaked"
+    assert not bm.tables
+    assert not s.running and not s.waiting and not s.preempted
+
+
+# ---- real servers ----
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(policy: str, model_dir: str, key: str | None = None, timeout: float = 90, **env):
+    """`./server.sh POLICY [KEY]` (gunicorn) on a free localhost port; yields its base URL."""
+    port = free_port()
+    full_env = {**os.environ, "MODEL": model_dir, "WEIGHTS": "pretrained", "DEVICE": "cpu", "PORT": str(port),
+                "HOST": "127.0.0.1", "THREADS": "64", "KV_CACHE_GB": "0.2", "PYTHON": sys.executable,
+                **{k: str(v) for k, v in env.items()}}
+    args = [os.path.join(ROOT, "server.sh"), policy] + ([key] if key else [])
+    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"server-{port}.log"), "w+")
+    proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if requests.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"server not healthy after {timeout} s:\n{log.read()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
