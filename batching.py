@@ -40,8 +40,10 @@ class Inference:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: str, prompt_ids: list[int], params: SamplingParams, stream: bool = False):
+    def __init__(self, prompt: str, prompt_ids: list[int], params: SamplingParams, stream: bool = False,
+                 request_id: str | None = None):
         self.id = next(Inference._ids)
+        self.request_id = request_id or f"req-{self.id}"
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -59,6 +61,7 @@ class Inference:
         self.stream: queue.SimpleQueue | None = queue.SimpleQueue() if stream else None
         self.num_preemptions = 0
         self.arrival_time = time.perf_counter()
+        self.scheduled_time: float | None = None  # first admission: arrival -> here is queue time
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
         self.finish_time: float | None = None
@@ -197,6 +200,7 @@ class Scheduler:
             source.popleft()
             self.blocks.allocate(seq.id, len(seq.token_ids))
             seq.state = RUNNING
+            seq.scheduled_time = seq.scheduled_time or time.perf_counter()
             self.running.append(seq)
             if budget:
                 n = min(len(seq.token_ids), budget)

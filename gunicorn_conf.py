@@ -15,6 +15,7 @@ timeout = int(os.environ.get("WORKER_TIMEOUT", "300"))  # model loading happens 
 graceful_timeout = 15
 accesslog = os.environ.get("ACCESS_LOG") or None
 loglevel = os.environ.get("LOG_LEVEL", "info")
+control_socket_disable = True  # several servers may run side by side (tests, the comparison)
 
 
 def post_worker_init(worker):
