@@ -192,6 +192,8 @@ def parse_inference(body: dict) -> tuple[str, list[int], SamplingParams]:
     if not prompt:
         raise InvalidRequest("'prompt' must not be empty", "prompt")
     num_tokens = typed(body, "num_tokens", (int,), required=True)
+    if num_tokens < 1:
+        raise InvalidRequest(f"'num_tokens' must be at least 1; got {num_tokens}", "num_tokens")
     stop = typed(body, "stop", (str, list), default=[])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) for s in stop):
@@ -206,8 +208,6 @@ def parse_inference(body: dict) -> tuple[str, list[int], SamplingParams]:
         ignore_eos=typed(body, "ignore_eos", (bool,), default=True),
         logprobs=typed(body, "logprobs", (int,)),
     )
-    if params.max_tokens < 1:  # SamplingParams names it max_tokens; this API calls it num_tokens
-        raise InvalidRequest(f"'num_tokens' must be at least 1; got {num_tokens}", "num_tokens")
     return prompt, encode(prompt), params
 
 

@@ -99,7 +99,7 @@ def running_server(policy: str, model_dir: str, key: str | None = None, timeout:
             try:
                 if requests.get(url + "/health", timeout=1).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still loading
                 pass
             if time.monotonic() > deadline:
                 log.seek(0)

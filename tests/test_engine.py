@@ -1,0 +1,143 @@
+"""Engine behaviour beyond the oracle: KV accounting on every exit path, failures, aborts, overload, stopping."""
+import pytest
+
+from batching import Overloaded
+from conftest import assert_nothing_leaked, make_manager, request, run_until_idle
+from sampling import InvalidRequest
+from tokenizer import EOT_TOKEN
+
+
+def test_blocks_return_after_preemption_and_requests_still_finish(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic", num_blocks=10, block_size=4)
+    reqs = [manager.enqueue(request([1, 2, 3, 4, 5], 30)) for _ in range(4)]
+    run_until_idle(manager)
+    assert manager.scheduler.num_preemptions > 0
+    assert all(len(r.output_ids) == 30 for r in reqs)
+    assert_nothing_leaked(manager)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    run = manager.runner.run
+
+    def broken(plan):
+        manager.runner.run = run  # fail once
+        raise RuntimeError("device on fire")
+
+    manager.runner.run = broken
+    failed = [manager.enqueue(request([1, 2], 5)) for _ in range(3)]
+    run_until_idle(manager)
+    assert all(r.finish_reason == "error" and "device on fire" in r.error and r.event.is_set() for r in failed)
+    assert_nothing_leaked(manager)
+    ok = manager.enqueue(request([1, 2], 5))
+    run_until_idle(manager)
+    assert ok.finish_reason == "length"
+
+
+def test_engine_thread_survives_a_failing_step(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    run = manager.runner.run
+    calls = []
+
+    def flaky(plan):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+        return run(plan)
+
+    manager.runner.run = flaky
+    manager.start()
+    try:
+        bad = manager.enqueue(request([1], 3))
+        assert bad.event.wait(30) and bad.finish_reason == "error"
+        good = manager.enqueue(request([1], 3))
+        assert good.event.wait(30) and good.finish_reason == "length"
+        assert manager.alive
+    finally:
+        manager.stop()
+
+
+@pytest.mark.parametrize("steps_before_abort", [0, 1, 4])
+def test_abort_releases_blocks_whether_waiting_prefilling_or_decoding(tiny_model_dir, steps_before_abort):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    victim = manager.enqueue(request(list(range(1, 20)), 50))
+    other = manager.enqueue(request([1, 2], 8))
+    for _ in range(steps_before_abort):
+        manager.step()
+    manager.abort(victim)
+    run_until_idle(manager)
+    assert victim.finish_reason == "abort" and victim.event.is_set()
+    assert len(victim.output_ids) < 50
+    assert other.finish_reason == "length"
+    assert_nothing_leaked(manager)
+
+
+def test_stop_fails_everything_in_flight(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    reqs = [manager.enqueue(request([1, 2], 100)) for _ in range(3)]
+    manager.step()
+    manager.stop()
+    assert all(r.finish_reason == "abort" and r.event.is_set() for r in reqs)
+    assert_nothing_leaked(manager)
+
+
+def test_queue_over_its_limit_is_overloaded(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic", max_waiting=3)
+    for _ in range(3):
+        manager.enqueue(request([1], 2))
+    with pytest.raises(Overloaded):
+        manager.enqueue(request([1], 2))
+    run_until_idle(manager)
+    manager.enqueue(request([1], 2))  # room again once the queue drains
+
+
+def test_prompt_plus_tokens_over_the_context_is_refused(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    with pytest.raises(InvalidRequest, match="maximum context length is 1024"):
+        manager.enqueue(request([1] * 1000, 25))
+
+
+def test_a_request_larger_than_the_whole_kv_pool_is_refused(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic", num_blocks=4, block_size=4)
+    with pytest.raises(InvalidRequest, match="KV cache"):
+        manager.enqueue(request([1] * 10, 10))
+
+
+def test_stops_at_eos_unless_told_to_ignore_it(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    probe = manager.enqueue(request([5, 6, 7], 6))
+    run_until_idle(manager)
+    # make the model's 3rd greedy token the end-of-text token by relabelling it
+    third = probe.output_ids[2]
+    wte = manager.runner.model.transformer.wte.weight.data
+    wte[[third, EOT_TOKEN]] = wte[[EOT_TOKEN, third]]
+    stops = manager.enqueue(request([5, 6, 7], 6, ignore_eos=False))
+    ignores = manager.enqueue(request([5, 6, 7], 6, ignore_eos=True))
+    run_until_idle(manager)
+    assert stops.finish_reason == "stop" and stops.output_ids == probe.output_ids[:2]
+    assert ignores.finish_reason == "length" and ignores.output_ids[2] == EOT_TOKEN
+    assert_nothing_leaked(manager)
+
+
+def test_stop_string_cuts_the_text_and_finishes(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    probe = manager.enqueue(request([5, 6, 7], 8))
+    run_until_idle(manager)
+    stop = probe.text[len(probe.text) // 2:][:3]
+    cut = manager.enqueue(request([5, 6, 7], 8, stop=[stop]))
+    run_until_idle(manager)
+    assert cut.finish_reason == "stop"
+    assert cut.text == probe.text[:probe.text.find(stop)]
+    assert_nothing_leaked(manager)
+
+
+def test_streamed_deltas_add_up_to_the_text(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    from batching import Inference
+    from sampling import SamplingParams
+    inf = manager.enqueue(Inference("", [5, 6, 7], SamplingParams(max_tokens=12, temperature=0), stream=True))
+    run_until_idle(manager)
+    deltas = []
+    while (d := inf.stream.get()) is not None:
+        deltas.append(d)
+    assert "".join(deltas) == inf.text and len(deltas) == 12

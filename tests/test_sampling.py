@@ -1,0 +1,62 @@
+"""Sampling: the original's multinomial default, greedy, top-k, top-p, seeds and logprobs."""
+import pytest
+import torch
+
+from conftest import make_manager, request, run_until_idle
+from sampling import InvalidRequest, Sampler, SamplingParams
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, n: int = 4000) -> torch.Tensor:
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    rows = logits.expand(n, -1)
+    return torch.tensor([t.token for t in sampler(rows, [params] * n, [None] * n)])
+
+
+def test_default_sampling_follows_the_softmax():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
+    counts = torch.bincount(draw(logits, SamplingParams()), minlength=4).float()
+    assert torch.allclose(counts / counts.sum(), logits.softmax(-1)[0], atol=0.03)
+
+
+def test_temperature_zero_is_greedy_and_top_k_one_is_too():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
+    assert set(draw(logits, SamplingParams(temperature=0), 50).tolist()) == {1}
+    assert set(draw(logits, SamplingParams(top_k=1), 50).tolist()) == {1}
+
+
+def test_top_k_and_top_p_keep_only_the_head_of_the_distribution():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    assert set(draw(logits, SamplingParams(top_k=2)).tolist()) == {0, 1}
+    # softmax: 0.64, 0.24, 0.09, ... -> top_p 0.8 keeps the first two
+    assert set(draw(logits, SamplingParams(top_p=0.8)).tolist()) == {0, 1}
+
+
+def test_a_seeded_request_gets_the_same_tokens_whatever_runs_beside_it(tiny_model_dir):
+    alone = make_manager(tiny_model_dir, "dynamic")
+    a = alone.enqueue(request([1, 2, 3], 20, temperature=1.0, seed=42))
+    run_until_idle(alone)
+    crowded = make_manager(tiny_model_dir, "dynamic")
+    others = [crowded.enqueue(request([9, 8, 7, i], 15, temperature=1.0)) for i in range(5)]
+    b = crowded.enqueue(request([1, 2, 3], 20, temperature=1.0, seed=42))
+    run_until_idle(crowded)
+    assert a.output_ids == b.output_ids
+    assert any(o.output_ids != a.output_ids[:15] for o in others)
+
+
+def test_logprobs_are_log_softmax_of_the_model_and_rank_the_chosen_greedy_token_first(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    r = manager.enqueue(request([1, 2, 3], 4, logprobs=3))
+    run_until_idle(manager)
+    assert len(r.logprobs) == 4
+    for tok in r.logprobs:
+        assert tok.logprob <= 0 and len(tok.top_logprobs) == 3
+        assert max(tok.top_logprobs, key=tok.top_logprobs.get) == tok.token
+        assert tok.top_logprobs[tok.token] == pytest.approx(tok.logprob)
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=2.5), dict(top_p=0), dict(top_k=-1),
+                                 dict(max_tokens=0), dict(stop=["a"] * 5), dict(stop=[""]), dict(logprobs=6)])
+def test_out_of_range_sampling_values_are_refused_naming_the_field(bad):
+    with pytest.raises(InvalidRequest) as e:
+        SamplingParams(**bad)
+    assert e.value.param == next(iter(bad))
