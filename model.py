@@ -2,12 +2,13 @@
 
 The model knows nothing of requests or scheduling. Each forward takes a flat list of new tokens (prefill chunks
 and single decode tokens of different sequences, concatenated with no padding), their positions, and an
-`AttentionMetadata` that says where each token's K/V goes in the cache (`slot_mapping`) and which cached tokens
-each sequence attends to (`block_tables`, `context_lens`).
+`AttentionMetadata` that says where each token's K/V goes in the cache (its slot mapping) and which cached
+tokens each sequence attends to (block tables, context lengths).
 
 Weights: an HF name or local directory in the HF GPT-2 layout (Conv1D weights transposed on load), a nanoGPT
 checkpoint, or random weights of a named shape.
 """
+import itertools
 import json
 import logging
 import math
@@ -41,42 +42,50 @@ SHAPES = {
 
 @dataclass
 class AttentionMetadata:
-    """Where this step's tokens sit, per sequence. B sequences, N new tokens in all."""
-    query_start: torch.Tensor  # (B+1,) offsets of each sequence's new tokens in the packed batch
-    query_lens: list[int]  # (B,) new tokens per sequence
-    context_lens: torch.Tensor  # (B,) tokens in the cache for each sequence once this step's K/V are written
-    block_tables: torch.Tensor  # (B, max_blocks) cache block ids, -1 past the end
+    """Where this step's tokens sit, per sequence: B sequences, N new tokens in all. Built once per step on the
+    host, so no layer has to synchronise with the device to read it."""
     slot_mapping: torch.Tensor  # (N,) flat cache slot for each new token's K/V
+    query_lens: list[int]  # new tokens per sequence
+    context_lens: list[int]  # tokens in the cache per sequence once this step's K/V are written
+    # decodes (one new token each) attend as one padded batch
+    decode_token_idx: torch.Tensor  # (D,) their rows in the packed batch
+    decode_tables: torch.Tensor  # (D, blocks) block ids covering the longest decode context (padded with 0)
+    decode_mask: torch.Tensor  # (D, T) True where a key position is inside that sequence's context
+    # prefill chunks attend one sequence at a time: (first row in the packed batch, block table tensor)
+    prefills: list[tuple[int, int, int, torch.Tensor]]  # (start row, new tokens, context length, block ids)
+
+    @classmethod
+    def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              slot_mapping: list[int], block_size: int, device: torch.device) -> "AttentionMetadata":
+        as_tensor = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
+        starts = list(itertools.accumulate(query_lens, initial=0))
+        decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        max_ctx = max((context_lens[i] for i in decodes), default=0)
+        width = -(-max_ctx // block_size)
+        tables = [(block_tables[i] + [0] * width)[:width] for i in decodes]
+        mask = [[j < context_lens[i] for j in range(max_ctx)] for i in decodes]
+        prefills = [(starts[i], n, context_lens[i], as_tensor(block_tables[i][:-(-context_lens[i] // block_size)]))
+                    for i, n in enumerate(query_lens) if n > 1]
+        return cls(as_tensor(slot_mapping), query_lens, context_lens, as_tensor([starts[i] for i in decodes]),
+                   as_tensor(tables), as_tensor(mask, torch.bool), prefills)
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               meta: AttentionMetadata) -> torch.Tensor:
     """Causal attention of each new token over its own sequence's cached tokens, in plain PyTorch.
 
-    q: (N, nh, hs); caches: (num_blocks, block_size, nh, hs). Decodes (one new token) run as one padded batch;
-    each prefill chunk runs on its own so that no (B, Tq, Tk) mask is built for a long prompt.
+    q: (N, nh, hs); caches: (num_blocks, block_size, nh, hs). Decodes run as one padded batch; each prefill
+    chunk runs on its own so that no (B, Tq, Tk) mask is built for a long prompt.
     """
     out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
-    context_lens = meta.context_lens.tolist()
-    decodes = [i for i, n in enumerate(meta.query_lens) if n == 1]
-    if decodes:
-        rows = torch.tensor(decodes, device=q.device)
-        max_ctx = max(context_lens[i] for i in decodes)
-        tables = meta.block_tables[rows, :math.ceil(max_ctx / block_size)].clamp(min=0)
-        k = k_cache[tables].flatten(1, 2)[:, :max_ctx]  # (B, T, nh, hs)
-        v = v_cache[tables].flatten(1, 2)[:, :max_ctx]
-        mask = torch.arange(max_ctx, device=q.device)[None, :] < meta.context_lens[rows][:, None]  # (B, T)
-        token_idx = meta.query_start[rows]
-        y = F.scaled_dot_product_attention(q[token_idx].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask[:, None, None, :])  # (B, nh, 1, hs)
-        out[token_idx] = y.squeeze(2)
-    for i, n in enumerate(meta.query_lens):
-        if n == 1:
-            continue
-        ctx = context_lens[i]
-        start = int(meta.query_start[i])
-        table = meta.block_tables[i, :math.ceil(ctx / block_size)]
+    if len(meta.decode_token_idx):
+        T = meta.decode_mask.shape[1]
+        k = k_cache[meta.decode_tables].flatten(1, 2)[:, :T]  # (D, T, nh, hs)
+        v = v_cache[meta.decode_tables].flatten(1, 2)[:, :T]
+        y = F.scaled_dot_product_attention(q[meta.decode_token_idx].unsqueeze(2), k.transpose(1, 2),
+                                           v.transpose(1, 2), attn_mask=meta.decode_mask[:, None, None, :])
+        out[meta.decode_token_idx] = y.squeeze(2)  # (D, nh, 1, hs) -> (D, nh, hs)
+    for start, n, ctx, table in meta.prefills:
         k = k_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)  # (nh, T, hs)
         v = v_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)
         # the chunk's queries sit at the last n positions of the context
@@ -103,11 +112,9 @@ class CausalSelfAttention(nn.Module):
         N, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=1)
         q, k, v = (t.view(N, self.n_head, self.head_dim) for t in (q, k, v))  # (N, nh, hs)
-        # one write path for prefill and decode: slot -1 means "do not store"
-        keep = meta.slot_mapping >= 0
-        slots = meta.slot_mapping[keep]
-        self.k_cache.view(-1, self.n_head, self.head_dim).index_copy_(0, slots, k[keep])
-        self.v_cache.view(-1, self.n_head, self.head_dim).index_copy_(0, slots, v[keep])
+        # one write path for prefill and decode
+        self.k_cache.view(-1, self.n_head, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        self.v_cache.view(-1, self.n_head, self.head_dim).index_copy_(0, meta.slot_mapping, v)
         y = paged_attention_reference(q, self.k_cache, self.v_cache, meta)
         return self.c_proj(y.reshape(N, C))
 

@@ -4,7 +4,6 @@
 packed forward: flat token ids and positions, a slot mapping into the paged cache, block tables and context
 lengths; then one sampler call for every sequence that has reached the end of its known tokens.
 """
-import itertools
 import logging
 from typing import Protocol
 
@@ -55,8 +54,6 @@ class ModelRunner:
                  num_blocks: int | None = None, kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.9,
                  seed: int | None = None):
         self.device, self.dtype = device, dtype
-        if device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
         self.model = model.to(device=device, dtype=dtype).eval()
         c = model.config
         if num_blocks is None:
@@ -98,16 +95,9 @@ class ModelRunner:
             if start + n == len(seq.token_ids):
                 sample_rows.append(len(ids) - 1)
                 samplers.append(seq)
-        width = max(len(bm.tables[seq.id]) for seq, _ in plan)
-        tables = [bm.tables[seq.id] + [-1] * (width - len(bm.tables[seq.id])) for seq, _ in plan]
+        meta = AttentionMetadata.build(query_lens, context_lens, [bm.tables[seq.id] for seq, _ in plan], slots,
+                                       bm.block_size, self.device)
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long).to(self.device, non_blocking=True)
-        meta = AttentionMetadata(
-            query_start=as_tensor(list(itertools.accumulate(query_lens, initial=0))),
-            query_lens=query_lens,
-            context_lens=as_tensor(context_lens),
-            block_tables=as_tensor(tables),
-            slot_mapping=as_tensor(slots),
-        )
         logits = self.model(as_tensor(ids), as_tensor(positions), meta, as_tensor(sample_rows))
         if not samplers:
             return {}

@@ -6,19 +6,19 @@ import model as model_module
 from model import GPT, load_model
 
 
-def prefill_logits(gpt: GPT, ids: list[int]) -> torch.Tensor:
+def prefill_logits(gpt: GPT, ids: list[int], device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Our model's logits for every position of one sequence, through the packed paged path."""
     from model import AttentionMetadata
     from runner import ModelRunner
-    runner = ModelRunner(gpt, torch.device("cpu"), torch.float32, block_size=4, num_blocks=64)
-    runner.block_manager.allocate(0, len(ids))
+    runner = ModelRunner(gpt, torch.device(device), dtype, block_size=4, num_blocks=64)
+    bm = runner.block_manager
     n = len(ids)
-    meta = AttentionMetadata(
-        query_start=torch.tensor([0, n]), query_lens=[n], context_lens=torch.tensor([n]),
-        block_tables=torch.tensor([runner.block_manager.tables[0]]),
-        slot_mapping=torch.tensor([runner.block_manager.slot(0, p) for p in range(n)]))
+    bm.allocate(0, n)
+    meta = AttentionMetadata.build([n], [n], [bm.tables[0]], [bm.slot(0, p) for p in range(n)], bm.block_size,
+                                   runner.device)
     with torch.inference_mode():
-        return runner.model(torch.tensor(ids), torch.arange(n), meta, torch.arange(n))
+        positions = torch.arange(n, device=device)
+        return runner.model(torch.tensor(ids, device=device), positions, meta, positions).cpu()
 
 
 IDS = [15496, 995, 11, 314, 716, 257, 1332, 13]
