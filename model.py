@@ -42,56 +42,73 @@ SHAPES = {
 
 @dataclass
 class AttentionMetadata:
-    """Where this step's tokens sit, per sequence: B sequences, N new tokens in all. Built once per step on the
-    host, so no layer has to synchronise with the device to read it."""
+    """Where this step's tokens sit: B sequences, N new tokens in all. Built once per step, so no layer has to
+    synchronise with the device to read it.
+
+    Decodes (one new token each) attend as one padded batch over their block tables. Prefill chunks attend as
+    one packed batch: their keys are gathered by slot from the cache and a mask keeps each query to its own
+    sequence's earlier positions. Its size is (prefill tokens) x (their context tokens), bounded by the step's
+    token budget times the context length."""
     slot_mapping: torch.Tensor  # (N,) flat cache slot for each new token's K/V
-    query_lens: list[int]  # new tokens per sequence
-    context_lens: list[int]  # tokens in the cache per sequence once this step's K/V are written
-    # decodes (one new token each) attend as one padded batch
-    decode_token_idx: torch.Tensor  # (D,) their rows in the packed batch
+    decode_rows: torch.Tensor  # (D,) rows of the decode tokens in the packed batch
     decode_tables: torch.Tensor  # (D, blocks) block ids covering the longest decode context (padded with 0)
     decode_mask: torch.Tensor  # (D, T) True where a key position is inside that sequence's context
-    # prefill chunks attend one sequence at a time: (first row in the packed batch, block table tensor)
-    prefills: list[tuple[int, int, int, torch.Tensor]]  # (start row, new tokens, context length, block ids)
+    prefill_rows: torch.Tensor  # (P,) rows of the prefill-chunk tokens in the packed batch
+    prefill_key_slots: torch.Tensor  # (K,) cache slots of every context token of the prefilling sequences
+    prefill_mask: torch.Tensor  # (P, K) True where the query may attend to the key
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
               slot_mapping: list[int], block_size: int, device: torch.device) -> "AttentionMetadata":
-        as_tensor = lambda x, dtype=torch.long: torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
         starts = list(itertools.accumulate(query_lens, initial=0))
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
+        prefills = [i for i, n in enumerate(query_lens) if n > 1]
+
         max_ctx = max((context_lens[i] for i in decodes), default=0)
         width = -(-max_ctx // block_size)
-        tables = [(block_tables[i] + [0] * width)[:width] for i in decodes]
-        mask = [[j < context_lens[i] for j in range(max_ctx)] for i in decodes]
-        prefills = [(starts[i], n, context_lens[i], as_tensor(block_tables[i][:-(-context_lens[i] // block_size)]))
-                    for i, n in enumerate(query_lens) if n > 1]
-        return cls(as_tensor(slot_mapping), query_lens, context_lens, as_tensor([starts[i] for i in decodes]),
-                   as_tensor(tables), as_tensor(mask, torch.bool), prefills)
+        decode_ctx = as_tensor([context_lens[i] for i in decodes])
+
+        rows, q_seq, q_pos, key_slots, k_seq, k_pos = [], [], [], [], [], []
+        for j, i in enumerate(prefills):
+            n, ctx, table = query_lens[i], context_lens[i], block_tables[i]
+            rows.extend(range(starts[i], starts[i] + n))
+            q_seq.extend([j] * n)
+            q_pos.extend(range(ctx - n, ctx))  # the chunk is the last n tokens of the context
+            key_slots.extend(table[p // block_size] * block_size + p % block_size for p in range(ctx))
+            k_seq.extend([j] * ctx)
+            k_pos.extend(range(ctx))
+        q_seq, q_pos, k_seq, k_pos = map(as_tensor, (q_seq, q_pos, k_seq, k_pos))
+        return cls(
+            slot_mapping=as_tensor(slot_mapping),
+            decode_rows=as_tensor([starts[i] for i in decodes]),
+            decode_tables=as_tensor([(block_tables[i] + [0] * width)[:width] for i in decodes]).view(len(decodes), width),
+            decode_mask=torch.arange(max_ctx, device=device)[None, :] < decode_ctx[:, None],
+            prefill_rows=as_tensor(rows),
+            prefill_key_slots=as_tensor(key_slots),
+            prefill_mask=(q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None]),
+        )
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               meta: AttentionMetadata) -> torch.Tensor:
     """Causal attention of each new token over its own sequence's cached tokens, in plain PyTorch.
-
-    q: (N, nh, hs); caches: (num_blocks, block_size, nh, hs). Decodes run as one padded batch; each prefill
-    chunk runs on its own so that no (B, Tq, Tk) mask is built for a long prompt.
-    """
+    q: (N, nh, hs); caches: (num_blocks, block_size, nh, hs)."""
     out = torch.empty_like(q)
-    if len(meta.decode_token_idx):
+    if len(meta.decode_rows):
         T = meta.decode_mask.shape[1]
         k = k_cache[meta.decode_tables].flatten(1, 2)[:, :T]  # (D, T, nh, hs)
         v = v_cache[meta.decode_tables].flatten(1, 2)[:, :T]
-        y = F.scaled_dot_product_attention(q[meta.decode_token_idx].unsqueeze(2), k.transpose(1, 2),
-                                           v.transpose(1, 2), attn_mask=meta.decode_mask[:, None, None, :])
-        out[meta.decode_token_idx] = y.squeeze(2)  # (D, nh, 1, hs) -> (D, nh, hs)
-    for start, n, ctx, table in meta.prefills:
-        k = k_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)  # (nh, T, hs)
-        v = v_cache[table].flatten(0, 1)[:ctx].transpose(0, 1)
-        # the chunk's queries sit at the last n positions of the context
-        mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
-        y = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), k, v, attn_mask=mask)
-        out[start:start + n] = y.transpose(0, 1)
+        y = F.scaled_dot_product_attention(q[meta.decode_rows].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=meta.decode_mask[:, None, None, :])  # (D, nh, 1, hs)
+        out[meta.decode_rows] = y.squeeze(2)
+    if len(meta.prefill_rows):
+        nh, hs = q.shape[1:]
+        k = k_cache.view(-1, nh, hs)[meta.prefill_key_slots].transpose(0, 1)  # (nh, K, hs)
+        v = v_cache.view(-1, nh, hs)[meta.prefill_key_slots].transpose(0, 1)
+        y = F.scaled_dot_product_attention(q[meta.prefill_rows].transpose(0, 1), k, v,
+                                           attn_mask=meta.prefill_mask)  # (nh, P, hs)
+        out[meta.prefill_rows] = y.transpose(0, 1)
     return out
 
 
