@@ -75,6 +75,23 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
                  generators: list[torch.Generator | None]) -> list[SampledToken]:
         """logits: (B, vocab) fp32."""
+        tokens = logits.argmax(dim=-1)
+        if not all(p.greedy for p in params):
+            greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+            tokens = torch.where(greedy, tokens, self._draw(logits, params, generators))
+        result = [SampledToken(t) for t in tokens.tolist()]
+        wants_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if wants_logprobs:
+            logp = torch.log_softmax(logits[wants_logprobs], dim=-1)
+            for j, i in enumerate(wants_logprobs):
+                result[i].logprob = logp[j, result[i].token].item()
+                if params[i].logprobs:
+                    top = logp[j].topk(params[i].logprobs)
+                    result[i].top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist()))
+        return result
+
+    def _draw(self, logits: torch.Tensor, params: list[SamplingParams],
+              generators: list[torch.Generator | None]) -> torch.Tensor:
         temperature = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
         scaled = logits / temperature[:, None]
         if any(p.top_k for p in params):
@@ -86,19 +103,7 @@ class Sampler:
         for row, gen in enumerate(generators):
             if gen is not None:
                 noise[row].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        tokens = torch.where(greedy, logits.argmax(dim=-1), sampled)
-        result = [SampledToken(t) for t in tokens.tolist()]
-        wants_logprobs = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if wants_logprobs:
-            logp = torch.log_softmax(logits[wants_logprobs], dim=-1)
-            for j, i in enumerate(wants_logprobs):
-                result[i].logprob = logp[j, result[i].token].item()
-                if params[i].logprobs:
-                    top = logp[j].topk(params[i].logprobs)
-                    result[i].top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist()))
-        return result
+        return (probs / noise).argmax(dim=-1)
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
