@@ -1,0 +1,263 @@
+"""The load-generating client: sends a seeded workload to a running server, one thread per request, then reads
+`/stats` and writes the results.
+
+Owns talking to the server (URL, API key, requests, errors), timing each request, and the files of one run:
+`stats.txt`, `token_data_<policy>.csv` (mean latency per requested token count, what the plot draws) and
+`requests_<policy>.csv` (one row per request). `experiment.py` reuses these functions for its comparison.
+
+    python client/client.py                                # 100 requests, num_tokens from 1 25 100
+    python client/client.py --prompt "Hello" --numtokens 20
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import requests
+from dotenv import load_dotenv
+from tqdm import tqdm
+
+from data import DEFAULT_NUM_TOKENS_RANGE, SELECTIONS, PromptData, Sample
+
+CLIENT_DIR = Path(__file__).resolve().parent
+DEFAULT_PORT = 8500
+# Connect fast, but let a request wait as long as a slow policy keeps it queued.
+REQUEST_TIMEOUT = (10, 3600)
+
+
+class ServerUnavailable(Exception):
+    """The server is down, still loading, or refuses our key; the message says what to do."""
+
+
+@dataclass
+class RequestRecord:
+    rid: int
+    prompt: str
+    num_tokens: int
+    start: float  # seconds since the workload began, when the request was sent
+    finish: float  # when its response arrived
+    latency: float  # end-to-end, measured by the client
+    ttft: float | None = None  # from the server: arrival -> first token
+    server_latency: float | None = None  # from the server: arrival -> last token
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+    completion: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first (vLLM's definition), from the server's timings."""
+        if self.ttft is None or self.server_latency is None or (self.completion_tokens or 0) < 2:
+            return None
+        return (self.server_latency - self.ttft) / (self.completion_tokens - 1)
+
+
+# --- talking to the server ------------------------------------------------------------------------------------
+
+def server_url(host: str, port: int) -> str:
+    return f"http://{host}:{port}"
+
+
+def auth_headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def error_message(response: requests.Response) -> str:
+    """The server's `{"error": {"message": ...}}` text, or the raw body when it is not that shape."""
+    try:
+        return f"HTTP {response.status_code}: {response.json()['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def check_server(url: str, key: str | None = None) -> None:
+    """Fail early, with one message rather than one per request, when the server is down, loading or locked."""
+    try:
+        health = requests.get(f"{url}/health", timeout=10)
+        # /health is open to all; /stats is not, so it tells whether our key (or no key) is accepted.
+        stats = requests.get(f"{url}/stats", headers=auth_headers(key), timeout=10) if health.ok else None
+    except requests.ConnectionError:
+        raise ServerUnavailable(
+            f"cannot reach the server at {url}: start it with ./server.sh nobatch|static|dynamic, "
+            f"or set IP (and PORT) in {CLIENT_DIR / '.env'}"
+        ) from None
+    if health.status_code == 503:
+        raise ServerUnavailable(f"the server at {url} is not ready: {error_message(health)}")
+    if not health.ok:
+        raise ServerUnavailable(f"the server at {url} is not healthy: {error_message(health)}")
+    if stats.status_code == 401:
+        raise ServerUnavailable(f"the server at {url} refused the API key: set KEY in {CLIENT_DIR / '.env'} "
+                                f"or pass --key ({error_message(stats)})")
+
+
+def send_inference(url: str, rid: int, prompt: str, num_tokens: int, key: str | None = None, t0: float = 0.0,
+                   ) -> RequestRecord:
+    """POST one request; never raises, so one failure does not take down the other threads."""
+    start = time.perf_counter()
+    result: dict = {}
+    error = None
+    try:
+        response = requests.post(f"{url}/inference", json={"prompt": prompt, "num_tokens": num_tokens},
+                                 headers=auth_headers(key), timeout=REQUEST_TIMEOUT)
+        if response.status_code == 200:
+            result = response.json()
+        else:
+            error = error_message(response)
+    except requests.RequestException as e:
+        error = f"{type(e).__name__}: {e}"
+    finish = time.perf_counter()
+    return RequestRecord(
+        rid=rid, prompt=prompt, num_tokens=num_tokens, start=start - t0, finish=finish - t0, latency=finish - start,
+        ttft=result.get("ttft"), server_latency=result.get("latency"), prompt_tokens=result.get("prompt_tokens"),
+        completion_tokens=result.get("completion_tokens"), error=error, completion=result.get("completion"),
+    )
+
+
+def fetch_stats(url: str, key: str | None = None) -> dict:
+    response = requests.get(f"{url}/stats", headers=auth_headers(key), timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def run_workload(url: str, samples: list[Sample], key: str | None = None,
+                 on_finish: Callable[[RequestRecord], None] | None = None, desc: str = "requests",
+                 ) -> list[RequestRecord]:
+    """Launch every sample on its own thread at its offset, wait for all, return records in launch order.
+
+    `on_finish(record)` is called (serialised) as each response arrives, e.g. to print the completion.
+    """
+    records: list[RequestRecord | None] = [None] * len(samples)
+    lock = threading.Lock()
+    bar = tqdm(total=len(samples), desc=desc, unit="req", dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    def send(rid: int, sample: Sample) -> None:
+        record = send_inference(url, rid, sample.prompt, sample.num_tokens, key, t0)
+        with lock:
+            records[rid] = record
+            if on_finish:
+                on_finish(record)
+            bar.update()
+
+    threads = []
+    for rid, sample in enumerate(samples):
+        # Sleep to an absolute offset so the schedule does not drift with thread start-up cost.
+        time.sleep(max(0.0, t0 + sample.launch_at - time.perf_counter()))
+        thread = threading.Thread(target=send, args=(rid, sample), daemon=True)
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    bar.close()
+    return records
+
+
+# --- results --------------------------------------------------------------------------------------------------
+
+def mean_latency_by_num_tokens(records: list[RequestRecord]) -> dict[int, float]:
+    by_tokens = defaultdict(list)
+    for record in records:
+        if record.ok:
+            by_tokens[record.num_tokens].append(record.latency)
+    return {n: sum(latencies) / len(latencies) for n, latencies in sorted(by_tokens.items())}
+
+
+def write_latency_csv(path: Path, records: list[RequestRecord]) -> None:
+    """`num_tokens,latency`: mean client-measured latency per requested token count (the original's CSV)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["num_tokens", "latency"])
+        writer.writerows(mean_latency_by_num_tokens(records).items())
+
+
+RECORD_COLUMNS = [f.name for f in fields(RequestRecord) if f.name != "completion"] + ["tpot"]
+
+
+def write_records_csv(path: Path, records: list[RequestRecord]) -> None:
+    """One row per request, every timing; the completion text stays out (printed, not plotted)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for record in records:
+            writer.writerow({**asdict(record), "tpot": record.tpot})
+
+
+def write_run_files(out_dir: Path, label: str, records: list[RequestRecord]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_latency_csv(out_dir / f"token_data_{label}.csv", records)
+    write_records_csv(out_dir / f"requests_{label}.csv", records)
+
+
+# --- command line ---------------------------------------------------------------------------------------------
+
+def print_completion(record: RequestRecord) -> None:
+    head = f"Request {record.rid}: {record.num_tokens} tokens in {record.latency:.2f} s"
+    body = record.completion if record.ok else f"FAILED: {record.error}"
+    tqdm.write(f"{'=' * 50}\n{head}\n{body}\n{'=' * 50}\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # Values from client/.env fill in the environment (a variable already set wins), as in the original.
+    load_dotenv(CLIENT_DIR / ".env")
+    parser = argparse.ArgumentParser(description="Send a seeded workload to the inference server.")
+    parser.add_argument("--wait", type=float, default=1.0, help="sleep U(0,1) x wait seconds between launches")
+    parser.add_argument("--numsamples", type=int, default=100, help="number of requests to make")
+    parser.add_argument("--numtokens_range", type=int, nargs="+", default=list(DEFAULT_NUM_TOKENS_RANGE),
+                        help="choices for the number of tokens each request asks for")
+    parser.add_argument("--selection", choices=SELECTIONS, default="random",
+                        help="random: draw num_tokens per request; descend: the same draws, longest first")
+    parser.add_argument("--prompt", help="make a single inference on this prompt (needs --numtokens)")
+    parser.add_argument("--numtokens", type=int, help="number of tokens for the single inference")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed; same seed, same requests")
+    parser.add_argument("--port", type=int, default=int(os.getenv("PORT", DEFAULT_PORT)))
+    parser.add_argument("--key", default=os.getenv("KEY"), help="API key, when the server was started with one")
+    parser.add_argument("--out", type=Path, default=CLIENT_DIR / "results", help="results directory")
+    args = parser.parse_args(argv)
+    if (args.prompt is None) != (args.numtokens is None):
+        parser.error("--prompt and --numtokens go together")
+    args.url = server_url(os.getenv("IP") or "localhost", args.port)
+    return args
+
+
+def single_inference(args: argparse.Namespace) -> int:
+    record = send_inference(args.url, 0, args.prompt, args.numtokens, args.key)
+    print_completion(record)
+    return 0 if record.ok else 1
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    workload = PromptData(args.numsamples, args.numtokens_range, args.selection, args.wait, args.seed)
+    records = run_workload(args.url, workload.samples, args.key, on_finish=print_completion)
+    stats = fetch_stats(args.url, args.key)
+    print(f"\n======== END STATS ========\n{json.dumps(stats, indent=2)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "stats.txt").write_text(json.dumps(stats, indent=2) + "\n")
+    write_run_files(args.out, stats.get("policy", "server"), records)
+    failed = sum(not record.ok for record in records)
+    print(f"\n{len(records) - failed} of {len(records)} requests answered; results in {args.out}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_server(args.url, args.key)
+        return single_inference(args) if args.prompt is not None else benchmark(args)
+    except (ServerUnavailable, requests.RequestException, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

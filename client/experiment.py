@@ -1,0 +1,391 @@
+"""The comparison: the same seeded workload against nobatch, static and dynamic batching, one fresh server each.
+
+For every policy it starts `./server.sh POLICY` on a free port, waits for `/health`, runs the client's workload,
+reads `/stats` and stops the server. Then it writes into --out: the original latency-vs-tokens figure, wall-clock
+throughput and TTFT / TPOT / E2E distributions (PNG + PDF), the raw data behind them, and `report.md`.
+
+    python client/experiment.py            # CPU: gpt2, random weights, 40 requests; GPU: gpt2-medium, 100 requests
+"""
+import argparse
+import contextlib
+import csv
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+import plot
+from client import (CLIENT_DIR, RequestRecord, fetch_stats, mean_latency_by_num_tokens, run_workload, server_url,
+                    write_run_files)
+from data import DEFAULT_NUM_TOKENS_RANGE, PromptData
+
+REPO_DIR = CLIENT_DIR.parent
+sys.path.append(str(REPO_DIR))  # metrics.py is the server's: both sides compute TTFT/TPOT/E2E figures alike
+from metrics import distribution  # noqa: E402
+
+POLICIES = ("nobatch", "static", "dynamic")
+# The original setup, for a GPU; on a CPU a smaller model and sample so all three runs finish in minutes.
+GPU_DEFAULTS = {"model": "gpt2-medium", "weights": "auto", "numsamples": 100, "wait": 1.0}
+CPU_DEFAULTS = {"model": "gpt2", "weights": "random", "numsamples": 40, "wait": 0.5}
+# The original /stats keys, shown first in the report.
+ORIGINAL_STATS = ("latency-per-token", "throughput", "total-tokens-handled", "total-elapsed-time")
+
+
+class ExperimentError(Exception):
+    """A run could not be carried out; the message says why (and shows the server's log when it helps)."""
+
+
+@dataclass
+class PolicyRun:
+    policy: str
+    records: list[RequestRecord]
+    stats: dict
+
+
+# --- setup ----------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Compare nobatch, static and dynamic batching on one workload.")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    parser.add_argument("--model", help="gpt2, gpt2-medium, ... or a local model directory (default: by device)")
+    parser.add_argument("--weights", choices=("auto", "pretrained", "random"), help="default: by device")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--numsamples", type=int, help="requests per policy (default: by device)")
+    parser.add_argument("--numtokens_range", type=int, nargs="+", default=list(DEFAULT_NUM_TOKENS_RANGE))
+    parser.add_argument("--wait", type=float, help="sleep U(0,1) x wait seconds between launches (default: by device)")
+    parser.add_argument("--seed", type=int, default=0, help="workload seed, the same for every policy")
+    parser.add_argument("--max-batch", type=int, help="the server's MAX_BATCH (default: the server's, 128)")
+    parser.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for /health")
+    parser.add_argument("--out", type=Path, default=REPO_DIR / "results")
+    return parser.parse_args(argv)
+
+
+def gpu_available(device: str) -> bool:
+    if device != "auto":
+        return device == "cuda"
+    import torch  # only here: the rest of the client needs no torch
+
+    return torch.cuda.is_available()
+
+
+def apply_device_defaults(args: argparse.Namespace) -> str:
+    """Fill the flags left unset from the GPU or CPU defaults; returns a sentence for the report saying which."""
+    on_gpu = gpu_available(args.device)
+    defaults = GPU_DEFAULTS if on_gpu else CPU_DEFAULTS
+    filled = {name: value for name, value in defaults.items() if getattr(args, name) is None}
+    for name, value in filled.items():
+        setattr(args, name, value)
+    if on_gpu or not filled:
+        return ""
+    chosen = ", ".join(f"{name} {value}" for name, value in filled.items())
+    return (f"No GPU, so this run used smaller CPU defaults ({chosen}) to finish in minutes instead of the original "
+            f"setup (gpt2-medium, 100 requests, wait 1 s; `--model gpt2-medium --numsamples 100 --wait 1`).")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- one server per policy ------------------------------------------------------------------------------------
+
+def server_env(args: argparse.Namespace, port: int) -> dict[str, str]:
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MODEL": args.model, "WEIGHTS": args.weights,
+           "DEVICE": args.device,
+           # Every request may be in flight at once: the server needs a thread for each, or it caps the batch.
+           "THREADS": str(args.numsamples + 4),
+           # The server's own token_data_<policy>.csv goes with this run's results, not into the repo's data/.
+           "DATA_DIR": str(args.out / "server_data")}
+    env.setdefault("PYTHON", sys.executable)  # server.sh runs gunicorn with the interpreter running this
+    env.pop("KEY", None)  # a KEY exported for the client would lock out this comparison's own requests
+    if args.max_batch:
+        env["MAX_BATCH"] = str(args.max_batch)
+    return env
+
+
+def log_tail(log_path: Path, lines: int = 30) -> str:
+    tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join(f"    {line}" for line in tail)
+
+
+def wait_until_healthy(process: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ExperimentError(f"the server exited with code {process.returncode}; "
+                                  f"its log ({log_path}) ends:\n{log_tail(log_path)}")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise ExperimentError(f"no healthy /health at {url} after {timeout:.0f} s; "
+                          f"the server's log ({log_path}) ends:\n{log_tail(log_path)}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM to the whole process group (server.sh, gunicorn, its worker); SIGKILL if it does not stop."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def running_server(policy: str, args: argparse.Namespace, log_path: Path) -> Iterator[str]:
+    """Start `./server.sh policy` on a free port, yield its URL once healthy, always stop it afterwards."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(["./server.sh", policy], cwd=REPO_DIR, env=server_env(args, port), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            url = server_url("127.0.0.1", port)
+            wait_until_healthy(process, url, args.startup_timeout, log_path)
+            yield url
+        finally:
+            stop_server(process)
+
+
+def run_policy(policy: str, workload: PromptData, args: argparse.Namespace) -> PolicyRun:
+    tqdm.write(f"[{policy}] starting ./server.sh {policy} (model {args.model}, weights {args.weights})")
+    log_path = args.out / f"server_{policy}.log"
+    with running_server(policy, args, log_path) as url:
+        records = run_workload(url, workload.samples, desc=policy)
+        stats = fetch_stats(url)
+    failed = [r for r in records if not r.ok]
+    if failed and len(failed) == len(records):  # a broken server: comparing the other policies would waste minutes
+        raise ExperimentError(f"every request to {policy} failed, first with {failed[0].error}; "
+                              f"the server's log ({log_path}) ends:\n{log_tail(log_path)}")
+    if failed:
+        tqdm.write(f"[{policy}] {len(failed)} of {len(records)} requests failed, first: {failed[0].error}")
+    return PolicyRun(policy, records, stats)
+
+
+# --- figures and raw data -------------------------------------------------------------------------------------
+
+def ok_values(records: list[RequestRecord], metric: str) -> list[float]:
+    values = (getattr(r, metric) for r in records if r.ok)
+    return [v for v in values if v is not None]
+
+
+def client_metrics(records: list[RequestRecord]) -> dict[str, float]:
+    """Measured by the client, the same way for every policy: wall-clock is first request sent to last response."""
+    ok = [r for r in records if r.ok]
+    output_tokens = sum(r.completion_tokens or r.num_tokens for r in ok)
+    duration = max((r.finish for r in ok), default=0.0) - min((r.start for r in ok), default=0.0)
+    metrics = {"requests": len(records), "failed": len(records) - len(ok), "output-tokens": output_tokens,
+               "duration-s": duration, "output-tokens-per-s": output_tokens / duration if duration else 0.0,
+               "requests-per-s": len(ok) / duration if duration else 0.0}
+    for metric in ("ttft", "tpot", "latency"):
+        for name, value in distribution(ok_values(records, metric)).items():
+            metrics[f"{'e2e' if metric == 'latency' else metric}-{name}"] = value
+    return metrics
+
+
+def write_summary_csv(path: Path, metrics: dict[str, dict[str, float]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        columns = list(next(iter(metrics.values())))
+        writer.writerow(["policy", *columns])
+        for policy, row in metrics.items():
+            writer.writerow([policy, *(row[c] for c in columns)])
+
+
+def write_figures(runs: list[PolicyRun], metrics: dict[str, dict[str, float]], out: Path) -> list[Path]:
+    by_policy = {run.policy: run.records for run in runs}
+    paths = plot.plot_latency_vs_tokens(
+        {p: list(mean_latency_by_num_tokens(records).items()) for p, records in by_policy.items()},
+        out / "latency_vs_tokens")
+    paths += plot.plot_throughput({p: m["output-tokens-per-s"] for p, m in metrics.items()}, out / "throughput")
+    for metric, name, ylabel, title in (
+        ("ttft", "ttft", "time to first token (s)", "TTFT per request (server-measured)"),
+        ("tpot", "tpot", "time per output token (s)", "TPOT per request, after the first token (server-measured)"),
+        ("latency", "e2e_latency", "end-to-end latency (s)", "E2E latency per request (client-measured)"),
+    ):
+        samples = {p: ok_values(records, metric) for p, records in by_policy.items()}
+        paths += plot.plot_distribution(samples, ylabel, title, out / name)
+    return paths
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    def git(*command: str) -> str:
+        try:
+            return subprocess.run(["git", *command], cwd=REPO_DIR, capture_output=True, text=True).stdout.strip()
+        except OSError:  # no git on this machine
+            return ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "unknown (no commit, or not a git checkout)"
+    return commit + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    description = f"{cpu}, {os.cpu_count()} cores"
+    try:
+        import torch
+    except ImportError:
+        return description
+    if torch.cuda.is_available():
+        description += f"; GPU {torch.cuda.get_device_name(0)}"
+    return description + f"; torch {torch.__version__}"
+
+
+def flatten(stats: dict, prefix: str = "") -> dict[str, object]:
+    """`{"ttft": {"p50": x}}` -> `{"ttft p50": x}`, so nested /stats figures fit one table row each."""
+    flat = {}
+    for key, value in stats.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key} "))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# Shown once in the report's header rather than as a /stats row per policy.
+SERVER_INFO = ("policy", "model", "weights", "device", "dtype", "warning")
+HEADLINE = ("output-tokens-per-s", "requests-per-s", "ttft-p50", "ttft-p90", "ttft-p99", "tpot-p50", "tpot-p90",
+            "tpot-p99", "e2e-p50", "e2e-p90", "e2e-p99", "output-tokens", "requests", "failed")
+
+
+def stats_table(runs: list[PolicyRun]) -> str:
+    """Every /stats figure as a row, one column per policy; the original keys first."""
+    flat = {run.policy: flatten(run.stats) for run in runs}
+    present = [k for f in flat.values() for k in f if k not in SERVER_INFO]
+    keys = list(dict.fromkeys([k for k in ORIGINAL_STATS if k in present] + present))
+    return markdown_table(["/stats", *flat], [[k, *(f.get(k) for f in flat.values())] for k in keys])
+
+
+def latency_by_tokens_table(runs: list[PolicyRun]) -> str:
+    """The original figure as numbers: mean latency per requested token count, one column per policy."""
+    means = {run.policy: mean_latency_by_num_tokens(run.records) for run in runs}
+    num_tokens = sorted({n for m in means.values() for n in m})
+    return markdown_table(["num_tokens", *means], [[n, *(m.get(n) for m in means.values())] for n in num_tokens])
+
+
+def report_header(server: dict, args: argparse.Namespace, defaults_note: str) -> str:
+    lines = [
+        f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. Git commit: {git_commit()}.",
+        f"Machine: {machine()}.",
+        f"Model: {server.get('model', args.model)}; weights: {server.get('weights', args.weights)}; "
+        f"device: {server.get('device', args.device)}; dtype: {server.get('dtype', 'not reported')}.",
+        f"Workload: {args.numsamples} requests per policy, prompts \"Request {{i}}\", num_tokens drawn from "
+        f"{args.numtokens_range} (seed {args.seed}), launches U(0,1) x {args.wait} s apart; every policy got the "
+        f"same requests at the same times.",
+    ]
+    if "warning" in server:
+        lines.append(f"Warning from the server: {server['warning']}.")
+    if defaults_note:
+        lines.append(defaults_note)
+    return "\n".join(lines)
+
+
+def write_report(path: Path, runs: list[PolicyRun], metrics: dict[str, dict[str, float]],
+                 args: argparse.Namespace, defaults_note: str) -> None:
+    client_rows = [[policy, *(m[k] for k in HEADLINE)] for policy, m in metrics.items()]
+    path.write_text(f"""# Batching comparison
+
+{report_header(runs[0].stats, args, defaults_note)}
+
+## Client-measured, one row per policy
+
+Throughput is output tokens over wall-clock time, first request sent to last response. TTFT and TPOT come from
+the server's per-request timings; E2E latency is measured by the client. Times in seconds.
+
+{markdown_table(["policy", *HEADLINE], client_rows)}
+
+## Mean latency (s) by requested tokens (the original figure)
+
+{latency_by_tokens_table(runs)}
+
+## Server /stats
+
+`throughput` and `latency-per-token` are the original project's figures: `throughput` is total tokens over the
+*sum* of request latencies, not a wall-clock rate; `wall-clock-throughput` is the honest one.
+
+{stats_table(runs)}
+
+## Figures and data
+
+- `latency_vs_tokens.png/.pdf` from `token_data_<policy>.csv`;
+- `throughput.png/.pdf` from `summary.csv` (every client-measured figure, one row per policy);
+- `ttft`, `tpot`, `e2e_latency` `.png/.pdf` from `requests_<policy>.csv` (one row per request);
+- `stats_<policy>.json`: the server's /stats after the run; `server_<policy>.log`: its log;
+  `server_data/token_data_<policy>.csv`: the server's own mean latency per requested token count.
+""")
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+
+def save_run(out: Path, run: PolicyRun) -> None:
+    write_run_files(out, run.policy, run.records)
+    (out / f"stats_{run.policy}.json").write_text(json.dumps(run.stats, indent=2) + "\n")
+
+
+def write_results(runs: list[PolicyRun], args: argparse.Namespace, defaults_note: str) -> list[Path]:
+    metrics = {run.policy: client_metrics(run.records) for run in runs}
+    write_summary_csv(args.out / "summary.csv", metrics)
+    paths = write_figures(runs, metrics, args.out)
+    write_report(args.out / "report.md", runs, metrics, args, defaults_note)
+    return paths + [args.out / "report.md"]
+
+
+def run_experiment(args: argparse.Namespace) -> tuple[list[PolicyRun], list[Path]]:
+    defaults_note = apply_device_defaults(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    workload = PromptData(args.numsamples, args.numtokens_range, "random", args.wait, args.seed)
+    runs = []
+    for policy in args.policies:
+        runs.append(run_policy(policy, workload, args))
+        save_run(args.out, runs[-1])  # saved at once: a later policy's failure keeps this one's data
+    return runs, write_results(runs, args, defaults_note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs, paths = run_experiment(args)
+    except (ExperimentError, requests.RequestException, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(p.name for p in paths) + f" in {args.out}")
+    failed = sum(not r.ok for run in runs for r in run.records)
+    if failed:
+        print(f"error: {failed} requests failed (see report.md and the requests_<policy>.csv files)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The client: its seeded workload, the files it writes, the plot, and a run against a real server."""
+import csv
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+CLIENT_DIR = REPO_DIR / "client"
+sys.path.insert(0, str(CLIENT_DIR))  # the client's modules import each other as scripts do: `from data import ...`
+
+import client  # noqa: E402
+import plot  # noqa: E402
+from conftest import running_server  # noqa: E402
+from data import PromptData  # noqa: E402
+
+
+def record(rid: int, num_tokens: int, latency: float, **kwargs) -> client.RequestRecord:
+    return client.RequestRecord(rid=rid, prompt=f"Request {rid}", num_tokens=num_tokens, start=float(rid),
+                                finish=rid + latency, latency=latency, **kwargs)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- workload -------------------------------------------------------------------------------------------------
+
+def test_same_seed_gives_the_same_workload():
+    assert PromptData(50, [1, 25, 100], seed=3).samples == PromptData(50, [1, 25, 100], seed=3).samples
+
+
+def test_another_seed_gives_another_workload():
+    assert PromptData(50, [1, 25, 100], seed=0).samples != PromptData(50, [1, 25, 100], seed=1).samples
+
+
+def test_prompts_are_numbered_requests_asking_for_one_of_the_choices():
+    samples = PromptData(40, [1, 25, 100]).samples
+    assert [s.prompt for s in samples] == [f"Request {i}" for i in range(40)]
+    assert {s.num_tokens for s in samples} == {1, 25, 100}
+
+
+def test_descend_sends_the_same_draws_longest_first():
+    drawn = PromptData(40, [1, 25, 100], "random").samples
+    descending = PromptData(40, [1, 25, 100], "descend").samples
+    assert [s.num_tokens for s in descending] == sorted((s.num_tokens for s in drawn), reverse=True)
+    assert sorted(s.prompt for s in descending) == sorted(s.prompt for s in drawn)
+    assert [s.launch_at for s in descending] == [s.launch_at for s in drawn]
+
+
+def test_launches_start_at_once_and_are_at_most_wait_apart():
+    offsets = [s.launch_at for s in PromptData(30, wait=0.5).samples]
+    gaps = [b - a for a, b in zip(offsets, offsets[1:])]
+    assert offsets[0] == 0.0
+    assert all(0.0 <= gap <= 0.5 for gap in gaps)
+
+
+def test_wait_changes_when_requests_launch_but_not_which():
+    fast, slow = PromptData(30, wait=0.1).samples, PromptData(30, wait=2.0).samples
+    assert [(s.prompt, s.num_tokens) for s in fast] == [(s.prompt, s.num_tokens) for s in slow]
+
+
+@pytest.mark.parametrize("kwargs", [{"selection": "shortest"}, {"num_tokens_range": []},
+                                    {"num_tokens_range": [0, 5]}, {"wait": -1.0}])
+def test_invalid_workload_is_refused(kwargs):
+    with pytest.raises(ValueError):
+        PromptData(5, **kwargs)
+
+
+# --- results files --------------------------------------------------------------------------------------------
+
+def test_tpot_is_decode_time_per_token_after_the_first():
+    assert record(0, 5, 1.2, ttft=0.2, server_latency=1.0, completion_tokens=5).tpot == pytest.approx(0.2)
+    assert record(0, 1, 0.3, ttft=0.2, server_latency=0.2, completion_tokens=1).tpot is None
+    assert record(0, 5, 0.3, error="HTTP 503: overloaded").tpot is None
+
+
+def test_latency_csv_holds_the_mean_latency_of_answered_requests_per_num_tokens(tmp_path):
+    records = [record(0, 25, 1.0), record(1, 1, 0.5), record(2, 25, 3.0), record(3, 25, 9.0, error="HTTP 500: boom")]
+    client.write_latency_csv(tmp_path / "token_data_dynamic.csv", records)
+    assert read_rows(tmp_path / "token_data_dynamic.csv") == [{"num_tokens": "1", "latency": "0.5"},
+                                                              {"num_tokens": "25", "latency": "2.0"}]
+
+
+def test_records_csv_has_one_row_per_request_with_its_timings(tmp_path):
+    records = [record(0, 5, 1.2, ttft=0.2, server_latency=1.0, completion_tokens=5, completion="Request 0 ..."),
+               record(1, 25, 0.1, error="HTTP 500: boom")]
+    client.write_run_files(tmp_path, "static", records)
+    rows = read_rows(tmp_path / "requests_static.csv")
+    assert [row["rid"] for row in rows] == ["0", "1"]
+    assert float(rows[0]["tpot"]) == pytest.approx(0.2)
+    assert rows[1]["error"] == "HTTP 500: boom"
+    assert "completion" not in rows[0]
+    assert (tmp_path / "token_data_static.csv").exists()
+
+
+# --- plot -----------------------------------------------------------------------------------------------------
+
+def test_plot_draws_every_policy_csv_into_one_png_and_pdf(tmp_path):
+    for policy, slope in (("nobatch", 0.3), ("static", 0.2), ("dynamic", 0.1)):
+        client.write_latency_csv(tmp_path / f"token_data_{policy}.csv",
+                                 [record(i, n, slope * n) for i, n in enumerate((1, 25, 100))])
+    assert plot.main([str(tmp_path)]) == 0
+    for suffix in (".png", ".pdf"):
+        assert (tmp_path / f"latency_vs_tokens{suffix}").stat().st_size > 0
+    assert set(plot.latency_csvs([tmp_path])) == {"nobatch", "static", "dynamic"}
+
+
+def test_plot_without_csvs_says_so(tmp_path, capsys):
+    assert plot.main([str(tmp_path)]) == 1
+    assert "no token_data_<policy>.csv" in capsys.readouterr().err
+
+
+# --- against a server -----------------------------------------------------------------------------------------
+
+def run_client(port: int, *args: str) -> subprocess.CompletedProcess:
+    """client/client.py as a user runs it; IP from the environment, nothing from a developer's client/.env."""
+    return subprocess.run([sys.executable, str(CLIENT_DIR / "client.py"), "--port", str(port), *args],
+                          capture_output=True, text=True, env={"IP": "127.0.0.1", "KEY": ""}, timeout=120)
+
+
+def test_unreachable_server_gives_a_message_not_a_traceback(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run_client(port, "--numsamples", "2", "--out", str(tmp_path))
+    assert result.returncode == 1
+    assert "cannot reach the server" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_request_is_answered_and_stats_are_printed_and_written(tiny_model_dir, tmp_path):
+    with running_server("dynamic", tiny_model_dir, DATA_DIR=tmp_path / "server_data") as url:
+        port = int(url.rsplit(":", 1)[1])
+        result = run_client(port, "--numsamples", "6", "--wait", "0.1", "--numtokens_range", "1", "5",
+                            "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "6 of 6 requests answered" in result.stdout
+    assert all(f"Request {i}" in result.stdout for i in range(6))  # each completion echoes its prompt
+    stats = json.loads((tmp_path / "stats.txt").read_text())
+    assert stats["requests-finished"] == 6 and stats["policy"] == "dynamic"
+    assert "END STATS" in result.stdout and '"requests-finished": 6' in result.stdout
+    rows = read_rows(tmp_path / "requests_dynamic.csv")
+    assert len(rows) == 6 and not any(row["error"] for row in rows)
+    assert {row["num_tokens"] for row in rows} == {row["completion_tokens"] for row in rows} == {"1", "5"}
+    assert {row["num_tokens"] for row in read_rows(tmp_path / "token_data_dynamic.csv")} == {"1", "5"}
+
+
+def test_single_inference_sends_the_api_key(tiny_model_dir, tmp_path):
+    with running_server("nobatch", tiny_model_dir, key="secret", DATA_DIR=tmp_path) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with_key = run_client(port, "--prompt", "Hello", "--numtokens", "3", "--key", "secret")
+        without_key = run_client(port, "--prompt", "Hello", "--numtokens", "3")
+    assert with_key.returncode == 0, with_key.stderr
+    assert "Hello" in with_key.stdout
+    assert without_key.returncode == 1
+    assert "refused the API key" in without_key.stderr and "Traceback" not in without_key.stderr

@@ -1,0 +1,111 @@
+"""The comparison command: its defaults, its report and figures from known runs, and a short real comparison."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_DIR / "client"))  # the client's modules import each other as scripts do
+
+import experiment  # noqa: E402
+from client import RequestRecord  # noqa: E402
+
+POLICIES = ("nobatch", "static", "dynamic")
+FIGURES = ("latency_vs_tokens", "throughput", "ttft", "tpot", "e2e_latency")
+
+
+def fake_run(policy: str, slowdown: float) -> experiment.PolicyRun:
+    records = [RequestRecord(rid=i, prompt=f"Request {i}", num_tokens=n, start=0.1 * i, finish=0.1 * i + slowdown * n,
+                             latency=slowdown * n, ttft=0.05 * slowdown, server_latency=slowdown * n - 0.01,
+                             prompt_tokens=3, completion_tokens=n)
+               for i, n in enumerate((1, 25, 100, 25))]
+    stats = {"latency-per-token": slowdown, "throughput": 1 / slowdown, "total-tokens-handled": 151,
+             "total-elapsed-time": 151 * slowdown, "ttft": {"mean": 0.1, "p50": 0.1, "p90": 0.2, "p99": 0.3},
+             "policy": policy, "model": "gpt2", "weights": "random", "device": "cpu", "dtype": "float32"}
+    return experiment.PolicyRun(policy, records, stats)
+
+
+def check_outputs(out: Path, policies=POLICIES) -> str:
+    """Every figure, raw file and report row is there, one per policy; returns the report."""
+    for figure in FIGURES:
+        for suffix in (".png", ".pdf"):
+            assert (out / f"{figure}{suffix}").stat().st_size > 0, f"{figure}{suffix}"
+    for policy in policies:
+        for raw in (f"requests_{policy}.csv", f"token_data_{policy}.csv", f"stats_{policy}.json"):
+            assert (out / raw).stat().st_size > 0, raw
+    with open(out / "summary.csv", newline="") as f:
+        assert [row["policy"] for row in csv.DictReader(f)] == list(policies)
+    report = (out / "report.md").read_text()
+    for policy in policies:
+        assert sum(line.startswith(f"| {policy} |") for line in report.splitlines()) == 1, policy
+    return report
+
+
+def test_cpu_defaults_fill_only_the_flags_left_unset_and_the_report_says_so():
+    args = experiment.parse_args(["--device", "cpu", "--numsamples", "7"])
+    note = experiment.apply_device_defaults(args)
+    assert (args.model, args.weights, args.numsamples) == ("gpt2", "random", 7)
+    assert "No GPU" in note and "gpt2-medium" in note
+
+
+def test_gpu_defaults_are_the_original_setup():
+    args = experiment.parse_args(["--device", "cuda"])
+    assert experiment.apply_device_defaults(args) == ""
+    assert (args.model, args.numsamples, args.wait) == ("gpt2-medium", 100, 1.0)
+
+
+def test_nested_stats_become_one_row_each():
+    assert experiment.flatten({"ttft": {"p50": 1.0, "p99": 2.0}, "policy": "static"}) == {
+        "ttft p50": 1.0, "ttft p99": 2.0, "policy": "static"}
+
+
+def test_client_metrics_count_only_answered_requests():
+    records = fake_run("static", 0.1).records
+    records.append(RequestRecord(rid=9, prompt="Request 9", num_tokens=100, start=0.0, finish=60.0, latency=60.0,
+                                 error="HTTP 500: boom"))
+    metrics = experiment.client_metrics(records)
+    assert (metrics["requests"], metrics["failed"], metrics["output-tokens"]) == (5, 1, 151)
+    # From the first start (0.0) to the last answered finish (request 2: 0.2 + 0.1 x 100), not the failed one's 60.
+    assert metrics["duration-s"] == pytest.approx(10.2)
+
+
+def test_report_figures_and_raw_data_from_known_runs(tmp_path):
+    runs = [fake_run(policy, slowdown) for policy, slowdown in zip(POLICIES, (0.3, 0.2, 0.1))]
+    args = experiment.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    note = experiment.apply_device_defaults(args)
+    for run in runs:
+        experiment.save_run(tmp_path, run)
+    experiment.write_results(runs, args, note)
+    report = check_outputs(tmp_path)
+    assert "| latency-per-token | 0.3 | 0.2 | 0.1 |" in report
+    assert "| ttft p99 | 0.3 | 0.3 | 0.3 |" in report
+    assert note in report
+
+
+def test_short_comparison_of_all_three_policies_on_a_real_server(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KV_CACHE_GB", "0.2")  # the tiny model needs no 2 GB cache
+    exit_code = experiment.main(["--model", tiny_model_dir, "--weights", "pretrained", "--device", "cpu",
+                                 "--numsamples", "5", "--wait", "0.1", "--numtokens_range", "1", "5", "20",
+                                 "--out", str(tmp_path)])
+    assert exit_code == 0
+    report = check_outputs(tmp_path)
+    assert "weights: pretrained; device: cpu; dtype: float32" in report
+    for policy in POLICIES:
+        stats = json.loads((tmp_path / f"stats_{policy}.json").read_text())
+        assert stats["policy"] == policy and stats["requests-finished"] == 5
+        with open(tmp_path / f"requests_{policy}.csv", newline="") as f:
+            assert [row["error"] for row in csv.DictReader(f)] == [""] * 5
+
+
+def test_a_policy_whose_every_request_fails_stops_the_comparison_with_the_reason(tiny_model_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    monkeypatch.setenv("KV_CACHE_GB", "0.2")
+    exit_code = experiment.main(["--model", tiny_model_dir, "--weights", "pretrained", "--device", "cpu",
+                                 "--policies", "nobatch", "dynamic", "--numsamples", "2", "--wait", "0",
+                                 "--numtokens_range", "5000", "--out", str(tmp_path)])  # past GPT-2's context
+    assert exit_code == 1
+    err = capsys.readouterr().err
+    assert "every request to nobatch failed" in err and "HTTP 400" in err
+    assert not (tmp_path / "server_dynamic.log").exists()  # it did not go on to the next policy
