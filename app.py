@@ -1,23 +1,31 @@
-"""HTTP only: validates requests, hands them to the engine and waits; knows no tensors.
+"""HTTP only: routes, request validation, auth and request ids; hands requests to the engine and waits or
+streams (engine_client.py); knows no tensors.
 
-Endpoints: POST /inference, GET /stats, GET /health, GET|POST / (a hint). Errors share one JSON shape,
-`{"error": {"message", "type", "param", "code"}}`. The engine starts inside the gunicorn worker
-(`gunicorn_conf.post_worker_init` calls `start_engine`), never in the master process: CUDA and threads do
-not survive a fork.
+Endpoints: POST /inference (the original API), POST /v1/completions and GET /v1/models (OpenAI's, see
+openai_api.py), GET /stats, GET /metrics (Prometheus), GET /health, GET|POST / (a hint). Errors share one
+JSON shape (errors.py). The engine starts inside the gunicorn worker (`gunicorn_conf.post_worker_init` calls
+`start_engine`), never in the master process: CUDA and threads do not survive a fork.
 """
 import hmac
 import logging
 import os
+import re
 import time
+import uuid
 from dataclasses import dataclass, field
 
-from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, g, jsonify, request
 
-from batching import BatchingManager, Inference, Overloaded, make_policy
+from batching import BatchingManager, Inference, make_policy
+from engine_client import Submission
+from errors import ApiError, api_error
+from openai_api import Completion, models_response, parse_completion_request
+from prometheus_metrics import EngineMetrics, render
 from sampling import InvalidRequest, SamplingParams
+from sse import sse_response
 from stats import ServerStats
 from tokenizer import encode
+from validation import check_context_length, reject_unknown, seed_value, stop_strings, typed
 
 log = logging.getLogger("effective-batching")
 
@@ -27,6 +35,7 @@ class Settings:
     """Server configuration, from environment variables (see README)."""
     policy: str = "dynamic"
     model: str = "gpt2-medium"
+    served_model_name: str | None = None  # the model id of /v1; MODEL when unset
     weights: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
@@ -60,7 +69,13 @@ class Server:
     settings: Settings
     manager: BatchingManager
     stats: ServerStats
+    metrics: EngineMetrics
     info: dict = field(default_factory=dict)
+    started: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.served_model_name or self.settings.model
 
 
 server: Server | None = None
@@ -69,7 +84,6 @@ app = Flask(__name__)
 
 def start_engine(settings: Settings | None = None) -> Server:
     """Load the model, build the engine and start its thread (once per worker process)."""
-    global server
     if server is not None:
         return server
     import torch
@@ -84,18 +98,28 @@ def start_engine(settings: Settings | None = None) -> Server:
     model, weights = load_model(s.model, s.weights)
     runner = ModelRunner(model, device, dtype, block_size=s.block_size, num_blocks=s.kv_blocks,
                          kv_cache_gb=s.kv_cache_gb, gpu_memory_utilization=s.gpu_memory_utilization, seed=s.seed)
-    stats = ServerStats(s.policy, s.data_dir)
-    manager = BatchingManager(runner, policy, s.max_step_tokens, s.max_waiting, on_finish=[stats.record])
+    manager = BatchingManager(runner, policy, s.max_step_tokens, s.max_waiting)
     info = {"policy": s.policy, "model": s.model, "weights": weights,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": str(dtype).removeprefix("torch."), "max-batch": s.max_batch,
             "max-context": model.config.block_size}
     if weights == "random":
         info["warning"] = "random weights: completions are meaningless text"
-    manager.start()
-    server = Server(s, manager, stats, info)
+    serve(s, manager, info)
     log.info("serving %s (%s weights) on %s in %s with policy %s; loaded in %.1f s", s.model, weights,
              info["device"], info["dtype"], s.policy, time.perf_counter() - t0)
+    return server
+
+
+def serve(settings: Settings, manager: BatchingManager, info: dict) -> Server:
+    """Attach statistics and metrics to an engine, start its thread and route requests to it."""
+    global server
+    stats = ServerStats(settings.policy, settings.data_dir)
+    metrics = EngineMetrics(settings.served_model_name or settings.model, settings.policy)
+    manager.on_finish += [stats.record, metrics.record]
+    manager.start()
+    metrics.start_publisher(manager)
+    server = Server(settings, manager, stats, metrics, info)
     return server
 
 
@@ -104,118 +128,86 @@ def stop_engine() -> None:
         server.manager.stop()
 
 
-# ---- errors ----
-
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 503: "server_overloaded",
-               500: "internal_server_error"}
-
-
-def error(status: int, message: str, param: str | None = None, code: str | None = None,
-          headers: dict | None = None) -> Response:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
-    resp = jsonify(body)
-    resp.status_code = status
-    resp.headers.update(headers or {})
-    return resp
-
-
-@app.errorhandler(HTTPException)
-def http_error(e: HTTPException) -> Response:
-    return error(e.code or 500, e.description or e.name)
-
-
-@app.errorhandler(InvalidRequest)
-def invalid_request(e: InvalidRequest) -> Response:
-    return error(400, str(e), e.param, e.code)
-
-
-@app.errorhandler(Overloaded)
-def overloaded(e: Overloaded) -> Response:
-    return error(503, str(e), code="overloaded", headers={"Retry-After": "1"})
-
+# ---- every request: errors, request id, auth ----
 
 @app.errorhandler(Exception)
-def internal(e: Exception) -> Response:
-    log.exception("unhandled error")
-    return error(500, f"internal error: {e!r}")
+def handle_error(e: Exception) -> Response:
+    err = api_error(e)
+    if err.status >= 500:
+        log.warning("%s: %d %s", g.get("request_id"), err.status, err.message)
+    return err.response()
 
 
-OPEN_PATHS = ("/", "/health")
+OPEN_PATHS = ("/", "/health", "/metrics")
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: safe in headers and logs
 
 
 @app.before_request
-def check_ready_and_key():
+def request_id_ready_and_key():
+    given = request.headers.get("X-Request-Id", "")
+    g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     request.max_content_length = server.settings.max_body_bytes if server else 1 << 20
     if server is None:
-        return error(503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"})
+        raise ApiError(503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"})
     key = server.settings.key
     if key and request.path not in OPEN_PATHS:
         given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), key.encode()):
-            return error(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
-                         code="invalid_api_key")
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
+                           code="invalid_api_key")
 
 
-# ---- request parsing ----
+@app.after_request
+def send_request_id(resp: Response) -> Response:
+    resp.headers["X-Request-Id"] = g.get("request_id", "")
+    return resp
+
 
 def json_body() -> dict:
-    body = request.get_json(silent=True)
+    body = request.get_json(force=True, silent=True)  # any Content-Type: `curl -d` sends form-urlencoded
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
     return body
 
 
-def typed(body: dict, name: str, types: tuple, required: bool = False, default=None):
-    """body[name] if it has one of `types` (bool never counts as a number)."""
-    if name not in body:
-        if required:
-            raise InvalidRequest(f"'{name}' is required", name, "missing_field")
-        return default
-    value = body[name]
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        names = " or ".join(t.__name__ for t in types)
-        raise InvalidRequest(f"'{name}' must be {names}; got {value!r}", name, "invalid_type")
-    return value
+def submit(infs: list[Inference], stream: bool) -> Submission:
+    """Enqueue a request's sequences; they are aborted if the client goes away (see engine_client.py)."""
+    return Submission(server.manager, infs, request.environ.get("gunicorn.socket"), stream)
 
+
+# ---- the original API ----
 
 INFERENCE_FIELDS = {"prompt", "num_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos",
-                    "logprobs"}
+                    "logprobs", "stream"}
 
 
 def parse_inference(body: dict) -> tuple[str, list[int], SamplingParams]:
-    unknown = sorted(set(body) - INFERENCE_FIELDS)
-    if unknown:
-        raise InvalidRequest(f"unknown field '{unknown[0]}'; accepted: {', '.join(sorted(INFERENCE_FIELDS))}",
-                             unknown[0], "unknown_field")
+    reject_unknown(body, INFERENCE_FIELDS)
     prompt = typed(body, "prompt", (str,), required=True)
     if not prompt:
         raise InvalidRequest("'prompt' must not be empty", "prompt")
     num_tokens = typed(body, "num_tokens", (int,), required=True)
-    if num_tokens < 1:
+    if num_tokens < 1:  # SamplingParams names it max_tokens; this API calls it num_tokens
         raise InvalidRequest(f"'num_tokens' must be at least 1; got {num_tokens}", "num_tokens")
-    stop = typed(body, "stop", (str, list), default=[])
-    stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) for s in stop):
-        raise InvalidRequest("'stop' must be a string or a list of strings", "stop", "invalid_type")
+    prompt_ids = encode(prompt)
+    check_context_length(len(prompt_ids), num_tokens, server.manager.max_context, "num_tokens")
     params = SamplingParams(
         max_tokens=num_tokens,
         temperature=float(typed(body, "temperature", (int, float), default=1.0)),
         top_k=typed(body, "top_k", (int,), default=0),
         top_p=float(typed(body, "top_p", (int, float), default=1.0)),
-        seed=typed(body, "seed", (int,)),
-        stop=stop,
+        seed=seed_value(body),
+        stop=stop_strings(body),
         ignore_eos=typed(body, "ignore_eos", (bool,), default=True),
         logprobs=typed(body, "logprobs", (int,)),
     )
-    return prompt, encode(prompt), params
+    return prompt, prompt_ids, params
 
-
-# ---- endpoints ----
 
 @app.route("/", methods=["GET", "POST"])
 def hint():
-    return "effective-batching: POST /inference {\"prompt\": str, \"num_tokens\": int}; GET /stats; GET /health\n"
+    return ("effective-batching: POST /inference {\"prompt\": str, \"num_tokens\": int}; POST /v1/completions; "
+            "GET /v1/models; GET /stats; GET /metrics; GET /health\n")
 
 
 @app.get("/health")
@@ -224,19 +216,20 @@ def health():
     stalled = time.monotonic() - m.last_step_time > server.settings.health_stall_s
     if not m.alive or stalled:
         why = m.fatal_error or ("the engine thread is not running" if not m.alive else "the engine is stuck")
-        return error(503, why, code="engine_unhealthy")
-    return jsonify({"status": "ok", **server.info})
+        raise ApiError(503, why, code="engine_unhealthy")
+    return jsonify({"status": "ok", "pid": os.getpid(), **server.info})  # pid: which worker answered
 
 
 @app.post("/inference")
 def inference():
-    prompt, prompt_ids, params = parse_inference(json_body())
-    inf = server.manager.enqueue(Inference(prompt, prompt_ids, params))
-    inf.event.wait()
-    if inf.finish_reason == "error":
-        return error(500, inf.error or "inference failed", code="inference_failed")
-    if inf.finish_reason == "abort":
-        return error(503, inf.error or "the request was aborted", code="aborted")
+    body = json_body()
+    prompt, prompt_ids, params = parse_inference(body)
+    inf = Inference(prompt, prompt_ids, params, request_id=g.request_id)
+    sub = submit([inf], stream=typed(body, "stream", (bool,), default=False))
+    if inf.stream is not None:
+        return sse_response(({"text": d.text, "finish_reason": d.finish_reason} for batch in sub.deltas()
+                             for d in batch), sub.release)
+    sub.wait()
     body = {"completion": inf.completion, "text": inf.text, "finish_reason": inf.finish_reason,
             "prompt_tokens": len(inf.prompt_ids), "completion_tokens": len(inf.output_ids),
             "ttft": inf.first_token_time - inf.arrival_time, "latency": inf.finish_time - inf.arrival_time}
@@ -250,3 +243,31 @@ def inference():
 def stats():
     server.stats.write_token_csv()
     return jsonify({**server.stats.snapshot(), **server.manager.load(), **server.info})
+
+
+# ---- OpenAI's API ----
+
+@app.get("/v1/models")
+def models():
+    return jsonify(models_response(server.model_name, server.started, server.manager.max_context))
+
+
+@app.post("/v1/completions")
+def completions():
+    req = parse_completion_request(json_body(), server.model_name, server.manager.max_context)
+    infs = req.inferences(g.request_id)
+    sub = submit(infs, req.stream)
+    completion = Completion(req, infs, g.request_id)
+    if req.stream:
+        return sse_response(completion.chunks(sub.deltas()), sub.release)
+    sub.wait()
+    return jsonify(completion.response())
+
+
+# ---- monitoring ----
+
+@app.get("/metrics")
+def metrics():
+    server.metrics.publish_load(server.manager.load())  # this worker's gauges exact at scrape time
+    text, content_type = render()
+    return Response(text, content_type=content_type)

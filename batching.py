@@ -25,6 +25,7 @@ import torch
 from runner import ModelRunner
 from sampling import InvalidRequest, SampledToken, SamplingParams
 from tokenizer import EOT_TOKEN, StreamDecoder
+from validation import check_context_length
 
 log = logging.getLogger(__name__)
 
@@ -257,13 +258,8 @@ class BatchingManager:
     # ---- called from HTTP threads ----
 
     def enqueue(self, inf: Inference) -> Inference:
+        check_context_length(len(inf.prompt_ids), inf.params.max_tokens, self.max_context, "max_tokens")
         total = len(inf.prompt_ids) + inf.params.max_tokens
-        if total > self.max_context:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_context} tokens. However, you requested "
-                f"{total} tokens ({len(inf.prompt_ids)} in the prompt, {inf.params.max_tokens} to generate). "
-                "Please reduce the length of the prompt or the number of tokens to generate.",
-                param="num_tokens", code="context_length_exceeded")
         if self.runner.block_manager.blocks_needed(total) > self.runner.block_manager.num_blocks:
             raise InvalidRequest(f"the request needs {total} tokens of KV cache, more than the whole pool holds",
                                  param="num_tokens", code="context_length_exceeded")

@@ -60,9 +60,8 @@ class SampledToken:
 
 
 class Sampler:
-    """One call per step for the whole batch. Gumbel-max (`probs / Exponential(1)`, then argmax) draws exactly
-    from the softmax with one argmax over all rows; a request with a seed draws its noise from its own
-    generator, so its tokens do not depend on what else is in the batch."""
+    """One call per step for the whole batch, one host sync. A request with a seed draws from its own generator,
+    so its tokens do not depend on what else is in the batch."""
 
     def __init__(self, device: torch.device, seed: int | None = None):
         self.device = device
@@ -98,12 +97,14 @@ class Sampler:
             scaled = _apply_top_k(scaled, [p.top_k for p in params])
         if any(p.top_p < 1 for p in params):
             scaled = _apply_top_p(scaled, torch.tensor([p.top_p for p in params], device=logits.device))
-        probs = torch.softmax(scaled, dim=-1)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        # inverse-CDF sampling: one uniform number per row, so a seeded row costs one draw from its generator
+        cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+        u = torch.rand(len(params), 1, device=cdf.device, generator=self.generator)
         for row, gen in enumerate(generators):
             if gen is not None:
-                noise[row].exponential_(generator=gen)
-        return (probs / noise).argmax(dim=-1)
+                u[row] = torch.rand(1, device=cdf.device, generator=gen)
+        # side="right": the first token whose cumulative probability exceeds u, never a zero-probability one
+        return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=cdf.shape[-1] - 1)
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:

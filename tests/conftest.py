@@ -1,11 +1,13 @@
 """Shared fixtures: a tiny random GPT-2 saved in HF format, engines built on it, and real gunicorn servers."""
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from urllib.parse import urlparse
 
 import pytest
 import requests
@@ -115,3 +117,44 @@ def running_server(policy: str, model_dir: str, key: str | None = None, timeout:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+# ---- watching a real server ----
+
+def open_request(url: str, path: str, body: dict) -> socket.socket:
+    """Send a POST on a raw socket and return without reading, so the test decides when the client leaves."""
+    u = urlparse(url)
+    sock = socket.create_connection((u.hostname, u.port))
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes) -> None:
+    received = b""
+    while marker not in received:
+        piece = sock.recv(65536)
+        assert piece, "the server closed the connection"
+        received += piece
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def server_stats(url: str) -> dict:
+    return requests.get(url + "/stats").json()
+
+
+def idle_with_every_block_free(url: str) -> bool:
+    s = server_stats(url)
+    return s["running"] == 0 and s["waiting"] == 0 and s["kv-blocks-free"] == s["kv-blocks-total"]
+
+
+def still_serves(url: str) -> bool:
+    r = requests.post(url + "/v1/completions", json={"prompt": "still there?", "max_tokens": 3})
+    return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3

@@ -1,0 +1,132 @@
+"""How an HTTP thread drives its request's sequences through the engine, for /inference and /v1 alike: submit
+them all or none, wait for them (or stream their text), and abort whatever the client leaves behind so its KV
+blocks return to the pool and it stops costing compute at the next step.
+
+Under WSGI a vanished client shows only when a write fails. A stream writes as tokens come, so a failed write
+closes its generator (GeneratorExit) and `release()` runs in its `finally` (sse.py). A plain request writes
+nothing until the end, and a stream writes nothing while it waits in the queue, so every POLL_S seconds of
+waiting we also peek at the client's socket (gunicorn's gthread worker hands it over as
+environ["gunicorn.socket"]): readable with nothing to read means the client closed it. (A client that
+half-closes its sending side on purpose would look gone too; HTTP clients don't.)
+"""
+import logging
+import queue
+import socket
+from dataclasses import dataclass
+from typing import Iterator
+
+from batching import BatchingManager, Inference
+from errors import ApiError, ClientGone
+
+log = logging.getLogger("effective-batching")
+
+POLL_S = 0.5  # how often a waiting thread checks its client and the engine
+
+
+def client_closed(sock: socket.socket | None) -> bool:
+    if sock is None:  # not under gunicorn (tests with Flask's client): nothing to watch
+        return False
+    try:
+        # socket.socket.recv: the TCP stream itself, also under TLS (SSLSocket.recv refuses flags)
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:  # open, nothing sent: the normal case
+        return False
+    except OSError:  # reset by the peer
+        return True
+
+
+class _Tagged:
+    """Stands in for one sequence's stream queue, so that all sequences of a request feed one queue: the engine
+    only calls put(delta) and put(None) at the end."""
+
+    def __init__(self, shared: queue.SimpleQueue, index: int):
+        self.shared, self.index = shared, index
+
+    def put(self, item: str | None) -> None:
+        self.shared.put((self.index, item))
+
+
+@dataclass
+class Delta:
+    index: int  # which of the request's sequences
+    text: str
+    finish_reason: str | None  # set on a sequence's last delta
+
+
+def raise_if_failed(inf: Inference) -> None:
+    if inf.finish_reason == "error":
+        raise ApiError(500, inf.error or "inference failed", code="inference_failed")
+    if inf.finish_reason == "abort":
+        raise ApiError(503, inf.error or "the request was aborted", code="aborted")
+
+
+class Submission:
+    """The sequences of one HTTP request, from enqueue to release."""
+
+    def __init__(self, manager: BatchingManager, infs: list[Inference], sock: socket.socket | None, stream: bool):
+        self.manager, self.infs, self.sock = manager, infs, sock
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        if stream:
+            for i, inf in enumerate(infs):
+                inf.stream = _Tagged(self.queue, i)
+        self._check_engine()
+        for i, inf in enumerate(infs):
+            try:
+                manager.enqueue(inf)
+            except Exception:  # all or none: an overloaded queue must not keep half a request
+                for queued in infs[:i]:
+                    manager.abort(queued)
+                raise
+
+    def release(self) -> None:
+        """Abort what has not finished (a no-op for finished sequences)."""
+        unfinished = [inf for inf in self.infs if not inf.done]
+        for inf in unfinished:
+            self.manager.abort(inf)
+        if unfinished:
+            log.info("%s: aborting %d unfinished sequence(s)", self.infs[0].request_id, len(unfinished))
+
+    def wait(self) -> None:
+        """Block until every sequence has finished; raises if one failed, the client left or the engine died,
+        and then releases the rest."""
+        try:
+            for inf in self.infs:
+                while not inf.event.wait(POLL_S):
+                    self._check_client_and_engine()
+                raise_if_failed(inf)
+        finally:
+            self.release()
+
+    def deltas(self) -> Iterator[list[Delta]]:
+        """Text as the engine produces it: each time, everything that arrived since the last time (several steps'
+        worth when the reader is slower than the engine), one Delta per sequence."""
+        remaining = len(self.infs)
+        while remaining:
+            try:
+                items = [self.queue.get(timeout=POLL_S)]
+            except queue.Empty:
+                self._check_client_and_engine()
+                continue
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            batch: dict[int, Delta] = {}
+            for index, text in items:
+                delta = batch.setdefault(index, Delta(index, "", None))
+                if text is None:  # the sequence's end
+                    raise_if_failed(self.infs[index])
+                    delta.finish_reason = self.infs[index].finish_reason
+                    remaining -= 1
+                else:
+                    delta.text += text
+            ready = [d for d in batch.values() if d.text or d.finish_reason]
+            if ready:
+                yield ready
+
+    def _check_engine(self) -> None:
+        if not self.manager.alive:
+            raise ApiError(503, self.manager.fatal_error or "the engine is not running", code="engine_unhealthy")
+
+    def _check_client_and_engine(self) -> None:
+        self._check_engine()
+        if client_closed(self.sock):
+            raise ClientGone()

@@ -1,0 +1,182 @@
+"""The OpenAI completions protocol over our engine: turns a `/v1/completions` body into sequences, and their
+results into OpenAI's completion object or stream chunks. Knows no Flask; app.py routes to it.
+
+GPT-2 has no chat template, so only the (legacy) completions API is served. Choices are ordered prompt-major:
+choice `p * n + j` is the j-th sample of prompt p. With a seed, sample j uses seed + j, so samples differ and the
+whole response is reproducible. `echo` with `logprobs` is refused: it needs prompt logprobs, which the engine
+does not compute.
+"""
+import itertools
+import time
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+from batching import Inference
+from engine_client import Delta
+from errors import ApiError
+from sampling import InvalidRequest, SamplingParams
+from tokenizer import EOT_TOKEN, decode, encode
+from validation import check_context_length, reject_unknown, seed_value, stop_strings, typed
+
+MAX_N = 128  # OpenAI's own limit
+FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "echo", "logprobs",
+          "stream", "stream_options", "user",
+          "best_of", "suffix", "presence_penalty", "frequency_penalty", "logit_bias",  # accepted only when inert
+          "top_k", "ignore_eos"}  # vLLM's extensions (the openai client sends them via extra_body)
+
+
+@dataclass
+class CompletionRequest:
+    model: str
+    prompts: list[tuple[str, list[int]]]  # (text, token ids)
+    params: SamplingParams
+    n: int
+    echo: bool
+    stream: bool
+    include_usage: bool
+
+    def inferences(self, request_id: str) -> list[Inference]:
+        samples = [(text, token_ids, j) for text, token_ids in self.prompts for j in range(self.n)]
+        return [Inference(text, token_ids, self._params_of_sample(j),
+                          request_id=request_id if len(samples) == 1 else f"{request_id}-{i}")
+                for i, (text, token_ids, j) in enumerate(samples)]
+
+    def _params_of_sample(self, j: int) -> SamplingParams:
+        return self.params if self.params.seed is None else replace(self.params, seed=self.params.seed + j)
+
+
+def parse_completion_request(body: dict, model: str, max_context: int) -> CompletionRequest:
+    reject_unknown(body, FIELDS)
+    asked_model = typed(body, "model", (str,), default=model)
+    if asked_model != model:
+        raise ApiError(404, f"The model `{asked_model}` does not exist.", "model", "model_not_found")
+    n = typed(body, "n", (int,), default=1)
+    if not 1 <= n <= MAX_N:
+        raise InvalidRequest(f"'n' must be between 1 and {MAX_N}; got {n}", "n")
+    _reject_unsupported(body, n)
+    params = SamplingParams(
+        max_tokens=typed(body, "max_tokens", (int,), default=16),
+        temperature=float(typed(body, "temperature", (int, float), default=1.0)),
+        top_p=float(typed(body, "top_p", (int, float), default=1.0)),
+        top_k=max(typed(body, "top_k", (int,), default=0), 0),  # vLLM spells "off" -1, we spell it 0
+        seed=seed_value(body),
+        stop=stop_strings(body),
+        ignore_eos=typed(body, "ignore_eos", (bool,), default=False),
+        logprobs=typed(body, "logprobs", (int,)),
+    )
+    echo = typed(body, "echo", (bool,), default=False)
+    if echo and params.logprobs is not None:
+        raise InvalidRequest("'echo' together with 'logprobs' is not supported: this server does not compute "
+                             "prompt logprobs", "echo", "unsupported")
+    stream = typed(body, "stream", (bool,), default=False)
+    typed(body, "user", (str,))  # accepted for compatibility; nothing here tells users apart
+    prompts = parse_prompts(body.get("prompt"))
+    for _, token_ids in prompts:
+        check_context_length(len(token_ids), params.max_tokens, max_context, "max_tokens")
+    return CompletionRequest(asked_model, prompts, params, n, echo, stream, _include_usage(body, stream))
+
+
+def _reject_unsupported(body: dict, n: int) -> None:
+    if body.get("best_of") not in (None, n):
+        raise InvalidRequest("'best_of' other than n is not supported", "best_of", "unsupported")
+    if body.get("suffix") is not None:
+        raise InvalidRequest("'suffix' is not supported: GPT-2 only continues text", "suffix", "unsupported")
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if body.get(penalty) not in (None, 0):
+            raise InvalidRequest(f"'{penalty}' is not supported", penalty, "unsupported")
+    if body.get("logit_bias"):
+        raise InvalidRequest("'logit_bias' is not supported", "logit_bias", "unsupported")
+
+
+def _include_usage(body: dict, stream: bool) -> bool:
+    options = typed(body, "stream_options", (dict,))
+    if options is None:
+        return False
+    if not stream:
+        raise InvalidRequest("'stream_options' is only allowed with 'stream': true", "stream_options")
+    reject_unknown(options, {"include_usage"})
+    return typed(options, "include_usage", (bool,), default=False)
+
+
+def parse_prompts(prompt) -> list[tuple[str, list[int]]]:
+    """A string, a list of strings, a list of token ids, or a list of such lists -> [(text, token ids)]."""
+    def is_ids(x) -> bool:
+        return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif is_ids(prompt) and prompt:
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise InvalidRequest("'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                             "token-id lists", "prompt", "invalid_type")
+    parsed = []
+    for p in prompts:
+        if not p:
+            raise InvalidRequest("'prompt' must not be empty", "prompt")
+        if isinstance(p, str):
+            parsed.append((p, encode(p)))
+        elif all(0 <= t <= EOT_TOKEN for t in p):
+            parsed.append((decode(p), list(p)))
+        else:
+            raise InvalidRequest(f"token ids must be in [0, {EOT_TOKEN}]", "prompt")
+    return parsed
+
+
+class Completion:
+    """OpenAI objects from a request's finished (or streaming) sequences."""
+
+    def __init__(self, req: CompletionRequest, infs: list[Inference], request_id: str):
+        self.req, self.infs = req, infs
+        self.head = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": int(time.time()),
+                     "model": req.model}
+        self._echo_pending = [req.echo] * len(infs)
+        self._logprobs_sent = [0] * len(infs)  # tokens whose logprobs went out already
+        self._text_offset = [len(inf.prompt) if req.echo else 0 for inf in infs]
+
+    def response(self) -> dict:
+        choices = [self._choice(Delta(i, inf.text, inf.finish_reason)) for i, inf in enumerate(self.infs)]
+        return {**self.head, "choices": choices, "usage": self.usage()}
+
+    def chunks(self, deltas: Iterator[list[Delta]]) -> Iterator[dict]:
+        """One chunk per sequence delta, then (with include_usage) one with the usage and no choices."""
+        usage = {"usage": None} if self.req.include_usage else {}
+        for batch in deltas:
+            for delta in batch:
+                yield {**self.head, "choices": [self._choice(delta)], **usage}
+        if self.req.include_usage:
+            yield {**self.head, "choices": [], "usage": self.usage()}
+
+    def usage(self) -> dict:
+        prompt = sum(len(ids) for _, ids in self.req.prompts)
+        completion = sum(len(inf.token_times) for inf in self.infs)  # with <|endoftext|>, as vLLM counts
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _choice(self, delta: Delta) -> dict:
+        i = delta.index
+        text = delta.text
+        if self._echo_pending[i]:
+            text, self._echo_pending[i] = self.infs[i].prompt + text, False
+        return {"text": text, "index": i, "logprobs": self._new_logprobs(i), "finish_reason": delta.finish_reason}
+
+    def _new_logprobs(self, i: int) -> dict | None:
+        """OpenAI's logprobs object for the tokens of sequence i not reported yet. The sampled token is always
+        in top_logprobs, so a position holds up to logprobs + 1 entries (as in vLLM)."""
+        if self.req.params.logprobs is None:
+            return None
+        new = self.infs[i].logprobs[self._logprobs_sent[i]:]
+        self._logprobs_sent[i] += len(new)
+        tokens = [decode([t.token]) for t in new]
+        offsets = list(itertools.accumulate((len(s) for s in tokens), initial=self._text_offset[i]))
+        self._text_offset[i] = offsets.pop()
+        top = [{**{decode([alt]): lp for alt, lp in (t.top_logprobs or {}).items()}, s: t.logprob}
+               for t, s in zip(new, tokens)]
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in new], "top_logprobs": top,
+                "text_offset": offsets}
+
+
+def models_response(model: str, created: int, max_context: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                        "owned_by": "effective-batching", "max_model_len": max_context}]}
