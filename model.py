@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -41,21 +41,31 @@ SHAPES = {
 
 
 @dataclass
+class PrefillGroup:
+    """Prefill chunks of several sequences attending in one call: their keys are gathered by slot from the cache
+    and a mask keeps each query to its own sequence's earlier positions."""
+    rows: torch.Tensor  # (P,) rows of the chunks' tokens in the packed batch
+    key_slots: torch.Tensor  # (K,) cache slots of every context token of the group's sequences
+    mask: torch.Tensor  # (P, K) True where the query may attend to the key
+
+
+# A group's mask covers all of its queries x all of its keys. Sequences join a group while that costs at most
+# twice the useful query-key pairs, or while the group is this small anyway: many short prompts take one call,
+# long ones are not multiplied by each other.
+SMALL_GROUP_PAIRS = 1 << 16
+
+
+@dataclass
 class AttentionMetadata:
     """Where this step's tokens sit: B sequences, N new tokens in all. Built once per step, so no layer has to
-    synchronise with the device to read it.
-
-    Decodes (one new token each) attend as one padded batch over their block tables. Prefill chunks attend as
-    one packed batch: their keys are gathered by slot from the cache and a mask keeps each query to its own
-    sequence's earlier positions. Its size is (prefill tokens) x (their context tokens), bounded by the step's
-    token budget times the context length."""
+    synchronise with the device to read it. Decodes (one new token each) attend as one padded batch over their
+    block tables; prefill chunks attend in packed groups."""
     slot_mapping: torch.Tensor  # (N,) flat cache slot for each new token's K/V
     decode_rows: torch.Tensor  # (D,) rows of the decode tokens in the packed batch
     decode_tables: torch.Tensor  # (D, blocks) block ids covering the longest decode context (padded with 0)
     decode_mask: torch.Tensor  # (D, T) True where a key position is inside that sequence's context
-    prefill_rows: torch.Tensor  # (P,) rows of the prefill-chunk tokens in the packed batch
-    prefill_key_slots: torch.Tensor  # (K,) cache slots of every context token of the prefilling sequences
-    prefill_mask: torch.Tensor  # (P, K) True where the query may attend to the key
+    prefill_groups: list[PrefillGroup]
+    scratch: dict = field(default_factory=dict)  # buffers the layers of one step reuse
 
     @classmethod
     def build(cls, query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -63,31 +73,54 @@ class AttentionMetadata:
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
         starts = list(itertools.accumulate(query_lens, initial=0))
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
-        prefills = [i for i, n in enumerate(query_lens) if n > 1]
-
         max_ctx = max((context_lens[i] for i in decodes), default=0)
         width = -(-max_ctx // block_size)
         decode_ctx = as_tensor([context_lens[i] for i in decodes])
+        tables = as_tensor([(block_tables[i] + [0] * width)[:width] for i in decodes]).view(len(decodes), width)
 
-        rows, q_seq, q_pos, key_slots, k_seq, k_pos = [], [], [], [], [], []
-        for j, i in enumerate(prefills):
-            n, ctx, table = query_lens[i], context_lens[i], block_tables[i]
-            rows.extend(range(starts[i], starts[i] + n))
-            q_seq.extend([j] * n)
-            q_pos.extend(range(ctx - n, ctx))  # the chunk is the last n tokens of the context
-            key_slots.extend(table[p // block_size] * block_size + p % block_size for p in range(ctx))
-            k_seq.extend([j] * ctx)
-            k_pos.extend(range(ctx))
-        q_seq, q_pos, k_seq, k_pos = map(as_tensor, (q_seq, q_pos, k_seq, k_pos))
+        groups: list[list[int]] = []
+        queries = keys = useful = 0
+        for i in (i for i, n in enumerate(query_lens) if n > 1):
+            n, ctx = query_lens[i], context_lens[i]
+            pairs = (queries + n) * (keys + ctx)
+            if groups and pairs <= max(2 * (useful + n * ctx), SMALL_GROUP_PAIRS):
+                groups[-1].append(i)
+                queries, keys, useful = queries + n, keys + ctx, useful + n * ctx
+            else:
+                groups.append([i])
+                queries, keys, useful = n, ctx, n * ctx
+
+        def prefill_group(seqs: list[int]) -> PrefillGroup:
+            rows, q_seq, q_pos, key_slots, k_seq, k_pos = [], [], [], [], [], []
+            for j, i in enumerate(seqs):
+                n, ctx, table = query_lens[i], context_lens[i], block_tables[i]
+                rows.extend(range(starts[i], starts[i] + n))
+                q_seq.extend([j] * n)
+                q_pos.extend(range(ctx - n, ctx))  # the chunk is the last n tokens of the context
+                key_slots.extend(table[p // block_size] * block_size + p % block_size for p in range(ctx))
+                k_seq.extend([j] * ctx)
+                k_pos.extend(range(ctx))
+            q_seq, q_pos, k_seq, k_pos = map(as_tensor, (q_seq, q_pos, k_seq, k_pos))
+            mask = (q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None])
+            return PrefillGroup(as_tensor(rows), as_tensor(key_slots), mask)
+
         return cls(
             slot_mapping=as_tensor(slot_mapping),
             decode_rows=as_tensor([starts[i] for i in decodes]),
-            decode_tables=as_tensor([(block_tables[i] + [0] * width)[:width] for i in decodes]).view(len(decodes), width),
+            decode_tables=tables,
             decode_mask=torch.arange(max_ctx, device=device)[None, :] < decode_ctx[:, None],
-            prefill_rows=as_tensor(rows),
-            prefill_key_slots=as_tensor(key_slots),
-            prefill_mask=(q_seq[:, None] == k_seq[None, :]) & (k_pos[None, :] <= q_pos[:, None]),
+            prefill_groups=[prefill_group(g) for g in groups],
         )
+
+    def decode_kv(self, cache: torch.Tensor, name: str) -> torch.Tensor:
+        """The decodes' cached K or V, gathered block by block into a buffer every layer of the step reuses
+        (a fresh allocation per layer costs more than the copy on the CPU). (D, blocks * block_size, nh, hs)."""
+        D, W = self.decode_tables.shape
+        if name not in self.scratch:
+            self.scratch[name] = cache.new_empty((D * W,) + cache.shape[1:])
+        out = self.scratch[name]
+        torch.index_select(cache, 0, self.decode_tables.flatten(), out=out)
+        return out.view(D, W * cache.shape[1], *cache.shape[2:])
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -97,18 +130,17 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     out = torch.empty_like(q)
     if len(meta.decode_rows):
         T = meta.decode_mask.shape[1]
-        k = k_cache[meta.decode_tables].flatten(1, 2)[:, :T]  # (D, T, nh, hs)
-        v = v_cache[meta.decode_tables].flatten(1, 2)[:, :T]
+        k = meta.decode_kv(k_cache, "k")[:, :T]  # (D, T, nh, hs)
+        v = meta.decode_kv(v_cache, "v")[:, :T]
         y = F.scaled_dot_product_attention(q[meta.decode_rows].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=meta.decode_mask[:, None, None, :])  # (D, nh, 1, hs)
         out[meta.decode_rows] = y.squeeze(2)
-    if len(meta.prefill_rows):
-        nh, hs = q.shape[1:]
-        k = k_cache.view(-1, nh, hs)[meta.prefill_key_slots].transpose(0, 1)  # (nh, K, hs)
-        v = v_cache.view(-1, nh, hs)[meta.prefill_key_slots].transpose(0, 1)
-        y = F.scaled_dot_product_attention(q[meta.prefill_rows].transpose(0, 1), k, v,
-                                           attn_mask=meta.prefill_mask)  # (nh, P, hs)
-        out[meta.prefill_rows] = y.transpose(0, 1)
+    nh, hs = q.shape[1:]
+    for group in meta.prefill_groups:
+        k = k_cache.view(-1, nh, hs)[group.key_slots].transpose(0, 1)  # (nh, K, hs)
+        v = v_cache.view(-1, nh, hs)[group.key_slots].transpose(0, 1)
+        y = F.scaled_dot_product_attention(q[group.rows].transpose(0, 1), k, v, attn_mask=group.mask)  # (nh, P, hs)
+        out[group.rows] = y.transpose(0, 1)
     return out
 
 

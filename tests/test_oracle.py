@@ -85,3 +85,14 @@ def test_engine_thread_gives_hf_tokens_to_concurrent_requests(tiny_model_dir, ex
         manager.stop()
     assert [r.output_ids for r in reqs] == want
     assert_nothing_leaked(manager)
+
+
+def test_greedy_tokens_equal_hf_when_long_prompts_prefill_in_several_groups(tiny_model_dir, tiny_hf_model):
+    from model import AttentionMetadata
+    rng = random.Random(7)
+    work = [([rng.randrange(50257) for _ in range(rng.randint(150, 250))], 4) for _ in range(4)]
+    lens = [len(p) for p, _ in work]
+    meta = AttentionMetadata.build(lens, lens, [[0] * 64] * 4, [0] * sum(lens), 4, torch.device("cpu"))
+    assert len(meta.prefill_groups) > 1  # long prompts are not all multiplied by each other in one mask
+    manager = make_manager(tiny_model_dir, "dynamic", max_step_tokens=2048)
+    assert generate_all(manager, work) == [hf_greedy(tiny_hf_model, p, n) for p, n in work]
