@@ -12,12 +12,8 @@ import csv
 import json
 import os
 import platform
-import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,13 +22,13 @@ import requests
 from tqdm import tqdm
 
 import plot
-from client import (CLIENT_DIR, RequestRecord, fetch_stats, mean_latency_by_num_tokens, run_workload, server_url,
-                    write_run_files)
+from client import CLIENT_DIR, RequestRecord, fetch_stats, mean_latency_by_num_tokens, run_workload, write_run_files
 from data import DEFAULT_NUM_TOKENS_RANGE, PromptData
 
 REPO_DIR = CLIENT_DIR.parent
 sys.path.append(str(REPO_DIR))  # metrics.py is the server's: both sides compute TTFT/TPOT/E2E figures alike
 from metrics import distribution  # noqa: E402
+from server_process import ServerFailed, running_server  # noqa: E402
 
 POLICIES = ("nobatch", "static", "dynamic")
 # The original setup, for a GPU; on a CPU a smaller model and sample so all three runs finish in minutes.
@@ -93,84 +89,33 @@ def apply_device_defaults(args: argparse.Namespace) -> str:
             f"setup (gpt2-medium, 100 requests, wait 1 s; `--model gpt2-medium --numsamples 100 --wait 1`).")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- one server per policy ------------------------------------------------------------------------------------
 
-def server_env(args: argparse.Namespace, port: int) -> dict[str, str]:
-    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "MODEL": args.model, "WEIGHTS": args.weights,
-           "DEVICE": args.device,
-           # Every request may be in flight at once: the server needs a thread for each, or it caps the batch.
-           "THREADS": str(args.numsamples + 4),
-           # The server's own token_data_<policy>.csv goes with this run's results, not into the repo's data/.
-           "DATA_DIR": str(args.out / "server_data")}
-    env.setdefault("PYTHON", sys.executable)  # server.sh runs gunicorn with the interpreter running this
-    env.pop("KEY", None)  # a KEY exported for the client would lock out this comparison's own requests
+def server_settings(args: argparse.Namespace) -> dict[str, str]:
+    settings = {"MODEL": args.model, "WEIGHTS": args.weights, "DEVICE": args.device,
+                # Every request may be in flight at once: the server needs a thread for each, or it caps the batch.
+                "THREADS": str(args.numsamples + 4),
+                # The server's own token_data_<policy>.csv goes with this run's results, not into the repo's data/.
+                "DATA_DIR": str(args.out / "server_data")}
     if args.max_batch:
-        env["MAX_BATCH"] = str(args.max_batch)
-    return env
-
-
-def log_tail(log_path: Path, lines: int = 30) -> str:
-    tail = log_path.read_text(errors="replace").splitlines()[-lines:]
-    return "\n".join(f"    {line}" for line in tail)
-
-
-def wait_until_healthy(process: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ExperimentError(f"the server exited with code {process.returncode}; "
-                                  f"its log ({log_path}) ends:\n{log_tail(log_path)}")
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise ExperimentError(f"no healthy /health at {url} after {timeout:.0f} s; "
-                          f"the server's log ({log_path}) ends:\n{log_tail(log_path)}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """SIGTERM to the whole process group (server.sh, gunicorn, its worker); SIGKILL if it does not stop."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-@contextlib.contextmanager
-def running_server(policy: str, args: argparse.Namespace, log_path: Path) -> Iterator[str]:
-    """Start `./server.sh policy` on a free port, yield its URL once healthy, always stop it afterwards."""
-    port = free_port()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(["./server.sh", policy], cwd=REPO_DIR, env=server_env(args, port), stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            url = server_url("127.0.0.1", port)
-            wait_until_healthy(process, url, args.startup_timeout, log_path)
-            yield url
-        finally:
-            stop_server(process)
+        settings["MAX_BATCH"] = str(args.max_batch)
+    return settings
 
 
 def run_policy(policy: str, workload: PromptData, args: argparse.Namespace) -> PolicyRun:
     tqdm.write(f"[{policy}] starting ./server.sh {policy} (model {args.model}, weights {args.weights})")
     log_path = args.out / f"server_{policy}.log"
-    with running_server(policy, args, log_path) as url:
-        records = run_workload(url, workload.samples, desc=policy)
-        stats = fetch_stats(url)
+    try:
+        with running_server(policy, server_settings(args), log_path=str(log_path),
+                            timeout=args.startup_timeout) as (url, _):
+            records = run_workload(url, workload.samples, desc=policy)
+            stats = fetch_stats(url)
+    except ServerFailed as e:
+        raise ExperimentError(f"{policy}: {e}") from None
     failed = [r for r in records if not r.ok]
     if failed and len(failed) == len(records):  # a broken server: comparing the other policies would waste minutes
         raise ExperimentError(f"every request to {policy} failed, first with {failed[0].error}; "
-                              f"the server's log ({log_path}) ends:\n{log_tail(log_path)}")
+                              f"the server's log is {log_path}")
     if failed:
         tqdm.write(f"[{policy}] {len(failed)} of {len(records)} requests failed, first: {failed[0].error}")
     return PolicyRun(policy, records, stats)

@@ -2,9 +2,7 @@
 import contextlib
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from urllib.parse import urlparse
@@ -20,6 +18,7 @@ from batching import BatchingManager, Inference, make_policy  # noqa: E402
 from model import GPT  # noqa: E402
 from runner import ModelRunner  # noqa: E402
 from sampling import SamplingParams  # noqa: E402
+import server_process  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=50257)
 
@@ -74,49 +73,13 @@ def assert_nothing_leaked(manager: BatchingManager) -> None:
 
 # ---- real servers ----
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(policy: str, model_dir: str, key: str | None = None, timeout: float = 90, **env):
-    """`./server.sh POLICY [KEY]` (gunicorn) on a free localhost port; yields its base URL."""
-    port = free_port()
-    full_env = {**os.environ, "MODEL": model_dir, "WEIGHTS": "pretrained", "DEVICE": "cpu", "PORT": str(port),
-                "HOST": "127.0.0.1", "THREADS": "64", "KV_CACHE_GB": "0.2", "PYTHON": sys.executable,
-                **{k: str(v) for k, v in env.items()}}
-    args = [os.path.join(ROOT, "server.sh"), policy] + ([key] if key else [])
-    log = open(os.path.join(os.environ.get("TMPDIR", "/tmp"), f"server-{port}.log"), "w+")
-    proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still loading
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"server not healthy after {timeout} s:\n{log.read()[-3000:]}")
-            time.sleep(0.2)
+    """`./server.sh POLICY [KEY]` on a free localhost port, serving the tiny model on the CPU; yields its URL."""
+    settings = {"MODEL": model_dir, "WEIGHTS": "pretrained", "DEVICE": "cpu", "THREADS": "64", "KV_CACHE_GB": "0.2",
+                **env}
+    with server_process.running_server(policy, settings, key, timeout=timeout) as (url, _):
         yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 # ---- watching a real server ----

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from conftest import assert_nothing_leaked, make_hf_model, request, run_until_idle
+from conftest import assert_nothing_leaked, request, run_until_idle
 from batching import BatchingManager, make_policy
 from model import GPT
 from runner import ModelRunner

@@ -1,0 +1,41 @@
+"""python -m bench <command> [flags]: the benchmark suite of bench.md (`python -m bench <command> -h` for flags).
+
+  throughput    in-process output tokens/s of nobatch/static/dynamic beside HF transformers peers
+  http          the same workloads over HTTP against ./server.sh, one server per policy
+  decode        ms per decode step by batch size at a fixed context, beside the memory-bandwidth roofline
+  poisson       Poisson arrivals at rising QPS over HTTP: TTFT, TPOT, ITL, E2E, goodput per policy
+  interference  p99 inter-token latency of running decodes while long prompts arrive, chunked prefill or not
+  report        redraw the plots and results.md from the JSON files of an output directory
+
+Each writes <out>/<command>.json and .png (default out: bench/results/<device>). Sizes are small on a CPU and
+bench.md's full ones on a GPU or with --full.
+"""
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the engine's modules
+
+COMMANDS = {"throughput": "bench.throughput", "http": "bench.http_throughput", "decode": "bench.decode",
+            "poisson": "bench.poisson", "interference": "bench.interference", "report": "bench.report"}
+
+
+def parser() -> argparse.ArgumentParser:
+    from bench.common import add_common_arguments
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(name, help=module.__doc__.split("\n")[0])
+        if name != "report":
+            add_common_arguments(sub)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.main)
+    return p
+
+
+if __name__ == "__main__":
+    args = parser().parse_args()
+    print(args.func(args))

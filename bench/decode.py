@@ -1,0 +1,140 @@
+"""`decode`: milliseconds per decode step of our engine at fixed batch sizes and context, beside the roofline.
+
+Each batch is `batch` sequences whose first ctx-1 tokens are already "in" the KV cache (blocks allocated, the
+step writes and attends over ctx slots; what the slots hold does not change the work), each adding one token:
+exactly what a decode step of the server does, host-side packing and sampling included. The model's forward
+alone is timed too, so the host's share shows. Reference lines from the same process: HF transformers' decode
+step at the same batch and context, and on a GPU the idealised step of bench.md (contiguous cache, SDPA, one
+CUDA graph).
+"""
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from bench import engine, ideal_step, peers, roofline
+from bench.common import ResultFile, resolve, run_info, sync
+from runner import ModelRunner, kv_bytes_per_token
+from sampling import SamplingParams
+
+CPU = dict(batches="1,8,32,64")
+FULL = dict(batches="1,8,32,128,256")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batches", help="comma list of batch sizes (cpu 1,8,32,64; full 1,8,32,128,256)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens in context at each step")
+    p.add_argument("--iters", type=int, default=20, help="timed steps per batch size at most")
+    p.add_argument("--seconds", type=float, default=10.0, help="time budget per batch size (at least 3 steps)")
+    p.add_argument("--peers", default="hf", help="hf: time HF transformers' decode step at the same sizes "
+                                                 "(empty: none)")
+
+
+@dataclass
+class DecodingSequence:
+    """What the model runner reads of a sequence (runner.Sequence)."""
+    id: int
+    token_ids: list[int]
+    num_computed: int
+    params: SamplingParams
+    generator: None = None
+
+
+def timed(step: Callable[[], object], device: torch.device, iters: int, seconds: float) -> list[float]:
+    """Seconds of each call of `step` after two warm-up calls: at most `iters` calls, fewer if `seconds` run
+    out, but at least 3."""
+    for _ in range(2):
+        step()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < iters and (len(times) < 3 or time.perf_counter() < deadline):
+        sync(device)
+        start = time.perf_counter()
+        step()  # each step reads its sampled tokens back to the host: it is over when this returns
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def time_our_step(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds: float) -> dict:
+    """Median ms of the whole step (runner.run) and of the model's forward inside it."""
+    rng = random.Random(batch)
+    vocab = runner.model.config.vocab_size
+    seqs = [DecodingSequence(i, [rng.randrange(vocab) for _ in range(ctx)], ctx - 1, SamplingParams(temperature=0))
+            for i in range(batch)]
+    for s in seqs:
+        runner.block_manager.allocate(s.id, ctx)
+    forward_times: list[float] = []
+
+    def before_forward(*_):
+        sync(runner.device)
+        forward_times.append(-time.perf_counter())
+
+    def after_forward(*_):
+        sync(runner.device)
+        forward_times[-1] += time.perf_counter()
+
+    hooks = [runner.model.register_forward_pre_hook(before_forward), runner.model.register_forward_hook(after_forward)]
+    try:
+        step_times = timed(lambda: runner.run([(s, 1) for s in seqs]), runner.device, iters, seconds)
+    finally:
+        for h in hooks:
+            h.remove()
+        for s in seqs:
+            runner.block_manager.free(s.id)
+    return dict(step_ms=statistics.median(step_times) * 1e3, forward_ms=statistics.median(forward_times[2:]) * 1e3,
+                steps=len(step_times))
+
+
+def main(args: argparse.Namespace) -> str:
+    device, dtype = resolve(args, CPU, FULL)
+    batches = [int(b) for b in args.batches.split(",")]
+    result = ResultFile(args, "decode", run_info(device, dtype, args.model))
+    runner = engine.build_runner(args.model, device, dtype, num_blocks=max(batches) * -(-args.ctx // 16))
+    bandwidth = roofline.copy_bandwidth(device)
+    weights = roofline.weight_bytes(runner.model)
+    kv_per_token = kv_bytes_per_token(runner.model, dtype)
+    result.data.update(copy_GBps=bandwidth / 1e9, weight_GB=weights / 1e9, kv_bytes_per_token=kv_per_token)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s, weights {weights / 1e9:.3f} GB, "
+          f"KV {kv_per_token / 1024:.0f} KiB/token")
+    for batch in tqdm(batches, desc="decode batches"):
+        bytes_read = weights + batch * args.ctx * kv_per_token
+        row = dict(batch=batch, ctx=args.ctx, roofline_ms=bytes_read / bandwidth * 1e3)
+        try:
+            row.update(time_our_step(runner, batch, args.ctx, args.iters, args.seconds))
+            row.update(tok_per_s=batch / row["step_ms"] * 1e3, of_roofline=row["roofline_ms"] / row["step_ms"],
+                       achieved_GBps=bytes_read / row["step_ms"] / 1e6)
+        except Exception as e:  # e.g. out of memory at the largest batch: keep the smaller ones
+            row["error"] = repr(e)[:500]
+        print(row, flush=True)
+        result.add(row)
+    config = runner.model.config
+    del runner  # its KV pool makes room for the reference lines' caches
+    rows = {row["batch"]: row for row in result.data["results"]}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        try:
+            ideal = ideal_step.run(config, batches, args.ctx, dtype)
+        except Exception as e:  # a reference line is optional; our rows stand without it
+            ideal = {b: dict(error=repr(e)[:500]) for b in batches}
+        for batch, times in ideal.items():
+            rows[batch].update({f"ideal_{k}": v for k, v in times.items()})
+    if args.peers:
+        hf = peers.hf_model(args.model, device, dtype)
+        for batch in tqdm(batches, desc="HF decode batches"):
+            try:
+                times = timed(peers.hf_decode_step(hf, batch, args.ctx, device), device, args.iters, args.seconds)
+                rows[batch]["hf_step_ms"] = statistics.median(times) * 1e3
+                if "step_ms" in rows[batch]:
+                    rows[batch]["ours_vs_hf"] = rows[batch]["hf_step_ms"] / rows[batch]["step_ms"]
+            except Exception as e:
+                rows[batch]["hf_error"] = repr(e)[:500]
+            print(rows[batch], flush=True)
+            result.save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return result.finish()

@@ -1,0 +1,58 @@
+"""Our engine in-process: one model runner shared by the policies, a workload replayed through a
+BatchingManager stepped on this thread, and each finished request turned into a metrics.RequestRecord.
+
+`batching` is imported where it is used: it needs tiktoken (streamed detokenisation), and the decode
+microbenchmark, which drives the runner alone, must run where tiktoken is not installed.
+"""
+import torch
+from tqdm import tqdm
+
+from bench.common import weights_for
+from bench.workloads import Request
+from metrics import RequestRecord
+from model import load_model
+from runner import ModelRunner
+from sampling import SamplingParams
+
+
+def build_runner(model: str, device: torch.device, dtype: torch.dtype, num_blocks: int | None = None,
+                 kv_cache_gb: float = 2.0) -> ModelRunner:
+    """The server's runner for `model`; the KV pool is sized as the server sizes it unless num_blocks is given."""
+    gpt, _ = load_model(model, weights_for(model))
+    return ModelRunner(gpt, device, dtype, num_blocks=num_blocks, kv_cache_gb=kv_cache_gb, seed=0)
+
+
+def make_manager(runner: ModelRunner, policy: str, max_batch: int, max_step_tokens: int):
+    from batching import BatchingManager, make_policy
+    return BatchingManager(runner, make_policy(policy, max_batch), max_step_tokens, max_waiting=1 << 20)
+
+
+def make_inference(request: Request):
+    """Greedy with EOS ignored, so the request produces exactly output_len tokens."""
+    from batching import Inference
+    return Inference("", request.prompt_ids, SamplingParams(max_tokens=request.output_len, temperature=0))
+
+
+def record(inf) -> RequestRecord:
+    if inf.finish_reason != "length":
+        raise RuntimeError(f"request {inf.request_id} ended with {inf.finish_reason}: {inf.error}")
+    return RequestRecord(arrival=inf.arrival_time, first_token=inf.first_token_time, finish=inf.finish_time,
+                         prompt_tokens=len(inf.prompt_ids), output_tokens=len(inf.output_ids),
+                         requested_tokens=inf.params.max_tokens, token_times=list(inf.token_times))
+
+
+def run_burst(runner: ModelRunner, policy: str, requests: list[Request], max_batch: int, max_step_tokens: int,
+              desc: str | None = None) -> list[RequestRecord]:
+    """All requests arrive at once; the engine steps on this thread until every one has finished."""
+    manager = make_manager(runner, policy, max_batch, max_step_tokens)
+    with tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
+        manager.on_finish.append(lambda inf: bar.update())
+        inferences = [manager.enqueue(make_inference(r)) for r in requests]
+        while manager.step():
+            pass
+    return [record(inf) for inf in inferences]
+
+
+def warm_up(runner: ModelRunner) -> None:
+    """One small mixed batch, so first-call costs (allocator, kernels, thread pools) stay out of the timings."""
+    run_burst(runner, "dynamic", [Request(list(range(1, 33)), 4), Request([1, 2, 3], 8)], 8, 256)

@@ -1,0 +1,117 @@
+"""One PNG per benchmark, drawn from its JSON alone (matplotlib, Agg). Where matplotlib is missing (a bare GPU
+machine) the plot is skipped with a note; `python -m bench report` draws it later from the JSON."""
+from collections import defaultdict
+
+
+def draw(data: dict, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {path} not drawn (python -m bench report redraws it)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig = DRAW[data["benchmark"]](plt, data)
+    info = data["info"]
+    fig.suptitle(f"{data['benchmark']}: {info['model']} ({info['weights']}), {info['dtype']}, {info['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _bars(plt, rows: list[dict], group: str, label: str, ylabel: str):
+    """Output tokens/s as grouped bars: one group per workload, one bar per system."""
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        done = [r for r in rows if r["workload"] == workload and group(r) is not None]
+        names = [r[label] for r in done]
+        values = [group(r) for r in done]
+        bars = ax.bar(names, values, color=["C0" if n.startswith(("ours", "nobatch", "static", "dynamic")) else "C7"
+                                            for n in names])
+        ax.bar_label(bars, fmt="%.0f")
+        ax.margins(y=0.12)
+        ax.set_title(f"{workload} ({done[0]['requests'] if done else 0} requests)")
+        ax.set_ylabel(ylabel)
+        ax.tick_params(axis="x", rotation=30)
+    return fig
+
+
+def throughput(plt, data: dict):
+    return _bars(plt, data["results"], lambda r: r.get("output_tokens_per_s"), "system", "output tokens/s")
+
+
+def http(plt, data: dict):
+    return _bars(plt, data["results"], lambda r: r["metrics"]["output_tokens_per_s"] if "metrics" in r else None,
+                 "policy", "output tokens/s (HTTP)")
+
+
+def decode(plt, data: dict):
+    rows = data["results"]
+    batches = [r["batch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label, style in (("step_ms", "ours: engine step", "o-"), ("forward_ms", "ours: model forward", "o--"),
+                              ("hf_step_ms", "HF transformers decode step", "^-"),
+                              ("ideal_eager_ms", "idealised step, eager", "s:"),
+                              ("ideal_graph_ms", "idealised step, CUDA graph", "s-"),
+                              ("roofline_ms", "roofline (weights + KV / copy bandwidth)", "k-")):
+        points = [(r["batch"], r[key]) for r in rows if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel(f"batch (context {rows[0]['ctx'] if rows else '?'})")
+    ax.set_ylabel("ms per decode step")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def poisson(plt, data: dict):
+    figures = (("ttft_s", "p99 TTFT (s)", "p99"), ("tpot_s", "p99 TPOT (s)", "p99"), ("itl_s", "p99 ITL (s)", "p99"),
+               ("e2e_s", "p99 E2E latency (s)", "p99"), ("output_tokens_per_s", "output tokens/s", None),
+               ("goodput_requests_per_s", "goodput (requests/s in SLO)", None))
+    by_policy = defaultdict(list)
+    for r in data["results"]:
+        if "metrics" in r:
+            by_policy[r["policy"]].append(r)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (key, title, percentile) in zip(axes.flat, figures):
+        for policy, rows in by_policy.items():
+            values = [r["metrics"][key] for r in rows]
+            points = [(r["qps"], v[percentile] if percentile else v) for r, v in zip(rows, values)]
+            points = [(q, v) for q, v in points if v is not None]
+            if points:
+                ax.plot(*zip(*points), "o-", label=policy)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("offered QPS")
+        ax.set_title(title)
+        if percentile:
+            ax.set_yscale("log")
+    axes.flat[0].legend()
+    return fig
+
+
+def interference(plt, data: dict):
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    percentiles = ("p50", "p90", "p99")
+    width = 0.8 / max(len(data["results"]), 1)
+    for i, r in enumerate(data["results"]):
+        label = f"{r['prefill']} prefill (MAX_STEP_TOKENS={r['max_step_tokens']})"
+        timeline = r["decode_itl_timeline"]
+        left.plot(timeline["t"], [x * 1e3 for x in timeline["itl"]], ".", markersize=3, label=label, color=f"C{i}")
+        for t in r["long_prompt_arrivals"]:
+            left.axvline(t, color=f"C{i}", alpha=0.2)
+        bars = right.bar([j + i * width for j in range(len(percentiles))],
+                         [r["decode_itl_s"][p] * 1e3 for p in percentiles], width, label=label, color=f"C{i}")
+        right.bar_label(bars, fmt="%.1f")
+    left.set_xlabel("seconds (vertical lines: long prompts arrive)")
+    left.set_ylabel("inter-token latency of running decodes (ms)")
+    left.legend(fontsize=8)
+    right.set_xticks([j + width * (len(data["results"]) - 1) / 2 for j in range(len(percentiles))], percentiles)
+    right.set_ylabel("ITL of running decodes (ms)")
+    right.legend(fontsize=8)
+    return fig
+
+
+DRAW = dict(throughput=throughput, http=http, decode=decode, poisson=poisson, interference=interference)

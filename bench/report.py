@@ -1,0 +1,138 @@
+"""`report`: results.md (one table per benchmark) and the plots, redrawn from the JSON files of a directory.
+
+Every sub-command refreshes its directory when it finishes; run this by hand after copying results from a
+machine without matplotlib, or after editing a table's layout. A hand-written `notes.md` in the directory (what
+the numbers mean, what disturbed them) is placed after the heading.
+"""
+import argparse
+import glob
+import json
+import os
+from pathlib import Path
+
+from bench import plots
+
+ORDER = ("throughput", "http", "decode", "poisson", "interference")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="the directory holding the benchmarks' JSON files")
+
+
+def main(args: argparse.Namespace) -> str:
+    return refresh(args.out, redraw=ORDER)
+
+
+def refresh(out: str, redraw: tuple[str, ...]) -> str:
+    """Rewrite results.md from every result file in `out`, and draw the plots of the benchmarks named."""
+    results = {}
+    for path in glob.glob(os.path.join(out, "*.json")):
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("benchmark") in ORDER:
+            results[data["benchmark"]] = data
+    sections = []
+    for name in (n for n in ORDER if n in results):
+        data = results[name]
+        if name in redraw:
+            plots.draw(data, os.path.join(out, f"{name}.png"))
+        sections.append(f"## {name}\n\n{describe(data['info'])}\n\n{TABLES[name](data)}\n\n![{name}]({name}.png)\n")
+    notes_file = Path(out, "notes.md")
+    notes = notes_file.read_text().strip() + "\n\n" if notes_file.exists() else ""
+    path = os.path.join(out, "results.md")
+    with open(path, "w") as f:
+        f.write("# Benchmark results\n\nWritten by `python -m bench`; workloads and metrics as in bench.md. "
+                "Throughput is output tokens/s over wall-clock time (first arrival to last finish).\n\n")
+        f.write(notes + "\n".join(sections))
+    return path
+
+
+def describe(info: dict) -> str:
+    load = f"{info['load_avg_start']:.1f} → {info.get('load_avg_end', float('nan')):.1f}"
+    return (f"{info['model']} ({info['weights']} weights), {info['dtype']}, {info['device']}, torch {info['torch']}, "
+            f"commit `{info['git_commit'][:12]}`, {info['date']}; {info['cpus']} CPUs, load average {load}")
+
+
+def fmt(x, scale: float = 1.0, digits: int = 1) -> str:
+    return "–" if x is None else f"{x * scale:,.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def throughput_table(data: dict) -> str:
+    peers = sorted({r["peer"] for r in data.get("ratios", [])})
+    ratio = {(r["workload"], r["ours"], r["peer"]): r["ratio"] for r in data.get("ratios", [])}
+    rows = []
+    for r in data["results"]:
+        speed = ([str(r["output_tokens"]), fmt(r["seconds"], digits=2), fmt(r["output_tokens_per_s"])]
+                 if "error" not in r else ["–", "–", "failed: " + r["error"][:80]])
+        rows.append([r["workload"], r["system"], str(r["requests"])] + speed
+                    + [fmt(ratio.get((r["workload"], r["system"], p)), digits=2) for p in peers])
+    return table(["workload", "system", "requests", "output tokens", "seconds", "tok/s"]
+                 + [f"ours / {p}" for p in peers], rows)
+
+
+def http_table(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        if "error" in r:
+            rows.append([r["workload"], r["policy"], str(r["requests"]), "failed: " + r["error"][:80]] + ["–"] * 4)
+            continue
+        m = r["metrics"]
+        rows.append([r["workload"], r["policy"], str(r["requests"]), fmt(m["output_tokens_per_s"]),
+                     fmt(m["ttft_s"]["p50"], 1e3, 0), fmt(m["ttft_s"]["p99"], 1e3, 0), fmt(m["e2e_s"]["p99"], digits=2),
+                     "yes" if r["streaming"] else "no"])
+    return table(["workload", "policy", "requests", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "E2E p99 s", "streamed"],
+                 rows)
+
+
+def decode_table(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        ms = [fmt(r.get(k), digits=2) for k in ("step_ms", "forward_ms", "hf_step_ms")]
+        rows.append([str(r["batch"]), str(r["ctx"]), *ms, fmt(r.get("ours_vs_hf"), digits=2),
+                     fmt(r["roofline_ms"], digits=2), fmt(r.get("of_roofline"), 100, 0) + "%",
+                     fmt(r.get("tok_per_s"), digits=0), fmt(r.get("ideal_graph_ms"), digits=2),
+                     fmt(r.get("ideal_eager_ms"), digits=2)])
+    return (f"copy bandwidth {data['copy_GBps']:.1f} GB/s, weights {data['weight_GB']:.3f} GB, "
+            f"KV {data['kv_bytes_per_token'] / 1024:.0f} KiB per token. ours / HF is the speed ratio (HF ms / our ms); "
+            "of roofline is roofline ms / our step ms.\n\n"
+            + table(["batch", "ctx", "our step ms", "our forward ms", "HF step ms", "ours / HF", "roofline ms",
+                     "of roofline", "our tok/s", "ideal graph ms", "ideal eager ms"], rows))
+
+
+def poisson_table(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        if "metrics" not in r:
+            why = r.get("error") or r.get("skipped", "")
+            rows.append([r["policy"], fmt(r["qps"], digits=2), why[:80]] + ["–"] * 7)
+            continue
+        m = r["metrics"]
+        rows.append([r["policy"], fmt(r["qps"], digits=2), fmt(m["requests_per_s"], digits=2),
+                     fmt(m["output_tokens_per_s"]), fmt(m["goodput_requests_per_s"], digits=2),
+                     fmt(m["ttft_s"]["p50"], 1e3, 0), fmt(m["ttft_s"]["p99"], 1e3, 0), fmt(m["tpot_s"]["p99"], 1e3, 0),
+                     fmt(m["itl_s"]["p99"], 1e3, 0), fmt(m["e2e_s"]["p99"], digits=2)])
+    slo = data["config"]
+    return (f"goodput SLO: TTFT ≤ {slo['slo_ttft']} s and TPOT ≤ {slo['slo_tpot'] * 1e3:.0f} ms; "
+            f"streamed: {'yes' if data.get('streaming') else 'no (no ITL)'}\n\n"
+            + table(["policy", "QPS", "req/s", "tok/s", "goodput req/s", "TTFT p50 ms", "TTFT p99 ms",
+                     "TPOT p99 ms", "ITL p99 ms", "E2E p99 s"], rows))
+
+
+def interference_table(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        itl, ttft = r["decode_itl_s"], r["long_prompt_ttft_s"]
+        rows.append([r["prefill"], str(r["max_step_tokens"]), fmt(itl["mean"], 1e3), fmt(itl["p50"], 1e3),
+                     fmt(itl["p90"], 1e3), fmt(itl["p99"], 1e3), fmt(r["decode_itl_max_s"], 1e3),
+                     fmt(ttft["p50"], 1e3, 0), fmt(r["decode_tokens_per_s"])])
+    return table(["prefill", "MAX_STEP_TOKENS", "ITL mean ms", "ITL p50 ms", "ITL p90 ms", "ITL p99 ms",
+                  "ITL max ms", "long prompt TTFT p50 ms", "decode tok/s"], rows)
+
+
+TABLES = dict(throughput=throughput_table, http=http_table, decode=decode_table, poisson=poisson_table,
+              interference=interference_table)

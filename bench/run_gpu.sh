@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The benchmark suite on one GPU, in one go (about 8 minutes): gpt2-medium, bf16, random weights.
+#   OUT=/some/dir bench/run_gpu.sh          (default OUT: bench/results/gpu; BUDGET_S: total seconds, 500)
+# decode and throughput run in-process (torch + transformers; our engine's requests also need tiktoken), then
+# interference, then http and poisson if flask, gunicorn, aiohttp and tiktoken import. Each sub-command runs in
+# its own process with a share of the time left: one that fails or runs out of time keeps the rows it already
+# wrote (the JSON is rewritten after every row) and the next still runs. results.md and the plots are redrawn
+# from the JSON at the end (`python -m bench report --out DIR` redraws them elsewhere if matplotlib is missing).
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/results/gpu}"
+PY="${PYTHON:-python3}"
+end=$((SECONDS + ${BUDGET_S:-500}))
+mkdir -p "$OUT"
+export TQDM_MININTERVAL=10  # progress lines every 10 s, not a log full of them
+COMMON=(--model gpt2-medium --dtype bfloat16 --device cuda --full --out "$OUT")
+
+log() { echo "== $*" | tee -a "$OUT/run_gpu.log"; }
+
+step() {  # step COMMAND CAP_SECONDS FLAGS...: run one sub-command for at most CAP_SECONDS of the time left
+  local command=$1 cap=$2
+  shift 2
+  local left=$((end - SECONDS - 20))  # 20 s kept for the report
+  [ "$left" -gt "$cap" ] && left=$cap
+  if [ "$left" -lt 30 ]; then
+    log "$command: skipped, no time left"
+    return
+  fi
+  log "$command: at most ${left} s, started $(date -u +%H:%M:%S)"
+  timeout -s INT -k 20 "$left" "$PY" -m bench "$command" "${COMMON[@]}" "$@" > "$OUT/$command.log" 2>&1
+  local rc=$?
+  grep -v "it/s]\|req/s]\|s/it]\|s/req]" "$OUT/$command.log" | tail -n 25
+  log "$command: exit $rc after $((SECONDS)) s in all"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+"$PY" -c "import tiktoken" 2>/dev/null || log "tiktoken missing: our engine's rows will fail (the peers still run)"
+
+step decode 80
+step throughput 340
+step interference 60
+if "$PY" -c "import flask, gunicorn, aiohttp, tiktoken" 2>/dev/null; then
+  step http 120 --workloads burst
+  step poisson 600 --requests 40 --qps 4,16,64
+else
+  log "http, poisson: skipped (flask, gunicorn, aiohttp or tiktoken missing)"
+fi
+"$PY" -m bench report --out "$OUT" || log "report failed"
+log "done in ${SECONDS} s"

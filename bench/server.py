@@ -1,0 +1,19 @@
+"""The real server an HTTP benchmark runs against (server_process.py starts and stops it)."""
+import argparse
+import contextlib
+
+import torch
+
+from bench.common import weights_for
+from server_process import running_server
+
+
+def policy_server(args: argparse.Namespace, policy: str, device: torch.device,
+                  dtype: torch.dtype) -> contextlib.AbstractContextManager[tuple[str, dict]]:
+    """The server a benchmark's flags describe: its model, device, dtype, batch and step limits, CPU threads."""
+    settings = dict(MAX_BATCH=args.max_batch, MAX_STEP_TOKENS=args.max_step_tokens)
+    if args.threads:
+        settings["OMP_NUM_THREADS"] = args.threads  # torch's intra-op pool follows it
+    settings.update(MODEL=args.model, WEIGHTS=weights_for(args.model), DEVICE=str(device),
+                    DTYPE=str(dtype).removeprefix("torch."))
+    return running_server(policy, settings)

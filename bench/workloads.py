@@ -1,0 +1,77 @@
+"""The seeded workloads of bench.md: what each request asks for, and when it arrives.
+
+A request is its prompt's token ids, an exact output length (EOS is ignored) and an arrival offset. `seed_burst`
+and `offline` replay the peer driver's draws exactly, so token totals match bench.md's peer table (seed burst
+8,410 output tokens, offline-256 72,412). Over HTTP, `as_text` turns the ids into a prompt that encodes to
+exactly as many tokens.
+"""
+import functools
+import math
+import random
+import re
+from typing import NamedTuple
+
+GPT2_VOCAB = 50257
+
+
+class Request(NamedTuple):
+    prompt_ids: list[int]
+    output_len: int
+    arrival: float = 0.0  # seconds after the first request
+
+
+def seed_burst(n: int, vocab: int = GPT2_VOCAB, seed: int = 0) -> list[Request]:
+    """The original client's requests all at t=0: 3-token prompts, outputs from 5..145 step 5."""
+    rng = random.Random(seed)
+    return [Request([rng.randrange(vocab) for _ in range(3)], rng.choice(range(5, 150, 5))) for _ in range(n)]
+
+
+def offline(n: int, lo: int, hi: int, vocab: int = GPT2_VOCAB, seed: int = 0) -> list[Request]:
+    """nano-vllm's benchmark shape: prompt and output lengths uniform in [lo, hi], all at t=0."""
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(n):
+        prompt_len = rng.randint(lo, hi)
+        requests.append(Request([rng.randrange(vocab) for _ in range(prompt_len)], rng.randint(lo, hi)))
+    return requests
+
+
+def long_tailed(n: int, prompt_median: int, output_median: int, sigma: float, context: int,
+                vocab: int = GPT2_VOCAB, seed: int = 0) -> list[Request]:
+    """ShareGPT-like lengths (the data set is not reachable here): lognormal prompt and output lengths with a
+    long right tail, at least 4 tokens each, clipped so that prompt + output fits the context."""
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(n):
+        prompt_len = min(max(round(rng.lognormvariate(math.log(prompt_median), sigma)), 4), context - 4)
+        output_len = min(max(round(rng.lognormvariate(math.log(output_median), sigma)), 4), context - prompt_len)
+        requests.append(Request([rng.randrange(vocab) for _ in range(prompt_len)], output_len))
+    return requests
+
+
+def poisson_arrivals(requests: list[Request], qps: float, seed: int = 0) -> list[Request]:
+    """The same requests arriving as a Poisson process of rate qps, the first at t=0. Unit-rate gaps are drawn
+    once per seed and scaled by 1/qps, so every rate replays the same pattern, only faster."""
+    rng = random.Random(seed)
+    at, timed = 0.0, []
+    for r in requests:
+        timed.append(r._replace(arrival=at / qps))
+        at += rng.expovariate(1.0)
+    return timed
+
+
+@functools.cache
+def _single_token_words() -> list[str]:
+    """Vocabulary entries that are a space and lowercase letters: GPT-2's pre-tokenizer cuts text at each space,
+    and a piece that is itself a vocabulary entry encodes to that one token, so a run of them re-encodes to
+    exactly as many tokens."""
+    from tokenizer import EOT_TOKEN, get_tokenizer
+    enc = get_tokenizer()
+    words = (enc.decode_single_token_bytes(i) for i in range(EOT_TOKEN))
+    return [w.decode() for w in words if re.fullmatch(rb" [a-z]+", w)]
+
+
+def as_text(prompt_ids: list[int]) -> str:
+    """A prompt of exactly len(prompt_ids) tokens, one word per id."""
+    words = _single_token_words()
+    return "".join(words[i % len(words)] for i in prompt_ids)

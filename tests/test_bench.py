@@ -1,0 +1,159 @@
+"""The benchmark suite end to end on the CPU with the tiny model and tiny sizes: every sub-command runs, writes
+its JSON (with the run's metadata), its plot and its table in results.md. Plus the workloads' exactness and the
+client's fallback for a server that does not stream."""
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from bench.__main__ import parser
+from bench.http_client import run_load
+from bench.workloads import Request, as_text, long_tailed, offline, poisson_arrivals, seed_burst
+from tokenizer import encode
+
+INFO_KEYS = {"device", "torch", "dtype", "model", "weights", "git_commit", "date"}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("bench-results"))
+
+
+def run_bench(out: str, *argv: str) -> dict:
+    args = parser().parse_args([*argv, "--out", out])
+    path = args.func(args)
+    with open(path) as f:
+        data = json.load(f)
+    assert INFO_KEYS <= set(data["info"]) and data["info"]["weights"] == "pretrained"
+    assert os.path.exists(os.path.join(out, f"{data['benchmark']}.png"))
+    with open(os.path.join(out, "results.md")) as f:
+        assert f"## {data['benchmark']}\n" in f.read()
+    return data
+
+
+def test_throughput_runs_our_policies_and_the_peers_on_one_workload(out, tiny_model_dir):
+    data = run_bench(out, "throughput", "--model", tiny_model_dir, "--requests", "3", "--offline-min", "8",
+                     "--offline-max", "16", "--nobatch-requests", "2")
+    rows = {(r["system"], r["workload"]): r for r in data["results"]}
+    for workload in ("burst", "offline"):
+        for policy in ("nobatch", "static", "dynamic"):
+            row = rows[(f"ours-{policy}", workload)]
+            assert "error" not in row, row
+            assert row["output_tokens"] == sum(r.output_len for r in row_requests(workload, row["requests"]))
+            assert row["metrics"]["ttft_s"]["p50"] > 0
+        assert rows[("ours-nobatch", workload)]["requests"] == 2
+        for peer in ("hf-continuous", "hf-static16"):
+            assert "output_tokens_per_s" in rows[(peer, workload)] or "error" in rows[(peer, workload)]
+    peers_done = {r["system"] for r in data["results"] if "output_tokens_per_s" in r and r["system"].startswith("hf")}
+    assert {(r["ours"], r["peer"]) for r in data["ratios"] if r["workload"] == "burst"} == {
+        (f"ours-{p}", peer) for p in ("nobatch", "static", "dynamic") for peer in peers_done}
+    assert "hf-static16" in peers_done
+
+
+def row_requests(workload: str, n: int) -> list[Request]:
+    return seed_burst(n) if workload == "burst" else offline(n, 8, 16)
+
+
+def test_http_measures_each_policy_through_a_real_server(out, tiny_model_dir):
+    data = run_bench(out, "http", "--model", tiny_model_dir, "--requests", "2", "--policies", "dynamic",
+                     "--workloads", "burst")
+    [row] = data["results"]
+    assert (row["policy"], row["workload"], row["failed"]) == ("dynamic", "burst", 0)
+    assert row["metrics"]["output_tokens"] == sum(r.output_len for r in seed_burst(2))
+    assert data["server"]["policy"] == "dynamic"
+    if row["streaming"]:
+        assert row["metrics"]["itl_s"]["p50"] > 0
+
+
+def test_decode_times_our_step_and_hf_beside_the_roofline(out, tiny_model_dir):
+    data = run_bench(out, "decode", "--model", tiny_model_dir, "--batches", "1,2", "--ctx", "32", "--iters", "3")
+    assert [r["batch"] for r in data["results"]] == [1, 2]
+    for r in data["results"]:
+        assert r["step_ms"] >= r["forward_ms"] > 0 and r["roofline_ms"] > 0 and r["steps"] >= 3
+        assert r["hf_step_ms"] > 0 and r["ours_vs_hf"] == pytest.approx(r["hf_step_ms"] / r["step_ms"])
+    assert data["copy_GBps"] > 0 and data["weight_GB"] > 0
+
+
+def test_poisson_reports_latency_percentiles_and_goodput(out, tiny_model_dir):
+    data = run_bench(out, "poisson", "--model", tiny_model_dir, "--requests", "4", "--qps", "50",
+                     "--policies", "dynamic", "--prompt-median", "8", "--output-median", "4")
+    [row] = data["results"]
+    assert row["failed"] == 0 and row["metrics"]["requests"] == 4
+    for key in ("ttft_s", "tpot_s", "e2e_s"):
+        assert set(row["metrics"][key]) == {"mean", "p50", "p90", "p99"}
+    assert row["metrics"]["goodput_requests_per_s"] is not None
+
+
+def test_interference_compares_chunked_and_whole_prefill(out, tiny_model_dir):
+    data = run_bench(out, "interference", "--model", tiny_model_dir, "--decoders", "2", "--long-prompts", "2",
+                     "--long-prompt-len", "64", "--every", "3", "--chunked", "16", "--unchunked", "256")
+    chunked, whole = data["results"]
+    assert (chunked["prefill"], whole["prefill"]) == ("chunked", "whole")
+    for row in (chunked, whole):
+        assert len(row["long_prompt_arrivals"]) == 2
+        assert row["decode_itl_s"]["p99"] >= row["decode_itl_s"]["p50"] > 0
+        assert len(row["decode_itl_timeline"]["itl"]) == 2 * (12 - 1)  # 2 decoders of (2 + 2) x 3 tokens each
+
+
+# ---- workloads ----
+
+def test_workloads_replay_the_peer_tables_token_totals():
+    assert sum(r.output_len for r in seed_burst(100)) == 8410
+    assert sum(r.output_len for r in offline(256, 64, 512)) == 72412
+    assert sum(r.output_len for r in seed_burst(30)) == 2470  # cpu burst
+    assert sum(r.output_len for r in offline(32, 32, 128)) == 2441  # cpu offline
+
+
+def test_text_prompts_encode_to_exactly_their_token_count():
+    for r in offline(5, 1, 900, seed=3):
+        assert len(encode(as_text(r.prompt_ids))) == len(r.prompt_ids)
+
+
+def test_long_tailed_lengths_fit_the_context():
+    requests = long_tailed(500, 140, 120, 1.0, context=1024)
+    assert all(len(r.prompt_ids) >= 4 and r.output_len >= 4 for r in requests)
+    assert all(len(r.prompt_ids) + r.output_len <= 1024 for r in requests)
+    assert max(r.output_len for r in requests) > 4 * 120  # a long tail
+
+
+def test_poisson_arrivals_replay_one_pattern_at_every_rate():
+    requests = seed_burst(50)
+    slow, fast = poisson_arrivals(requests, 1.0), poisson_arrivals(requests, 4.0)
+    assert slow[0].arrival == 0.0
+    assert [r.arrival / 4 for r in slow] == pytest.approx([r.arrival for r in fast])
+    assert 25 < slow[-1].arrival < 100  # 49 gaps of mean 1 s
+
+
+# ---- the client without streaming ----
+
+class PlainServer(BaseHTTPRequestHandler):
+    """An /inference without streaming: it rejects the unknown 'stream' field, as the original server did."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status, payload = (400, {"error": {"message": "unknown field 'stream'"}}) if "stream" in body else (
+            200, {"ttft": 0.25, "prompt_tokens": 99, "completion_tokens": body["num_tokens"]})
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_):
+        pass
+
+
+def test_client_falls_back_to_plain_responses_without_streaming():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), PlainServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        load = run_load(f"http://127.0.0.1:{server.server_port}", [Request([1, 2, 3], 5), Request([4], 7)])
+    finally:
+        server.shutdown()
+    assert not load.streaming and not load.errors
+    assert sorted(r.output_tokens for r in load.records) == [5, 7]
+    assert {r.prompt_tokens for r in load.records} == {1, 3}  # the workload's own count
+    assert all(r.ttft == pytest.approx(0.25) and r.token_times == [] for r in load.records)
