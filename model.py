@@ -63,7 +63,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (N,) flat cache slot for each new token's K/V
     decode_rows: torch.Tensor  # (D,) rows of the decode tokens in the packed batch
     decode_tables: torch.Tensor  # (D, blocks) block ids covering the longest decode context (padded with 0)
-    decode_mask: torch.Tensor  # (D, T) True where a key position is inside that sequence's context
+    decode_mask: torch.Tensor  # (D, T) True where a key position is inside that sequence's context; T is
+    # a whole number of blocks, so attention sees few distinct shapes
     prefill_groups: list[PrefillGroup]
     scratch: dict = field(default_factory=dict)  # buffers the layers of one step reuse
 
@@ -73,8 +74,7 @@ class AttentionMetadata:
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
         starts = list(itertools.accumulate(query_lens, initial=0))
         decodes = [i for i, n in enumerate(query_lens) if n == 1]
-        max_ctx = max((context_lens[i] for i in decodes), default=0)
-        width = -(-max_ctx // block_size)
+        width = -(-max((context_lens[i] for i in decodes), default=0) // block_size)
         decode_ctx = as_tensor([context_lens[i] for i in decodes])
         tables = as_tensor([(block_tables[i] + [0] * width)[:width] for i in decodes]).view(len(decodes), width)
 
@@ -108,7 +108,7 @@ class AttentionMetadata:
             slot_mapping=as_tensor(slot_mapping),
             decode_rows=as_tensor([starts[i] for i in decodes]),
             decode_tables=tables,
-            decode_mask=torch.arange(max_ctx, device=device)[None, :] < decode_ctx[:, None],
+            decode_mask=torch.arange(width * block_size, device=device)[None, :] < decode_ctx[:, None],
             prefill_groups=[prefill_group(g) for g in groups],
         )
 
@@ -129,9 +129,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     q: (N, nh, hs); caches: (num_blocks, block_size, nh, hs)."""
     out = torch.empty_like(q)
     if len(meta.decode_rows):
-        T = meta.decode_mask.shape[1]
-        k = meta.decode_kv(k_cache, "k")[:, :T]  # (D, T, nh, hs)
-        v = meta.decode_kv(v_cache, "v")[:, :T]
+        k = meta.decode_kv(k_cache, "k")  # (D, T, nh, hs)
+        v = meta.decode_kv(v_cache, "v")
         y = F.scaled_dot_product_attention(q[meta.decode_rows].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=meta.decode_mask[:, None, None, :])  # (D, nh, 1, hs)
         out[meta.decode_rows] = y.squeeze(2)

@@ -54,6 +54,10 @@ class ModelRunner:
                  num_blocks: int | None = None, kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.9,
                  seed: int | None = None):
         self.device, self.dtype = device, dtype
+        if device.type == "cuda":
+            # cuDNN's attention builds a new plan for every new shape (tens of ms each): decode contexts grow
+            # every step, so it would keep building. The other fused kernels take any shape.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.model = model.to(device=device, dtype=dtype).eval()
         c = model.config
         if num_blocks is None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite on one GPU, in one go (about 8 minutes): gpt2-medium, bf16, random weights.
-#   OUT=/some/dir bench/run_gpu.sh          (default OUT: bench/results/gpu; BUDGET_S: total seconds, 500)
+#   OUT=/some/dir bench/run_gpu.sh          (default OUT: bench/results/gpu; BUDGET_S: total seconds, 500;
+#                                            STEPS: which sub-commands, default all five)
 # decode and throughput run in-process (torch + transformers; our engine's requests also need tiktoken), then
 # interference, then http and poisson if flask, gunicorn, aiohttp and tiktoken import. Each sub-command runs in
 # its own process with a share of the time left: one that fails or runs out of time keeps the rows it already
@@ -11,6 +12,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
 PY="${PYTHON:-python3}"
 end=$((SECONDS + ${BUDGET_S:-500}))
+STEPS="${STEPS:-decode throughput interference http poisson}"
 mkdir -p "$OUT"
 export TQDM_MININTERVAL=10  # progress lines every 10 s, not a log full of them
 COMMON=(--model gpt2-medium --dtype bfloat16 --device cuda --full --out "$OUT")
@@ -20,6 +22,7 @@ log() { echo "== $*" | tee -a "$OUT/run_gpu.log"; }
 step() {  # step COMMAND CAP_SECONDS FLAGS...: run one sub-command for at most CAP_SECONDS of the time left
   local command=$1 cap=$2
   shift 2
+  case " $STEPS " in *" $command "*) ;; *) return ;; esac
   local left=$((end - SECONDS - 20))  # 20 s kept for the report
   [ "$left" -gt "$cap" ] && left=$cap
   if [ "$left" -lt 30 ]; then
@@ -38,7 +41,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PY" -c "import tiktoken" 2>/dev/null || log "tiktoken missing: our engine's rows will fail (the peers still run)"
 
 step decode 80
-step throughput 340
+step throughput 420
 step interference 60
 if "$PY" -c "import flask, gunicorn, aiohttp, tiktoken" 2>/dev/null; then
   step http 120 --workloads burst
