@@ -64,6 +64,19 @@ def run_until_idle(manager: BatchingManager, max_steps: int = 10_000) -> int:
     raise AssertionError("engine did not become idle")
 
 
+def fail_step(manager: BatchingManager, step: int, message: str) -> None:
+    """Make the manager's `step`-th forward (1-based) from now on raise RuntimeError(message), once."""
+    run, calls = manager.runner.run, []
+
+    def failing_run(plan):
+        calls.append(plan)
+        if len(calls) == step:
+            raise RuntimeError(message)
+        return run(plan)
+
+    manager.runner.run = failing_run
+
+
 def assert_nothing_leaked(manager: BatchingManager) -> None:
     bm, s = manager.runner.block_manager, manager.scheduler
     assert bm.num_free == bm.num_blocks, "KV blocks leaked"

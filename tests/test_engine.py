@@ -2,7 +2,7 @@
 import pytest
 
 from batching import Overloaded
-from conftest import assert_nothing_leaked, make_manager, request, run_until_idle
+from conftest import assert_nothing_leaked, fail_step, make_manager, request, run_until_idle
 from sampling import InvalidRequest
 from tokenizer import EOT_TOKEN
 
@@ -18,13 +18,7 @@ def test_blocks_return_after_preemption_and_requests_still_finish(tiny_model_dir
 
 def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_model_dir):
     manager = make_manager(tiny_model_dir, "dynamic")
-    run = manager.runner.run
-
-    def broken(plan):
-        manager.runner.run = run  # fail once
-        raise RuntimeError("device on fire")
-
-    manager.runner.run = broken
+    fail_step(manager, 1, "device on fire")
     failed = [manager.enqueue(request([1, 2], 5)) for _ in range(3)]
     run_until_idle(manager)
     assert all(r.finish_reason == "error" and "device on fire" in r.error and r.event.is_set() for r in failed)
@@ -36,16 +30,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(tiny_mod
 
 def test_engine_thread_survives_a_failing_step(tiny_model_dir):
     manager = make_manager(tiny_model_dir, "dynamic")
-    run = manager.runner.run
-    calls = []
-
-    def flaky(plan):
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("transient")
-        return run(plan)
-
-    manager.runner.run = flaky
+    fail_step(manager, 1, "transient")
     manager.start()
     try:
         bad = manager.enqueue(request([1], 3))

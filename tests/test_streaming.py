@@ -8,7 +8,7 @@ import requests
 
 import app
 import sse
-from conftest import make_manager, running_server
+from conftest import fail_step, make_manager, running_server
 from errors import ApiError
 from sampling import SampledToken
 from tokenizer import encode
@@ -115,16 +115,7 @@ def test_a_character_generated_over_three_tokens_is_streamed_once_complete(tiny_
 
 def test_engine_failure_mid_stream_is_an_error_event_then_done(tiny_model_dir):
     with in_process(tiny_model_dir) as (client, manager):
-        working = manager.runner.run
-        calls = []
-
-        def fail_on_fifth_step(plan):
-            calls.append(1)
-            if len(calls) == 5:
-                raise RuntimeError("device on fire")
-            return working(plan)
-
-        manager.runner.run = fail_on_fifth_step
+        fail_step(manager, 5, "device on fire")
         resp = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 50, "stream": True},
                            buffered=False)
         *chunks, error, done = streamed_events(resp)
