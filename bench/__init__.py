@@ -1,1 +1,1 @@
-"""The benchmark suite of bench.md: `python -m bench <command>` (see __main__.py), results under bench/results/."""
+"""The benchmark suite: `python -m bench <command>` (see __main__.py), results under bench/results/."""

@@ -1,4 +1,4 @@
-"""python -m bench <command> [flags]: the benchmark suite of bench.md (`python -m bench <command> -h` for flags).
+"""python -m bench <command> [flags]: the benchmark suite (`python -m bench <command> -h` for flags).
 
   throughput    in-process output tokens/s of nobatch/static/dynamic beside HF transformers peers
   http          the same workloads over HTTP against ./server.sh, one server per policy
@@ -8,7 +8,7 @@
   report        redraw the plots and results.md from the JSON files of an output directory
 
 Each writes <out>/<command>.json and .png (default out: bench/results/<device>). Sizes are small on a CPU and
-bench.md's full ones on a GPU or with --full.
+the full ones of bench/README.md on a GPU or with --full.
 """
 import argparse
 import importlib

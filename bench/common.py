@@ -26,7 +26,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
     p.add_argument("--out", help="output directory (default bench/results/<device>)")
-    p.add_argument("--full", action="store_true", help="bench.md's full sizes (the default on a GPU)")
+    p.add_argument("--full", action="store_true", help="the full workload sizes of bench/README.md (the default on a GPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload's lengths, token ids and arrivals")
     p.add_argument("--threads", type=int, help="CPU threads for torch here and in the servers started (default: "
                                                "torch's, one per core; on a shared CPU 1 keeps the timings stable)")

@@ -4,7 +4,7 @@ Each batch is `batch` sequences whose first ctx-1 tokens are already "in" the KV
 step writes and attends over ctx slots; what the slots hold does not change the work), each adding one token:
 exactly what a decode step of the server does, host-side packing and sampling included. The model's forward
 alone is timed too, so the host's share shows. Reference lines from the same process: HF transformers' decode
-step at the same batch and context, and on a GPU the idealised step of bench.md (contiguous cache, SDPA, one
+step at the same batch and context, and on a GPU an idealised step (contiguous cache, SDPA, one
 CUDA graph).
 """
 import argparse

@@ -41,7 +41,7 @@ def refresh(out: str, redraw: tuple[str, ...]) -> str:
     notes = notes_file.read_text().strip() + "\n\n" if notes_file.exists() else ""
     path = os.path.join(out, "results.md")
     with open(path, "w") as f:
-        f.write("# Benchmark results\n\nWritten by `python -m bench`; workloads and metrics as in bench.md. "
+        f.write("# Benchmark results\n\nWritten by `python -m bench`; workloads and metrics as in bench/README.md. "
                 "Throughput is output tokens/s over wall-clock time (first arrival to last finish).\n\n")
         f.write(notes + "\n".join(sections))
     return path

@@ -1,8 +1,8 @@
 """`throughput`: output tokens/s of our three policies and of the HF peers on the same all-at-once workloads,
 in one process on one device, and the ratio ours / peer.
 
-Workloads (bench.md): the seed burst (3-token prompts, outputs 5..145) and offline (prompt and output lengths
-uniform). On the CPU bench.md's "cpu burst" / "cpu offline" sizes. nobatch can be cut to the first requests of a
+Workloads (bench/README.md): the seed burst (3-token prompts, outputs 5..145) and offline (prompt and output lengths
+uniform). On the CPU the small "cpu burst" / "cpu offline" sizes. nobatch can be cut to the first requests of a
 workload (--nobatch-requests): it runs one request at a time, so its tokens/s hardly depends on how many there
 are, and the whole offline workload would take it most of an hour on a GPU.
 """

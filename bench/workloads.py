@@ -1,8 +1,8 @@
-"""The seeded workloads of bench.md: what each request asks for, and when it arrives.
+"""The seeded workloads of the benchmarks (bench/README.md): what each request asks for, and when it arrives.
 
 A request is its prompt's token ids, an exact output length (EOS is ignored) and an arrival offset. `seed_burst`
-and `offline` replay the peer driver's draws exactly, so token totals match bench.md's peer table (seed burst
-8,410 output tokens, offline-256 72,412). Over HTTP, `as_text` turns the ids into a prompt that encodes to
+and `offline` replay the HF peer driver's draws exactly, so token totals are the same for every system (seed
+burst 8,410 output tokens, offline-256 72,412). Over HTTP, `as_text` turns the ids into a prompt that encodes to
 exactly as many tokens.
 """
 import functools
