@@ -82,15 +82,16 @@ class Inference:
         self.token_times.append(now)
         if sampled.token == EOT_TOKEN and not self.params.ignore_eos:
             self.finish_reason = "stop"
-            return
-        self.output_ids.append(sampled.token)
-        self.token_ids.append(sampled.token)
-        if self.params.logprobs is not None:
-            self.logprobs.append(sampled)
-        self.text += self._decoder.push(sampled.token)
-        if len(self.output_ids) == self.params.max_tokens:
-            self.text += self._decoder.flush()
-            self.finish_reason = "length"
+        else:
+            self.output_ids.append(sampled.token)
+            self.token_ids.append(sampled.token)
+            if self.params.logprobs is not None:
+                self.logprobs.append(sampled)
+            self.text += self._decoder.push(sampled.token)
+            if len(self.output_ids) == self.params.max_tokens:
+                self.finish_reason = "length"
+        if self.finish_reason:
+            self.text += self._decoder.flush()  # bytes of an unfinished character, as a replacement character
         self._cut_at_stop_string()
 
     def _cut_at_stop_string(self) -> None:
