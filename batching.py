@@ -14,11 +14,11 @@ may join the running ones:
 """
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
+class StreamSink(Protocol):
+    def put(self, item: str | None) -> None: ...
+
+
 class Overloaded(RuntimeError):
     """The waiting queue is full (HTTP 503)."""
 
@@ -41,8 +45,7 @@ class Inference:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: str, prompt_ids: list[int], params: SamplingParams, stream: bool = False,
-                 request_id: str | None = None):
+    def __init__(self, prompt: str, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
         self.id = next(Inference._ids)
         self.request_id = request_id or f"req-{self.id}"
         self.prompt = prompt
@@ -59,7 +62,7 @@ class Inference:
         self.text = ""  # generated text, cut at a stop string
         self._decoder = StreamDecoder()
         self._streamed = 0  # characters of `text` handed to the stream so far
-        self.stream: queue.SimpleQueue | None = queue.SimpleQueue() if stream else None
+        self.stream: StreamSink | None = None  # set by a streaming reader: put(delta) each step, put(None) at the end
         self.num_preemptions = 0
         self.arrival_time = time.perf_counter()
         self.scheduled_time: float | None = None  # first admission: arrival -> here is queue time

@@ -36,8 +36,8 @@ def client_closed(sock: socket.socket | None) -> bool:
 
 
 class _Tagged:
-    """Stands in for one sequence's stream queue, so that all sequences of a request feed one queue: the engine
-    only calls put(delta) and put(None) at the end."""
+    """One sequence's stream sink: tags the engine's put(delta) / put(None) with the sequence's index, so that all
+    sequences of a request feed one queue."""
 
     def __init__(self, shared: queue.SimpleQueue, index: int):
         self.shared, self.index = shared, index

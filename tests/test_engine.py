@@ -1,4 +1,6 @@
 """Engine behaviour beyond the oracle: KV accounting on every exit path, failures, aborts, overload, stopping."""
+import queue
+
 import pytest
 
 from batching import Overloaded
@@ -120,7 +122,9 @@ def test_streamed_deltas_add_up_to_the_text(tiny_model_dir):
     manager = make_manager(tiny_model_dir, "dynamic")
     from batching import Inference
     from sampling import SamplingParams
-    inf = manager.enqueue(Inference("", [5, 6, 7], SamplingParams(max_tokens=12, temperature=0), stream=True))
+    inf = Inference("", [5, 6, 7], SamplingParams(max_tokens=12, temperature=0))
+    inf.stream = queue.SimpleQueue()
+    manager.enqueue(inf)
     run_until_idle(manager)
     deltas = []
     while (d := inf.stream.get()) is not None:
