@@ -1,10 +1,9 @@
 """HTTP only: routes, request validation, auth and request ids; hands requests to the engine and waits or
-streams (engine_client.py); knows no tensors.
+streams (api/submission.py); knows no tensors.
 
 Endpoints: POST /inference (the original API), POST /v1/completions and GET /v1/models (OpenAI's, see
-openai_api.py), GET /stats, GET /metrics (Prometheus), GET /health, GET|POST / (a hint). Errors share one
-JSON shape (errors.py). The engine starts inside the gunicorn worker (`gunicorn_conf.post_worker_init` calls
-`start_engine`), never in the master process: CUDA and threads do not survive a fork.
+api/completions.py), GET /stats, GET /metrics (Prometheus), GET /health, GET|POST / (a hint). Errors share one
+JSON shape (api/errors.py). The engine starts inside the gunicorn worker (api/server.py).
 """
 import hmac
 import logging
@@ -12,120 +11,25 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
 
 from flask import Flask, Response, g, jsonify, request
 
-from batching import BatchingManager, Inference, make_policy
-from engine_client import Submission
-from errors import ApiError, api_error
-from openai_api import Completion, models_response, parse_completion_request
-from prometheus_metrics import EngineMetrics, render
-from sampling import InvalidRequest, SamplingParams
-from sse import sse_response
-from stats import ServerStats
-from tokenizer import encode
-from validation import check_context_length, reject_unknown, seed_value, stop_strings, typed
+from api.completions import Completion, models_response, parse_completion_request
+from api.errors import ApiError, api_error
+from api.server import running
+from api.sse import sse_response
+from api.submission import Submission
+from api.validation import InvalidRequest, check_context_length, checked, reject_unknown, seed_value, stop_strings, \
+    typed
+from batching import Inference
+from engine.sampler import SamplingParams
+from engine.tokenizer import encode
+from telemetry.prometheus import render
 
 log = logging.getLogger("effective-batching")
 
 
-@dataclass
-class Settings:
-    """Server configuration, from environment variables (see README)."""
-    policy: str = "dynamic"
-    model: str = "gpt2-medium"
-    served_model_name: str | None = None  # the model id of /v1; MODEL when unset
-    weights: str = "auto"
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch: int = 128
-    max_step_tokens: int = 2048
-    max_waiting: int = 1024
-    kv_cache_gb: float = 2.0  # CPU; on a GPU the cache takes what GPU_MEMORY_UTILIZATION leaves
-    kv_blocks: int | None = None  # exact pool size, overrides the two above
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    key: str | None = None
-    seed: int | None = None
-    data_dir: str = "data"
-    max_body_bytes: int = 1 << 20
-    health_stall_s: float = 120.0
-
-    @classmethod
-    def from_env(cls, env: dict = os.environ) -> "Settings":
-        s = cls()
-        for f in s.__dataclass_fields__.values():
-            raw = env.get(f.name.upper())
-            if raw in (None, ""):
-                continue
-            kind = type(f.default) if f.default is not None else (int if f.name in ("kv_blocks", "seed") else str)
-            setattr(s, f.name, kind(raw))
-        return s
-
-
-@dataclass
-class Server:
-    settings: Settings
-    manager: BatchingManager
-    stats: ServerStats
-    metrics: EngineMetrics
-    info: dict = field(default_factory=dict)
-    started: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def model_name(self) -> str:
-        return self.settings.served_model_name or self.settings.model
-
-
-server: Server | None = None
 app = Flask(__name__)
-
-
-def start_engine(settings: Settings | None = None) -> Server:
-    """Load the model, build the engine and start its thread (once per worker process)."""
-    if server is not None:
-        return server
-    import torch
-    from model import load_model
-    from runner import ModelRunner, resolve_device, resolve_dtype
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    s = settings or Settings.from_env()
-    policy = make_policy(s.policy, s.max_batch)
-    device = resolve_device(s.device)
-    dtype = resolve_dtype(s.dtype, device)
-    t0 = time.perf_counter()
-    model, weights = load_model(s.model, s.weights)
-    runner = ModelRunner(model, device, dtype, block_size=s.block_size, num_blocks=s.kv_blocks,
-                         kv_cache_gb=s.kv_cache_gb, gpu_memory_utilization=s.gpu_memory_utilization, seed=s.seed)
-    manager = BatchingManager(runner, policy, s.max_step_tokens, s.max_waiting)
-    info = {"policy": s.policy, "model": s.model, "weights": weights,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": str(dtype).removeprefix("torch."), "max-batch": s.max_batch,
-            "max-context": model.config.block_size}
-    if weights == "random":
-        info["warning"] = "random weights: completions are meaningless text"
-    serve(s, manager, info)
-    log.info("serving %s (%s weights) on %s in %s with policy %s; loaded in %.1f s", s.model, weights,
-             info["device"], info["dtype"], s.policy, time.perf_counter() - t0)
-    return server
-
-
-def serve(settings: Settings, manager: BatchingManager, info: dict) -> Server:
-    """Attach statistics and metrics to an engine, start its thread and route requests to it."""
-    global server
-    stats = ServerStats(settings.policy, settings.data_dir)
-    metrics = EngineMetrics(settings.served_model_name or settings.model, settings.policy)
-    manager.on_finish += [stats.record, metrics.record]
-    manager.start()
-    metrics.start_publisher(manager)
-    server = Server(settings, manager, stats, metrics, info)
-    return server
-
-
-def stop_engine() -> None:
-    if server is not None:
-        server.manager.stop()
 
 
 # ---- every request: errors, request id, auth ----
@@ -146,9 +50,9 @@ REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: sa
 def request_id_ready_and_key():
     given = request.headers.get("X-Request-Id", "")
     g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-    request.max_content_length = server.settings.max_body_bytes if server else 1 << 20
-    if server is None:
-        raise ApiError(503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"})
+    request.max_content_length = 1 << 20  # until the settings say otherwise
+    server = running()
+    request.max_content_length = server.settings.max_body_bytes
     key = server.settings.key
     if key and request.path not in OPEN_PATHS:
         given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -171,8 +75,8 @@ def json_body() -> dict:
 
 
 def submit(infs: list[Inference], stream: bool) -> Submission:
-    """Enqueue a request's sequences; they are aborted if the client goes away (see engine_client.py)."""
-    return Submission(server.manager, infs, request.environ.get("gunicorn.socket"), stream)
+    """Enqueue a request's sequences; they are aborted if the client goes away (see api/submission.py)."""
+    return Submission(running().manager, infs, request.environ.get("gunicorn.socket"), stream)
 
 
 # ---- the original API ----
@@ -190,8 +94,8 @@ def parse_inference(body: dict) -> tuple[str, list[int], SamplingParams]:
     if num_tokens < 1:  # SamplingParams names it max_tokens; this API calls it num_tokens
         raise InvalidRequest(f"'num_tokens' must be at least 1; got {num_tokens}", "num_tokens")
     prompt_ids = encode(prompt)
-    check_context_length(len(prompt_ids), num_tokens, server.manager.max_context, "num_tokens")
-    params = SamplingParams(
+    check_context_length(len(prompt_ids), num_tokens, running().manager.max_context, "num_tokens")
+    params = checked(SamplingParams(
         max_tokens=num_tokens,
         temperature=float(typed(body, "temperature", (int, float), default=1.0)),
         top_k=typed(body, "top_k", (int,), default=0),
@@ -200,7 +104,7 @@ def parse_inference(body: dict) -> tuple[str, list[int], SamplingParams]:
         stop=stop_strings(body),
         ignore_eos=typed(body, "ignore_eos", (bool,), default=True),
         logprobs=typed(body, "logprobs", (int,)),
-    )
+    ))
     return prompt, prompt_ids, params
 
 
@@ -212,6 +116,7 @@ def hint():
 
 @app.get("/health")
 def health():
+    server = running()
     m = server.manager
     stalled = time.monotonic() - m.last_step_time > server.settings.health_stall_s
     if not m.alive or stalled:
@@ -241,6 +146,7 @@ def inference():
 
 @app.get("/stats")
 def stats():
+    server = running()
     server.stats.write_token_csv()
     return jsonify({**server.stats.snapshot(), **server.manager.load(), **server.info})
 
@@ -249,11 +155,13 @@ def stats():
 
 @app.get("/v1/models")
 def models():
+    server = running()
     return jsonify(models_response(server.model_name, server.started, server.manager.max_context))
 
 
 @app.post("/v1/completions")
 def completions():
+    server = running()
     req = parse_completion_request(json_body(), server.model_name, server.manager.max_context)
     infs = req.inferences(g.request_id)
     sub = submit(infs, req.stream)
@@ -268,6 +176,7 @@ def completions():
 
 @app.get("/metrics")
 def metrics():
+    server = running()
     server.metrics.publish_load(server.manager.load())  # this worker's gauges exact at scrape time
     text, content_type = render()
     return Response(text, content_type=content_type)

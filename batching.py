@@ -20,12 +20,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
-from runner import ModelRunner
-from sampling import InvalidRequest, SampledToken, SamplingParams
-from tokenizer import EOT_TOKEN, StreamDecoder
-from validation import check_context_length
+from engine.runner import ModelRunner
+from engine.sampler import SampledToken, SamplingParams
+from engine.tokenizer import EOT_TOKEN, StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +35,14 @@ class StreamSink(Protocol):
 
 class Overloaded(RuntimeError):
     """The waiting queue is full (HTTP 503)."""
+
+
+class TooLong(ValueError):
+    """A request that can never run: it needs more tokens than the model's context or the whole KV pool."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class Inference:
@@ -53,7 +58,7 @@ class Inference:
         self.params = params
         self.token_ids = list(prompt_ids)  # prompt + generated; the model runner reads it
         self.num_computed = 0  # tokens whose K/V are in the cache
-        self.generator: torch.Generator | None = None  # per-request RNG when a seed is given
+        self.seed = params.seed  # the sampler's key for this request's draws; the runner sets one if None
         self.state = WAITING
         self.finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
         self.error: str | None = None
@@ -262,11 +267,13 @@ class BatchingManager:
     # ---- called from HTTP threads ----
 
     def enqueue(self, inf: Inference) -> Inference:
-        check_context_length(len(inf.prompt_ids), inf.params.max_tokens, self.max_context, "max_tokens")
         total = len(inf.prompt_ids) + inf.params.max_tokens
+        if total > self.max_context:
+            raise TooLong(f"the request needs {total} tokens, more than the model's context of {self.max_context}",
+                          "max_tokens")
         if self.runner.block_manager.blocks_needed(total) > self.runner.block_manager.num_blocks:
-            raise InvalidRequest(f"the request needs {total} tokens of KV cache, more than the whole pool holds",
-                                 param="num_tokens", code="context_length_exceeded")
+            raise TooLong(f"the request needs {total} tokens of KV cache, more than the whole pool holds",
+                          "max_tokens")
         with self._lock:
             if len(self._inbox) + self.scheduler.num_waiting >= self.max_waiting:
                 raise Overloaded(f"{self.max_waiting} requests are already waiting; try again later")

@@ -38,13 +38,13 @@ def on_starting(server):
 
 
 def post_worker_init(worker):
-    import app
-    app.start_engine()
+    from api.server import start_engine
+    start_engine()
 
 
 def worker_exit(server, worker):
-    import app
-    app.stop_engine()
+    from api.server import stop_engine
+    stop_engine()
 
 
 def child_exit(server, worker):

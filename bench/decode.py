@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from bench import engine, ideal_step, peers, roofline
 from bench.common import ResultFile, resolve, run_info, sync
-from runner import ModelRunner, kv_bytes_per_token
-from sampling import SamplingParams
+from engine.runner import ModelRunner, kv_bytes_per_token
+from engine.sampler import SamplingParams
 
 CPU = dict(batches="1,8,32,64")
 FULL = dict(batches="1,8,32,128,256")
@@ -42,7 +42,7 @@ class DecodingSequence:
     token_ids: list[int]
     num_computed: int
     params: SamplingParams
-    generator: None = None
+    seed: int | None = None
 
 
 def timed(step: Callable[[], object], device: torch.device, iters: int, seconds: float) -> list[float]:
@@ -94,7 +94,8 @@ def main(args: argparse.Namespace) -> str:
     device, dtype = resolve(args, CPU, FULL)
     batches = [int(b) for b in args.batches.split(",")]
     result = ResultFile(args, "decode", run_info(device, dtype, args.model))
-    runner = engine.build_runner(args.model, device, dtype, num_blocks=max(batches) * -(-args.ctx // 16))
+    runner = engine.build_runner(args.model, device, dtype, num_blocks=max(batches) * -(-args.ctx // 16),
+                                 max_batch=max(batches))
     bandwidth = roofline.copy_bandwidth(device)
     weights = roofline.weight_bytes(runner.model)
     kv_per_token = kv_bytes_per_token(runner.model, dtype)

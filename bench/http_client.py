@@ -15,7 +15,7 @@ import aiohttp
 from tqdm import tqdm
 
 from bench.workloads import Request, as_text
-from metrics import RequestRecord, summarize
+from telemetry.latency import RequestRecord, summarize
 
 NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30)
 

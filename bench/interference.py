@@ -11,8 +11,8 @@ import random
 from bench import engine
 from bench.common import ResultFile, resolve, run_info
 from bench.workloads import GPT2_VOCAB, Request
-from metrics import distribution
-from runner import ModelRunner
+from telemetry.latency import distribution
+from engine.runner import ModelRunner
 
 CPU = dict(decoders=8, long_prompts=4, long_prompt_len=512, every=12)
 FULL = dict(decoders=32, long_prompts=16, long_prompt_len=896, every=16)
@@ -65,7 +65,7 @@ def run_case(runner: ModelRunner, args: argparse.Namespace, max_step_tokens: int
 def main(args: argparse.Namespace) -> str:
     device, dtype = resolve(args, CPU, FULL)
     result = ResultFile(args, "interference", run_info(device, dtype, args.model))
-    runner = engine.build_runner(args.model, device, dtype)
+    runner = engine.build_runner(args.model, device, dtype, max_batch=args.max_batch)
     engine.warm_up(runner)
     for budget in (args.chunked, args.unchunked):
         row = run_case(runner, args, budget)

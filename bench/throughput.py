@@ -11,7 +11,7 @@ import argparse
 from bench import engine, peers
 from bench.common import ResultFile, resolve, run_info
 from bench.workloads import Request, offline, seed_burst
-from metrics import summarize
+from telemetry.latency import summarize
 
 CPU = dict(burst_requests=30, offline_requests=32, offline_min=32, offline_max=128, nobatch_requests=10,
            static_batch=16)
@@ -72,7 +72,8 @@ def main(args: argparse.Namespace) -> str:
     device, dtype = resolve(args, CPU, FULL)
     works = workloads(args)
     result = ResultFile(args, "throughput", run_info(device, dtype, args.model))
-    runner = engine.build_runner(args.model, device, dtype, num_blocks=kv_blocks_for(works))
+    runner = engine.build_runner(args.model, device, dtype, num_blocks=kv_blocks_for(works),
+                                 max_batch=args.max_batch)
     engine.warm_up(runner)
     wanted = [p for p in args.peers.split(",") if p]
     hf = peers.hf_model(args.model, device, dtype) if wanted else None

@@ -65,7 +65,7 @@ def _single_token_words() -> list[str]:
     """Vocabulary entries that are a space and lowercase letters: GPT-2's pre-tokenizer cuts text at each space,
     and a piece that is itself a vocabulary entry encodes to that one token, so a run of them re-encodes to
     exactly as many tokens."""
-    from tokenizer import EOT_TOKEN, get_tokenizer
+    from engine.tokenizer import EOT_TOKEN, get_tokenizer
     enc = get_tokenizer()
     words = (enc.decode_single_token_bytes(i) for i in range(EOT_TOKEN))
     return [w.decode() for w in words if re.fullmatch(rb" [a-z]+", w)]

@@ -26,8 +26,8 @@ from client import CLIENT_DIR, RequestRecord, fetch_stats, mean_latency_by_num_t
 from data import DEFAULT_NUM_TOKENS_RANGE, PromptData
 
 REPO_DIR = CLIENT_DIR.parent
-sys.path.append(str(REPO_DIR))  # metrics.py is the server's: both sides compute TTFT/TPOT/E2E figures alike
-from metrics import distribution  # noqa: E402
+sys.path.append(str(REPO_DIR))  # telemetry/ is the server's: both sides compute TTFT/TPOT/E2E figures alike
+from telemetry.latency import distribution  # noqa: E402
 from server_process import ServerFailed, running_server  # noqa: E402
 
 POLICIES = ("nobatch", "static", "dynamic")

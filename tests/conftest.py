@@ -13,11 +13,13 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on this CPU, slowly, for tests
 
 from batching import BatchingManager, Inference, make_policy  # noqa: E402
-from model import GPT  # noqa: E402
-from runner import ModelRunner  # noqa: E402
-from sampling import SamplingParams  # noqa: E402
+from engine.loader import from_pretrained  # noqa: E402
+from engine.runner import ModelRunner  # noqa: E402
+from engine.sampler import SamplingParams  # noqa: E402
 import server_process  # noqa: E402
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=50257)
@@ -44,10 +46,12 @@ def tiny_model_dir(tmp_path_factory, tiny_hf_model) -> str:
 
 
 def make_manager(model_dir: str, policy: str = "dynamic", max_batch: int = 8, num_blocks: int = 256,
-                 block_size: int = 4, max_step_tokens: int = 256, max_waiting: int = 1024, **kw) -> BatchingManager:
-    """An engine on the CPU in fp32; tests drive it with step() or start its thread."""
-    runner = ModelRunner(GPT.from_pretrained(model_dir), torch.device("cpu"), torch.float32, block_size=block_size,
-                         num_blocks=num_blocks, seed=0)
+                 block_size: int = 4, max_step_tokens: int = 256, max_waiting: int = 1024,
+                 attention: str = "reference", **kw) -> BatchingManager:
+    """An engine on the CPU in fp32 (attention="triton": the GPU kernels, interpreted); tests drive it with
+    step() or start its thread."""
+    runner = ModelRunner(from_pretrained(model_dir), torch.device("cpu"), torch.float32, block_size=block_size,
+                         num_blocks=num_blocks, seed=0, attention=attention)
     return BatchingManager(runner, make_policy(policy, max_batch), max_step_tokens, max_waiting, **kw)
 
 

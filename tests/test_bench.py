@@ -11,7 +11,7 @@ import pytest
 from bench.__main__ import parser
 from bench.http_client import run_load
 from bench.workloads import Request, as_text, long_tailed, offline, poisson_arrivals, seed_burst
-from tokenizer import encode
+from engine.tokenizer import encode
 
 INFO_KEYS = {"device", "torch", "dtype", "model", "weights", "git_commit", "date"}
 

@@ -5,8 +5,8 @@ import pytest
 
 from batching import Overloaded
 from conftest import assert_nothing_leaked, fail_step, make_manager, request, run_until_idle
-from sampling import InvalidRequest
-from tokenizer import EOT_TOKEN
+from batching import TooLong
+from engine.tokenizer import EOT_TOKEN
 
 
 def test_blocks_return_after_preemption_and_requests_still_finish(tiny_model_dir):
@@ -80,13 +80,13 @@ def test_queue_over_its_limit_is_overloaded(tiny_model_dir):
 
 def test_prompt_plus_tokens_over_the_context_is_refused(tiny_model_dir):
     manager = make_manager(tiny_model_dir, "dynamic")
-    with pytest.raises(InvalidRequest, match="maximum context length is 1024"):
+    with pytest.raises(TooLong, match="context of 1024"):
         manager.enqueue(request([1] * 1000, 25))
 
 
 def test_a_request_larger_than_the_whole_kv_pool_is_refused(tiny_model_dir):
     manager = make_manager(tiny_model_dir, "dynamic", num_blocks=4, block_size=4)
-    with pytest.raises(InvalidRequest, match="KV cache"):
+    with pytest.raises(TooLong, match="KV cache"):
         manager.enqueue(request([1] * 10, 10))
 
 
@@ -121,7 +121,7 @@ def test_stop_string_cuts_the_text_and_finishes(tiny_model_dir):
 def test_streamed_deltas_add_up_to_the_text(tiny_model_dir):
     manager = make_manager(tiny_model_dir, "dynamic")
     from batching import Inference
-    from sampling import SamplingParams
+    from engine.sampler import SamplingParams
     inf = Inference("", [5, 6, 7], SamplingParams(max_tokens=12, temperature=0))
     inf.stream = queue.SimpleQueue()
     manager.enqueue(inf)

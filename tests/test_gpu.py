@@ -1,23 +1,30 @@
-"""The GPU path against the CPU fp32 reference (skipped without CUDA; run on the device machine)."""
+"""The GPU path against the CPU fp32 reference (skipped without CUDA; run on the device machine): Triton attention,
+decode CUDA graphs, bf16."""
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import assert_nothing_leaked, request, run_until_idle
 from batching import BatchingManager, make_policy
-from model import GPT
-from runner import ModelRunner
+from engine.loader import from_pretrained
+from engine.runner import ModelRunner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def manager_on(model_dir: str, device: str, dtype: torch.dtype, policy: str = "dynamic") -> BatchingManager:
-    runner = ModelRunner(GPT.from_pretrained(model_dir), torch.device(device), dtype, block_size=16, num_blocks=512)
-    return BatchingManager(runner, make_policy(policy, 32), 512)
+def gpu_runner(model_dir: str, dtype: torch.dtype = torch.float32, graphs: bool = True, **kw) -> ModelRunner:
+    kw = dict(block_size=16, num_blocks=512, attention="triton", cuda_graphs=graphs, max_batch=32) | kw
+    return ModelRunner(from_pretrained(model_dir), torch.device("cuda"), dtype, **kw)
 
 
-def greedy(manager, work):
+def cpu_runner(model_dir: str) -> ModelRunner:
+    return ModelRunner(from_pretrained(model_dir), torch.device("cpu"), torch.float32, block_size=16, num_blocks=512)
+
+
+def greedy(runner: ModelRunner, work, policy: str = "dynamic", **kw) -> list[list[int]]:
+    manager = BatchingManager(runner, make_policy(policy, 32), **kw)
     reqs = [manager.enqueue(request(p, n)) for p, n in work]
     run_until_idle(manager)
     assert_nothing_leaked(manager)
@@ -30,19 +37,85 @@ def work(n=12, seed=3):
 
 
 @pytest.mark.parametrize("policy", ["nobatch", "static", "dynamic"])
-def test_fp32_on_gpu_gives_the_cpu_tokens(tiny_model_dir, policy):
+def test_fp32_on_gpu_with_graphs_gives_the_cpu_tokens(tiny_model_dir, policy):
     w = work()
-    assert greedy(manager_on(tiny_model_dir, "cuda", torch.float32, policy), w) == \
-        greedy(manager_on(tiny_model_dir, "cpu", torch.float32, policy), w)
+    assert greedy(gpu_runner(tiny_model_dir), w, policy) == greedy(cpu_runner(tiny_model_dir), w, policy)
+
+
+def test_fp32_on_gpu_gives_the_cpu_tokens_with_chunked_prefill_and_preemption(tiny_model_dir):
+    w = work(16, seed=5)
+    # 40 blocks of 4 tokens for 16 requests of up to 100 tokens: the pool runs dry and sequences are preempted
+    small = dict(block_size=4, num_blocks=40)
+    ours = greedy(gpu_runner(tiny_model_dir, **small), w, max_step_tokens=48)
+    want = greedy(ModelRunner(from_pretrained(tiny_model_dir), torch.device("cpu"), torch.float32, **small), w,
+                  max_step_tokens=48)
+    assert ours == want
+
+
+def test_the_reference_attention_on_gpu_gives_the_cpu_tokens(tiny_model_dir):
+    w = work(6)
+    ref = gpu_runner(tiny_model_dir, graphs=False, attention="reference")
+    assert greedy(ref, w) == greedy(cpu_runner(tiny_model_dir), w)
+
+
+def decode_plan(runner: ModelRunner, n: int, ctx: int, seed: int = 0):
+    from bench.decode import DecodingSequence
+    from engine.sampler import SamplingParams
+    rng = random.Random(seed)
+    seqs = [DecodingSequence(i, [rng.randrange(50257) for _ in range(ctx + i)], ctx + i - 1,
+                             SamplingParams(temperature=0)) for i in range(n)]
+    for s in seqs:
+        runner.block_manager.allocate(s.id, len(s.token_ids))
+    return seqs
+
+
+@torch.inference_mode()
+def test_graph_replay_gives_the_eager_logits_of_the_same_step(tiny_model_dir):
+    runner = gpu_runner(tiny_model_dir)
+    seqs = decode_plan(runner, 5, 40)
+    for s in seqs:  # fill the cache with real K/V through an eager prefill
+        s.num_computed = 0
+    runner.run([(s, len(s.token_ids) - 1) for s in seqs])
+    for s in seqs:
+        s.num_computed = len(s.token_ids) - 1
+    from engine.attention.metadata import pack_step
+    bm = runner.block_manager
+    q = np.ones(5, dtype=np.int64)
+    ctx = np.array([len(s.token_ids) for s in seqs])
+    ids = np.array([s.token_ids[-1] for s in seqs])
+    step = pack_step(q, ctx, bm.table_array([s.id for s in seqs], runner.table_width), bm.block_size)
+    replayed = runner.graphs.run(ids, step).clone()
+    eager = runner._forward(ids, step, np.arange(5))
+    torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_a_padded_graph_step_writes_only_its_own_sequences_slots(tiny_model_dir):
+    runner = gpu_runner(tiny_model_dir)
+    seqs = decode_plan(runner, 8, 30)
+    runner.run([(s, 1) for s in seqs])  # bucket 8: every buffer row holds a live sequence's slot
+    for s in seqs:
+        s.num_computed += 1
+        s.token_ids.append(1)
+        runner.block_manager.grow(s.id, len(s.token_ids))
+    before = runner.kv_cache.clone()
+    runner.run([(s, 1) for s in seqs[:5]])  # bucket 8 again, rows 5..7 are padding now
+    changed = (runner.kv_cache != before).flatten(3).any(-1)  # (2, layer, block, slot)
+    bm, want = runner.block_manager, torch.zeros_like(changed)
+    for s in seqs[:5]:
+        p = s.num_computed
+        want[:, :, bm.tables[s.id][p // bm.block_size], p % bm.block_size] = True
+    want[:, :, bm.num_blocks] = changed[:, :, bm.num_blocks]  # the spare block takes the padding rows' writes
+    assert torch.equal(changed, want)
 
 
 def test_bf16_logits_are_close_to_fp32_and_greedy_tokens_mostly_agree(tiny_model_dir):
     from test_loader import IDS, prefill_logits
-    ref = prefill_logits(GPT.from_pretrained(tiny_model_dir), IDS)
-    out = prefill_logits(GPT.from_pretrained(tiny_model_dir), IDS, "cuda", torch.bfloat16)
+    ref = prefill_logits(from_pretrained(tiny_model_dir), IDS)
+    out = prefill_logits(from_pretrained(tiny_model_dir), IDS, "cuda", torch.bfloat16, attention="triton")
     assert (out - ref).abs().max() < 0.1 * ref.abs().max()
     w = work(8)
-    ours = greedy(manager_on(tiny_model_dir, "cuda", torch.bfloat16), w)
-    want = greedy(manager_on(tiny_model_dir, "cpu", torch.float32), w)
+    ours = greedy(gpu_runner(tiny_model_dir, torch.bfloat16), w)
+    want = greedy(cpu_runner(tiny_model_dir), w)
     first_tokens_equal = sum(a[0] == b[0] for a, b in zip(ours, want))
     assert first_tokens_equal >= 6  # bf16 may flip a near-tie; most first tokens must agree

@@ -7,7 +7,7 @@ import pytest
 import requests
 
 from conftest import ROOT, running_server
-from tokenizer import encode
+from engine.tokenizer import encode
 
 ORIGINAL_STATS_KEYS = {"latency-per-token", "throughput", "total-tokens-handled", "total-elapsed-time"}
 HONEST_STATS_KEYS = {"wall-clock-throughput", "ttft", "tpot", "e2e-latency", "running", "waiting", "kv-cache-usage",

@@ -1,7 +1,7 @@
-"""metrics.py on inputs whose answers are known by hand: vLLM `bench serve`'s definitions."""
+"""telemetry/latency.py on inputs whose answers are known by hand: vLLM `bench serve`'s definitions."""
 import pytest
 
-from metrics import RequestRecord, busy_seconds, distribution, summarize
+from telemetry.latency import RequestRecord, busy_seconds, distribution, summarize
 
 
 def rec(arrival: float, first_token: float | None, finish: float, output_tokens: int,

@@ -3,6 +3,7 @@ for every policy, with concurrent requests of different prompt and output length
 preemption."""
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -60,6 +61,15 @@ def test_greedy_tokens_equal_hf_under_preemption(tiny_model_dir, expected, polic
     assert manager.scheduler.num_preemptions > 0
 
 
+def test_greedy_tokens_equal_hf_with_the_triton_kernels(tiny_model_dir, expected):
+    """The GPU path's attention (interpreted on a CPU): decodes, chunked prefill with prior context, preemption."""
+    pytest.importorskip("triton")
+    work, want = expected
+    manager = make_manager(tiny_model_dir, "dynamic", num_blocks=16, max_step_tokens=7, attention="triton")
+    assert generate_all(manager, work) == want
+    assert manager.scheduler.num_preemptions > 0
+
+
 def test_requests_joining_mid_generation_do_not_change_tokens(tiny_model_dir, expected):
     work, want = expected
     manager = make_manager(tiny_model_dir, "dynamic")
@@ -88,11 +98,12 @@ def test_engine_thread_gives_hf_tokens_to_concurrent_requests(tiny_model_dir, ex
 
 
 def test_greedy_tokens_equal_hf_when_long_prompts_prefill_in_several_groups(tiny_model_dir, tiny_hf_model):
-    from model import AttentionMetadata
+    from engine.attention import reference
+    from engine.attention.metadata import pack_step
     rng = random.Random(7)
     work = [([rng.randrange(50257) for _ in range(rng.randint(150, 250))], 4) for _ in range(4)]
-    lens = [len(p) for p, _ in work]
-    meta = AttentionMetadata.build(lens, lens, [[0] * 64] * 4, [0] * sum(lens), 4, torch.device("cpu"))
-    assert len(meta.prefill_groups) > 1  # long prompts are not all multiplied by each other in one mask
+    lens = np.array([len(p) for p, _ in work])
+    step = pack_step(lens, lens, np.zeros((4, 64), dtype=np.int32), 4)
+    assert len(reference.plan(step, 4, torch.device("cpu")).prefill_groups) > 1  # long prompts are not all multiplied by each other in one mask
     manager = make_manager(tiny_model_dir, "dynamic", max_step_tokens=2048)
     assert generate_all(manager, work) == [hf_greedy(tiny_hf_model, p, n) for p, n in work]

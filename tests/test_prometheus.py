@@ -13,7 +13,9 @@ import time
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+import api.server
 import app
+from engine.config import Settings
 from conftest import make_manager, running_server
 
 MODEL = "tiny-gpt2"
@@ -123,12 +125,12 @@ def test_two_workers_add_up_and_a_dead_workers_gauges_vanish(tiny_model_dir, tmp
 @contextlib.contextmanager
 def in_process(model_dir: str, **settings):
     manager = make_manager(model_dir)
-    app.serve(app.Settings(served_model_name=MODEL, **settings), manager, {})
+    api.server.serve(Settings(served_model_name=MODEL, **settings), manager, {})
     try:
         yield app.app.test_client(), manager
     finally:
         manager.stop()
-        app.server = None
+        api.server.current = None
 
 
 def test_engine_death_is_logged_with_its_traceback_and_surfaced(tiny_model_dir, caplog):

@@ -3,13 +3,14 @@ import pytest
 import torch
 
 from conftest import make_manager, request, run_until_idle
-from sampling import InvalidRequest, Sampler, SamplingParams
+from api.validation import InvalidRequest, checked
+from engine.sampler import Sampler, SamplingParams
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, n: int = 4000) -> torch.Tensor:
-    sampler = Sampler(torch.device("cpu"), seed=0)
+    sampler = Sampler(torch.device("cpu"), logits.shape[-1], seed=0)
     rows = logits.expand(n, -1)
-    return torch.tensor([t.token for t in sampler(rows, [params] * n, [None] * n)])
+    return torch.tensor([t.token for t in sampler(rows, [params] * n, list(range(n)), [0] * n)])
 
 
 def test_default_sampling_follows_the_softmax():
@@ -58,5 +59,5 @@ def test_logprobs_are_log_softmax_of_the_model_and_rank_the_chosen_greedy_token_
                                  dict(max_tokens=0), dict(stop=["a"] * 5), dict(stop=[""]), dict(logprobs=6)])
 def test_out_of_range_sampling_values_are_refused_naming_the_field(bad):
     with pytest.raises(InvalidRequest) as e:
-        SamplingParams(**bad)
+        checked(SamplingParams(**bad))
     assert e.value.param == next(iter(bad))

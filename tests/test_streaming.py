@@ -6,12 +6,14 @@ import json
 import pytest
 import requests
 
+import api.server
 import app
-import sse
+from api import sse
+from engine.config import Settings
 from conftest import fail_step, make_manager, running_server
-from errors import ApiError
-from sampling import SampledToken
-from tokenizer import encode
+from api.errors import ApiError
+from engine.sampler import SampledToken
+from engine.tokenizer import encode
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +85,12 @@ def test_characters_split_across_tokens_arrive_whole(url):
 @contextlib.contextmanager
 def in_process(model_dir: str):
     manager = make_manager(model_dir)
-    app.serve(app.Settings(), manager, {})
+    api.server.serve(Settings(), manager, {})
     try:
         yield app.app.test_client(), manager
     finally:
         manager.stop()
-        app.server = None
+        api.server.current = None
 
 
 def scripted(manager, tokens: list[int]) -> None:

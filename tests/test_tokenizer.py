@@ -1,5 +1,5 @@
 """The GPT-2 tokenizer works offline and streams text safely."""
-from tokenizer import StreamDecoder, decode, encode, get_tokenizer
+from engine.tokenizer import StreamDecoder, decode, encode, get_tokenizer
 
 
 def test_hello_world_encodes_to_gpt2_ids():

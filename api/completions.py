@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass, replace
 from typing import Iterator
 
+from api.errors import ApiError
+from api.submission import Delta
+from api.validation import InvalidRequest, check_context_length, checked, reject_unknown, seed_value, stop_strings, \
+    typed
 from batching import Inference
-from engine_client import Delta
-from errors import ApiError
-from sampling import InvalidRequest, SamplingParams
-from tokenizer import EOT_TOKEN, decode, encode
-from validation import check_context_length, reject_unknown, seed_value, stop_strings, typed
+from engine.sampler import SamplingParams
+from engine.tokenizer import EOT_TOKEN, decode, encode
 
 MAX_N = 128  # OpenAI's own limit
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "echo", "logprobs",
@@ -54,7 +55,7 @@ def parse_completion_request(body: dict, model: str, max_context: int) -> Comple
     if not 1 <= n <= MAX_N:
         raise InvalidRequest(f"'n' must be between 1 and {MAX_N}; got {n}", "n")
     _reject_unsupported(body, n)
-    params = SamplingParams(
+    params = checked(SamplingParams(
         max_tokens=typed(body, "max_tokens", (int,), default=16),
         temperature=float(typed(body, "temperature", (int, float), default=1.0)),
         top_p=float(typed(body, "top_p", (int, float), default=1.0)),
@@ -63,7 +64,7 @@ def parse_completion_request(body: dict, model: str, max_context: int) -> Comple
         stop=stop_strings(body),
         ignore_eos=typed(body, "ignore_eos", (bool,), default=False),
         logprobs=typed(body, "logprobs", (int,)),
-    )
+    ))
     echo = typed(body, "echo", (bool,), default=False)
     if echo and params.logprobs is not None:
         raise InvalidRequest("'echo' together with 'logprobs' is not supported: this server does not compute "

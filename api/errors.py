@@ -8,8 +8,8 @@ import logging
 from flask import Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from batching import Overloaded
-from sampling import InvalidRequest
+from api.validation import InvalidRequest
+from batching import Overloaded, TooLong
 
 log = logging.getLogger("effective-batching")
 
@@ -46,6 +46,8 @@ def api_error(e: Exception) -> ApiError:
         return e
     if isinstance(e, InvalidRequest):
         return ApiError(400, str(e), e.param, e.code)
+    if isinstance(e, TooLong):
+        return ApiError(400, str(e), e.param, "context_length_exceeded")
     if isinstance(e, Overloaded):
         return ApiError(503, str(e), code="overloaded", headers={"Retry-After": "1"})
     if isinstance(e, HTTPException):

@@ -13,7 +13,7 @@ import os
 import threading
 from collections import defaultdict, deque
 
-from metrics import RequestRecord, busy_seconds, distribution
+from telemetry.latency import RequestRecord, busy_seconds, distribution
 
 RECENT = 10_000  # requests kept for percentiles; the original's sums cover every request
 

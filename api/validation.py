@@ -1,5 +1,35 @@
 """Checks every endpoint's request parsing shares; each raises InvalidRequest (HTTP 400) naming the field."""
-from sampling import InvalidRequest
+from engine.sampler import SamplingParams
+
+MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 5
+
+
+class InvalidRequest(ValueError):
+    """A request the server refuses (HTTP 400); `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+def checked(params: SamplingParams) -> SamplingParams:
+    """The sampling parameters, if every one is in range."""
+    checks = [
+        ("max_tokens", params.max_tokens >= 1, "must be at least 1"),
+        ("temperature", 0 <= params.temperature <= 2, "must be between 0 and 2"),
+        ("top_k", params.top_k >= 0, "must be 0 (off) or positive"),
+        ("top_p", 0 < params.top_p <= 1, "must be in (0, 1]"),
+        ("stop", len(params.stop) <= MAX_STOP_STRINGS and all(params.stop),
+         f"takes at most {MAX_STOP_STRINGS} non-empty strings"),
+        ("logprobs", params.logprobs is None or 0 <= params.logprobs <= MAX_LOGPROBS,
+         f"must be between 0 and {MAX_LOGPROBS}"),
+    ]
+    for param, ok, why in checks:
+        if not ok:
+            raise InvalidRequest(f"'{param}' {why}; got {getattr(params, param)!r}", param)
+    return params
 
 
 def typed(body: dict, name: str, types: tuple, required: bool = False, default=None):

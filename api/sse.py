@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 
 from flask import Response
 
-from errors import api_error
+from api.errors import api_error
 
 
 def event(data: dict | str) -> bytes:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from batching import BatchingManager, Inference
-from errors import ApiError, ClientGone
+from api.errors import ApiError, ClientGone
 
 log = logging.getLogger("effective-batching")
 

@@ -1,0 +1,35 @@
+"""Paged attention for the model's layers: the plain PyTorch reference (the CPU path, and the oracle) or the
+Triton kernels (the GPU path; on a CPU they run under TRITON_INTERPRET=1, for tests). The runner picks one per
+step by building the metadata with or without a reference plan."""
+import functools
+import math
+
+import torch
+
+from engine.attention import reference
+from engine.attention.metadata import AttentionMetadata
+
+BACKENDS = ("reference", "triton")
+
+
+@functools.cache
+def _kernels():
+    from engine.attention import triton_decode, triton_prefill  # triton is needed only on this path
+    return triton_decode.paged_decode_attention, triton_prefill.paged_prefill_attention
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata) -> torch.Tensor:
+    """q: (N, nh, hs), new tokens packed decodes first; caches: (num_blocks, block_size, nh, hs), this step's
+    K/V already written. Returns (N, nh, hs)."""
+    if meta.reference is not None:
+        return reference.paged_attention(q, k_cache, v_cache, meta)
+    decode, prefill = _kernels()
+    out = torch.empty_like(q)
+    D, scale = meta.num_decodes, 1 / math.sqrt(q.shape[-1])
+    if D:
+        decode(q[:D], k_cache, v_cache, meta.block_tables[:D], meta.context_lens[:D], out[:D], scale)
+    if D < len(q):
+        prefill(q[D:], k_cache, v_cache, meta.block_tables[D:], meta.query_start, meta.context_lens[D:],
+                meta.max_query_len, out[D:], scale)
+    return out

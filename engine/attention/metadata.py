@@ -1,0 +1,61 @@
+"""Where a step's tokens sit in the paged KV cache, built once per step on the host from numpy arrays, so no
+layer has to synchronise with the device to read it.
+
+A step packs B sequences with no padding, decodes first: rows 0..D-1 are one new token each (a decode, or a
+prompt's single last token), then the prefill chunks of the other B-D sequences, each chunk the last n tokens
+of its sequence's context (earlier tokens may already be cached: chunked prefill, recompute after preemption).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.kv_cache import slot_mapping
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (N,) int64: the cache slot each new token's K/V is written to
+    block_tables: torch.Tensor  # (B, W) int32: each sequence's cache blocks, decodes first
+    context_lens: torch.Tensor  # (B,) int32: tokens each sequence attends to, this step's included
+    num_decodes: int  # D
+    query_start: torch.Tensor  # (B-D+1,) int32: prefill s owns rows D+query_start[s] .. D+query_start[s+1]-1
+    max_query_len: int  # longest prefill chunk (0 when there is none)
+    reference: object | None = None  # the plain PyTorch attention's gather plan (CPU path and oracle)
+
+
+@dataclass
+class StepInputs:
+    """One packed step on the host: what the model reads besides the metadata."""
+    positions: np.ndarray  # (N,) int64
+    slots: np.ndarray  # (N,) int64
+    query_lens: np.ndarray  # (B,) int64
+    context_lens: np.ndarray  # (B,) int64
+    block_tables: np.ndarray  # (B, W) int32
+    num_decodes: int
+
+
+def pack_step(query_lens: np.ndarray, context_lens: np.ndarray, block_tables: np.ndarray,
+              block_size: int) -> StepInputs:
+    """Positions and cache slots of every new token, vectorised: sequence b contributes query_lens[b] tokens,
+    the last ones of its context_lens[b]. Decodes (query length 1) must come first."""
+    num_decodes = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else len(query_lens)
+    assert (query_lens[num_decodes:] != 1).all(), "decodes must come first in a step"
+    rows = np.repeat(np.arange(len(query_lens)), query_lens)
+    starts = np.cumsum(query_lens) - query_lens  # first row of each sequence
+    positions = np.arange(len(rows)) - starts[rows] + (context_lens - query_lens)[rows]
+    return StepInputs(positions, slot_mapping(block_tables, rows, positions, block_size), query_lens,
+                      context_lens, block_tables, num_decodes)
+
+
+def build_metadata(step: StepInputs, device: torch.device) -> AttentionMetadata:
+    as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype, non_blocking=True)
+    prefill_lens = step.query_lens[step.num_decodes:]
+    return AttentionMetadata(
+        slot_mapping=as_tensor(step.slots, torch.int64),
+        block_tables=as_tensor(step.block_tables, torch.int32),
+        context_lens=as_tensor(step.context_lens, torch.int32),
+        num_decodes=step.num_decodes,
+        query_start=as_tensor(np.concatenate([[0], np.cumsum(prefill_lens)]), torch.int32),
+        max_query_len=int(prefill_lens.max(initial=0)),
+    )

@@ -1,0 +1,35 @@
+"""Assembles a model runner from the server's settings: weights, device, dtype, KV pool, attention, graphs."""
+import logging
+import time
+
+import torch
+
+from engine.config import Settings, resolve_attention, resolve_device, resolve_dtype
+from engine.loader import load_model
+from engine.runner import ModelRunner
+from engine.tokenizer import VOCAB_SIZE
+
+log = logging.getLogger(__name__)
+
+
+def build_runner(s: Settings) -> tuple[ModelRunner, dict]:
+    """The runner, and what /health and /stats say about it."""
+    device = resolve_device(s.device)
+    dtype = resolve_dtype(s.dtype, device)
+    attention = resolve_attention(s.attention, device)
+    start = time.perf_counter()
+    model, weights = load_model(s.model, s.weights)
+    runner = ModelRunner(model, device, dtype, block_size=s.block_size, num_blocks=s.kv_blocks,
+                         kv_cache_gb=s.kv_cache_gb, gpu_memory_utilization=s.gpu_memory_utilization, seed=s.seed,
+                         attention=attention, cuda_graphs=s.cuda_graphs, max_batch=s.max_batch,
+                         vocab_size=VOCAB_SIZE)
+    info = {"policy": s.policy, "model": s.model, "weights": weights,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(dtype).removeprefix("torch."), "attention": attention,
+            "cuda-graphs": runner.graphs is not None, "max-batch": s.max_batch,
+            "max-context": model.config.block_size}
+    if weights == "random":
+        info["warning"] = "random weights: completions are meaningless text"
+    log.info("%s (%s weights) on %s in %s ready in %.1f s", s.model, weights, info["device"], info["dtype"],
+             time.perf_counter() - start)
+    return runner, info

@@ -1,0 +1,115 @@
+"""The model runner: owns the model, the KV cache tensors, the decode CUDA graphs and the sampler on one device.
+
+`run(plan)` turns the sequences the scheduler picked (each with how many new tokens it contributes) into one
+packed forward, decodes first: flat token ids, positions and slot mapping built with numpy, block tables and
+context lengths; then one sampler call for every sequence that has reached the end of its known tokens. A
+decode-only step on a GPU replays a captured graph; any other step runs eagerly.
+"""
+import itertools
+import logging
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from engine.attention import metadata as attention_metadata, reference
+from engine.cuda_graphs import DecodeGraphs
+from engine.kv_cache import BlockManager
+from engine.sampler import SampledToken, Sampler, SamplingParams
+from model import GPT
+
+log = logging.getLogger(__name__)
+
+
+class Sequence(Protocol):
+    id: int
+    token_ids: list[int]  # prompt + generated so far
+    num_computed: int  # tokens whose K/V are already in the cache
+    params: SamplingParams
+    seed: int | None  # set by the runner at the first draw when the request gave none
+
+
+def kv_bytes_per_token(model: GPT, dtype: torch.dtype) -> int:
+    c = model.config
+    return 2 * c.n_layer * c.n_embd * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+
+    def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, block_size: int = 16,
+                 num_blocks: int | None = None, kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.9,
+                 seed: int | None = None, attention: str = "reference", cuda_graphs: bool = False,
+                 max_batch: int = 128, vocab_size: int | None = None):
+        self.device, self.dtype, self.attention = device, dtype, attention
+        if device.type == "cuda":
+            # cuDNN's attention builds a new plan for every new shape (tens of ms each); the reference path's
+            # decode contexts grow every step, so it would keep building. The other fused kernels take any shape.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        self.model = model.to(device=device, dtype=dtype).eval()
+        c = model.config
+        if num_blocks is None:
+            num_blocks = self._blocks_that_fit(block_size, kv_cache_gb, gpu_memory_utilization)
+        # (k/v, layer, block, slot, head, head_dim): one allocation, a view per layer; one spare block for padding
+        self.kv_cache = torch.zeros(2, c.n_layer, num_blocks + 1, block_size, c.n_head, c.n_embd // c.n_head,
+                                    device=device, dtype=dtype)
+        for i, block in enumerate(self.model.transformer.h):
+            block.attn.k_cache, block.attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.table_width = -(-c.block_size // block_size)  # blocks of the longest context
+        self.sampler = Sampler(device, min(vocab_size or c.vocab_size, c.vocab_size), seed)
+        log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GB); attention: %s", num_blocks, block_size,
+                 num_blocks * block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 1e9, attention)
+        self.graphs = None
+        if cuda_graphs and device.type == "cuda" and attention == "triton":
+            self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, self.block_manager.pad_slot, device)
+            self.graphs.capture()
+
+    def _blocks_that_fit(self, block_size: int, kv_cache_gb: float, gpu_memory_utilization: float) -> int:
+        per_block = kv_bytes_per_token(self.model, self.dtype) * block_size
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - gpu_memory_utilization) * total  # leave room for activations and other processes
+        else:
+            budget = kv_cache_gb * 1e9
+        if budget < 2 * per_block:
+            raise RuntimeError(f"no memory left for the KV cache on {self.device}")
+        return int(budget // per_block) - 1  # the spare block
+
+    @torch.inference_mode()
+    def run(self, plan: list[tuple[Sequence, int]]) -> dict[int, SampledToken]:
+        """One forward for the whole plan; returns the sampled token of each sequence (by id) whose known tokens
+        are all in the cache after this step."""
+        plan = sorted(plan, key=lambda item: item[1] != 1)  # decodes first (a stable sort keeps the rest)
+        seqs = [seq for seq, _ in plan]
+        query_lens = np.array([n for _, n in plan], dtype=np.int64)
+        computed = np.array([seq.num_computed for seq in seqs], dtype=np.int64)
+        context_lens = computed + query_lens
+        ids = np.array(list(itertools.chain.from_iterable(
+            seq.token_ids[seq.num_computed:seq.num_computed + n] for seq, n in plan)), dtype=np.int64)
+        samples = context_lens == np.array([len(seq.token_ids) for seq in seqs])  # the rest are mid-prompt chunks
+        sample_rows = (np.cumsum(query_lens) - 1)[samples]
+        bm = self.block_manager
+        tables = bm.table_array([s.id for s in seqs], self.table_width if self.graphs else None)
+        step = attention_metadata.pack_step(query_lens, context_lens, tables, bm.block_size)
+        if self.graphs and step.num_decodes == len(seqs) <= self.graphs.max_batch:
+            logits = self.graphs.run(ids, step)
+            if not samples.all():  # a prompt's single-token chunk that is not its last
+                logits = logits[torch.from_numpy(np.flatnonzero(samples)).to(self.device)]
+        else:
+            logits = self._forward(ids, step, sample_rows)
+        samplers = [seq for seq, sample in zip(seqs, samples) if sample]
+        if not samplers:
+            return {}
+        for seq in samplers:
+            if seq.seed is None:
+                seq.seed = self.sampler.new_seed()
+        tokens = self.sampler(logits, [s.params for s in samplers], [s.seed for s in samplers],
+                              [len(s.token_ids) for s in samplers])
+        return {seq.id: tok for seq, tok in zip(samplers, tokens)}
+
+    def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray) -> torch.Tensor:
+        meta = attention_metadata.build_metadata(step, self.device)
+        if self.attention == "reference":
+            meta.reference = reference.plan(step, self.block_manager.block_size, self.device)
+        as_tensor = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
+        return self.model(as_tensor(ids), as_tensor(step.positions), meta, as_tensor(sample_rows))

@@ -1,0 +1,124 @@
+"""Sampling parameters of a sequence and the sampler that draws one token for every sequence of a step at once,
+on the step's device, with one device-to-host copy of the sampled ids.
+
+Defaults are the original project's: plain multinomial sampling from the full softmax at temperature 1, no
+top-k/top-p, never stopping early. A temperature under GREEDY_BELOW is greedy.
+
+Randomness is counter-based: the uniform number behind a sequence's n-th token is a hash of (its seed, n),
+computed on the host in numpy. So a sequence's draws depend on nothing else in the batch, survive preemption
+(recompute draws the same numbers), and are the same on every device. A request without a seed gets one from
+the sampler's own generator (the server's SEED).
+"""
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+GREEDY_BELOW = 1e-5  # temperatures this small overflow the softmax; they mean "the most likely token"
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = True  # the original never stopped at <|endoftext|>
+    logprobs: int | None = None  # how many top alternatives to return with each token's logprob
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+@dataclass
+class SampledToken:
+    token: int
+    logprob: float | None = None  # log-probability under the model's distribution (before temperature)
+    top_logprobs: dict[int, float] | None = None
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)  # uint64 arithmetic wraps around, as the hash wants
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seeds: list[int], counters: list[int]) -> np.ndarray:
+    """One number in [0, 1) per (seed, counter), float64 with 53 random bits."""
+    s = np.array([seed & 0xFFFF_FFFF_FFFF_FFFF for seed in seeds], dtype=np.uint64)
+    x = _splitmix64(_splitmix64(s) ^ np.array(counters, dtype=np.uint64))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+class Sampler:
+
+    def __init__(self, device: torch.device, vocab_size: int, seed: int | None = None):
+        self.device = device
+        self.vocab_size = vocab_size  # the tokenizer's: a checkpoint's padded vocabulary is never sampled
+        self.seeds = random.Random(seed)
+
+    def new_seed(self) -> int:
+        return self.seeds.getrandbits(63)
+
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
+                 counters: list[int]) -> list[SampledToken]:
+        """logits: (B, model vocab) fp32; row b draws with uniforms(seeds[b], counters[b])."""
+        logits = logits[:, :self.vocab_size]
+        tokens = logits.argmax(dim=-1)
+        if not all(p.greedy for p in params):
+            u = torch.from_numpy(uniforms(seeds, counters)).to(self.device, non_blocking=True)
+            greedy = torch.tensor([p.greedy for p in params]).to(self.device, non_blocking=True)
+            tokens = torch.where(greedy, tokens, self._draw(logits, params, u))
+        result = [SampledToken(t) for t in tokens.tolist()]  # the step's one wait for the device
+        if any(p.logprobs is not None for p in params):
+            self._add_logprobs(logits, tokens, params, result)
+        return result
+
+    def _draw(self, logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
+        """Inverse-CDF sampling from the filtered softmax: the first token whose cumulative probability exceeds
+        u * total. In float64, so u < 1 always lands on a token, and never on a zero-probability one."""
+        temperature = torch.tensor([max(p.temperature, GREEDY_BELOW) for p in params])
+        scaled = logits / temperature.to(self.device, non_blocking=True)[:, None]
+        if any(p.top_k for p in params):
+            scaled = _apply_top_k(scaled, [p.top_k for p in params])
+        if any(p.top_p < 1 for p in params):
+            top_p = torch.tensor([p.top_p for p in params]).to(self.device, non_blocking=True)
+            scaled = _apply_top_p(scaled, top_p)
+        cdf = torch.softmax(scaled, dim=-1).double().cumsum(dim=-1)
+        return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+
+    def _add_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams],
+                      result: list[SampledToken]) -> None:
+        rows = [b for b, p in enumerate(params) if p.logprobs is not None]
+        k = max(params[b].logprobs for b in rows)
+        logp = torch.log_softmax(logits[rows], dim=-1)
+        chosen = logp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
+        top = logp.topk(max(k, 1))
+        top_ids, top_values = top.indices.tolist(), top.values.tolist()
+        for j, b in enumerate(rows):
+            result[b].logprob = chosen[j]
+            n = params[b].logprobs
+            if n:
+                result[b].top_logprobs = dict(zip(top_ids[j][:n], top_values[j][:n]))
+
+
+def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    k = torch.tensor([min(t, vocab) if t > 0 else vocab for t in top_k]).to(logits.device, non_blocking=True)
+    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # drop a token when the tokens ranked above it already cover top_p; the first token always stays
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
