@@ -255,6 +255,7 @@ class BatchingManager:
         self.max_waiting = max_waiting
         self.max_context = runner.model.config.block_size
         self.on_finish = list(on_finish or [])  # callbacks(inference), run on the engine thread
+        self.on_fatal: list = []  # callbacks(error message) when the engine thread dies
         self._lock = threading.Lock()
         self._inbox: list[Inference] = []
         self._aborts: list[Inference] = []
@@ -293,11 +294,14 @@ class BatchingManager:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the engine thread; it aborts what is in flight as it leaves (only it touches the scheduler)."""
         self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=10)
-        for inf in self._in_flight():
-            self._finish(inf, "abort", error="the server is shutting down")
+        if self._thread is None:
+            self._abort_in_flight()
+            return
+        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            log.warning("the engine thread did not stop within 30 s; leaving it to the process exit")
 
     @property
     def alive(self) -> bool:
@@ -315,6 +319,14 @@ class BatchingManager:
             self.fatal_error = f"engine thread died: {e!r}"
             for inf in self._in_flight():
                 self._finish(inf, "error", error=self.fatal_error)
+            for callback in self.on_fatal:
+                callback(self.fatal_error)
+            return
+        self._abort_in_flight()
+
+    def _abort_in_flight(self) -> None:
+        for inf in self._in_flight():
+            self._finish(inf, "abort", error="the server is shutting down")
 
     def step(self) -> bool:
         """Run one step; False when there was nothing to run."""
@@ -333,12 +345,18 @@ class BatchingManager:
         now = time.perf_counter()
         for seq, n in plan:
             seq.num_computed += n
-            if seq.id in sampled:
+            if seq.id not in sampled:
+                continue
+            try:  # one sequence's failure (detokenising, stop strings, its stream) ends that sequence only
                 seq.append(sampled[seq.id], now)
                 if seq.finish_reason:
                     self._finish(seq, seq.finish_reason)
                 elif seq.stream is not None:
                     seq.stream.put(seq.stream_delta())
+            except Exception as e:
+                log.exception("request %s failed after its step", seq.request_id)
+                if not seq.done:
+                    self._finish(seq, "error", error=f"inference failed: {e!r}")
         return True
 
     def _take_inbox(self) -> None:
