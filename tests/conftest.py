@@ -13,14 +13,44 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on this CPU, slowly, for tests
 
 from batching import BatchingManager, Inference, make_policy  # noqa: E402
 from engine.loader import from_pretrained  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
 from engine.sampler import SamplingParams  # noqa: E402
 import server_process  # noqa: E402
+
+
+def patch_interpreter() -> None:
+    """Two gaps of Triton 3.6's interpreter that the compiled kernels do not have:
+    - it turns a 1-element array into a loop bound with int(), which NumPy >= 2.4 refuses (triton-lang/triton#9171),
+      so every loop up to a length read from memory fails: index through .item();
+    - tl.dot multiplies bfloat16's raw uint16 bit patterns (triton-lang/triton#11584): widen them to float32."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    def patch_lang_tensor(tensor, scope, original=interpreter._patch_lang_tensor):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    def as_float32(h):
+        if h.dtype != tl.bfloat16:
+            return h
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, *args, original=interpreter.InterpreterBuilder.create_dot):
+        return original(self, as_float32(a), as_float32(b), *args)
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter.InterpreterBuilder.create_dot = create_dot
+
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on this CPU, slowly, for tests
+    with contextlib.suppress(ImportError):
+        patch_interpreter()
+
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=50257)
 

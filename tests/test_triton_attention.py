@@ -1,48 +1,11 @@
 """The Triton paged attention kernels against a plain float64 PyTorch reference. On a CPU they run under
 Triton's interpreter (so shapes stay tiny); on CUDA natively, plus the CUDA graph replay the engine relies on."""
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' module is imported
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-pytest.importorskip("triton")
-
-
-def patch_interpreter() -> None:
-    """Two gaps of Triton 3.6's interpreter that the compiled kernels do not have:
-    - it turns a 1-element array into a loop bound with int(), which NumPy >= 2.4 refuses (triton-lang/triton#9171),
-      so every loop up to a length read from memory fails: index through .item();
-    - tl.dot multiplies bfloat16's raw uint16 bit patterns (triton-lang/triton#11584): widen them to float32."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    def patch_lang_tensor(tensor, scope, original=interpreter._patch_lang_tensor):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    def as_float32(h):
-        if h.dtype != tl.bfloat16:
-            return h
-        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, *args, original=interpreter.InterpreterBuilder.create_dot):
-        return original(self, as_float32(a), as_float32(b), *args)
-
-    interpreter._patch_lang_tensor = patch_lang_tensor
-    interpreter.InterpreterBuilder.create_dot = create_dot
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    patch_interpreter()
-
+pytest.importorskip("triton")  # conftest.py runs it under the interpreter on a CPU
 from engine.attention.triton_decode import choose_num_splits, paged_decode_attention  # noqa: E402
 from engine.attention.triton_prefill import paged_prefill_attention  # noqa: E402
 
