@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata, paged_attention, write_kv
 
 
 @dataclass
@@ -50,9 +50,7 @@ class CausalSelfAttention(nn.Module):
         N, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=1)
         q, k, v = (t.view(N, self.n_head, self.head_dim) for t in (q, k, v))  # (N, nh, hs)
-        # one write path for prefill and decode
-        self.k_cache.view(-1, self.n_head, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        self.v_cache.view(-1, self.n_head, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        write_kv(k, v, self.k_cache, self.v_cache, meta)
         y = paged_attention(q, self.k_cache, self.v_cache, meta)
         return self.c_proj(y.reshape(N, C))
 

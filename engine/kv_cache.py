@@ -19,14 +19,19 @@ def slot_mapping(block_tables: np.ndarray, rows: np.ndarray, positions: np.ndarr
 
 
 class BlockManager:
+    """Block tables live twice: as lists (the bookkeeping) and as rows of one numpy array, so a step gathers
+    all of its tables with one indexing operation instead of a Python loop over sequences."""
 
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int = 64):
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.pad_slot = num_blocks * block_size  # first slot of the spare block, past every block handed out
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.tables: dict[int, list[int]] = {}  # sequence id -> its block ids, in order
+        self.rows: dict[int, int] = {}  # sequence id -> its row of table_rows
+        self.free_rows: list[int] = []
+        self.table_rows = np.zeros((0, max_blocks_per_seq), dtype=np.int32)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -45,6 +50,12 @@ class BlockManager:
     def allocate(self, seq_id: int, num_tokens: int) -> None:
         assert seq_id not in self.tables, f"sequence {seq_id} already holds blocks"
         self.tables[seq_id] = []
+        if not self.free_rows:  # twice the rows: amortised growth
+            n = len(self.table_rows)
+            self.table_rows = np.concatenate([self.table_rows, np.zeros((max(n, 16), self.table_rows.shape[1]),
+                                                                        dtype=np.int32)])
+            self.free_rows = list(range(len(self.table_rows) - 1, n - 1, -1))
+        self.rows[seq_id] = self.free_rows.pop()
         self.grow(seq_id, num_tokens)
 
     def can_grow(self, seq_id: int, num_tokens: int) -> bool:
@@ -54,17 +65,20 @@ class BlockManager:
         """Make the sequence's table hold at least num_tokens slots."""
         table = self.tables[seq_id]
         missing = self.blocks_needed(num_tokens) - len(table)
+        if missing <= 0:
+            return
         assert missing <= self.num_free, "grow() without can_grow()"
-        table.extend(self.free_blocks.popleft() for _ in range(max(missing, 0)))
+        new = [self.free_blocks.popleft() for _ in range(missing)]
+        self.table_rows[self.rows[seq_id], len(table):len(table) + missing] = new
+        table.extend(new)
 
     def free(self, seq_id: int) -> None:
         self.free_blocks.extend(self.tables.pop(seq_id, ()))
+        if seq_id in self.rows:
+            self.free_rows.append(self.rows.pop(seq_id))
 
     def table_array(self, seq_ids: list[int], width: int | None = None) -> np.ndarray:
-        """(len(seq_ids), width) int32 block tables, zero past each sequence's blocks (never read there); width
-        defaults to the longest table."""
-        tables = [self.tables[seq_id] for seq_id in seq_ids]
-        out = np.zeros((len(tables), width or max(map(len, tables))), dtype=np.int32)
-        for row, table in enumerate(tables):
-            out[row, :len(table)] = table
-        return out
+        """(len(seq_ids), width) int32 block tables; past a sequence's blocks the entries are stale (never read
+        there). width defaults to the longest table."""
+        width = width or max(len(self.tables[seq_id]) for seq_id in seq_ids)
+        return self.table_rows[[self.rows[seq_id] for seq_id in seq_ids], :width]

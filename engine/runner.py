@@ -54,14 +54,15 @@ class ModelRunner:
                                     device=device, dtype=dtype)
         for i, block in enumerate(self.model.transformer.h):
             block.attn.k_cache, block.attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        self.block_manager = BlockManager(num_blocks, block_size)
         self.table_width = -(-c.block_size // block_size)  # blocks of the longest context
+        self.block_manager = BlockManager(num_blocks, block_size, self.table_width)
         self.sampler = Sampler(device, min(vocab_size or c.vocab_size, c.vocab_size), seed)
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GB); attention: %s", num_blocks, block_size,
                  num_blocks * block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 1e9, attention)
         self.graphs = None
         if cuda_graphs and device.type == "cuda" and attention == "triton":
-            self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, self.block_manager.pad_slot, device)
+            self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, self.block_manager.pad_slot,
+                                       self.sampler.vocab_size, device)
             self.graphs.capture()
 
     def _blocks_that_fit(self, block_size: int, kv_cache_gb: float, gpu_memory_utilization: float) -> int:
@@ -81,20 +82,25 @@ class ModelRunner:
         are all in the cache after this step."""
         plan = sorted(plan, key=lambda item: item[1] != 1)  # decodes first (a stable sort keeps the rest)
         seqs = [seq for seq, _ in plan]
-        query_lens = np.array([n for _, n in plan], dtype=np.int64)
-        computed = np.array([seq.num_computed for seq in seqs], dtype=np.int64)
+        query_lens, computed, known = np.array([(n, seq.num_computed, len(seq.token_ids)) for seq, n in plan],
+                                               dtype=np.int64).T
         context_lens = computed + query_lens
-        ids = np.array(list(itertools.chain.from_iterable(
-            seq.token_ids[seq.num_computed:seq.num_computed + n] for seq, n in plan)), dtype=np.int64)
-        samples = context_lens == np.array([len(seq.token_ids) for seq in seqs])  # the rest are mid-prompt chunks
+        if len(plan) == query_lens.sum():  # one token each: no slices to build
+            ids = np.array([seq.token_ids[seq.num_computed] for seq in seqs], dtype=np.int64)
+        else:
+            ids = np.array(list(itertools.chain.from_iterable(
+                seq.token_ids[seq.num_computed:seq.num_computed + n] for seq, n in plan)), dtype=np.int64)
+        samples = context_lens == known  # the rest are mid-prompt chunks
         sample_rows = (np.cumsum(query_lens) - 1)[samples]
         bm = self.block_manager
         tables = bm.table_array([s.id for s in seqs], self.table_width if self.graphs else None)
         step = attention_metadata.pack_step(query_lens, context_lens, tables, bm.block_size)
+        argmax = None
         if self.graphs and step.num_decodes == len(seqs) <= self.graphs.max_batch:
-            logits = self.graphs.run(ids, step)
+            logits, argmax = self.graphs.run(ids, step)
             if not samples.all():  # a prompt's single-token chunk that is not its last
-                logits = logits[torch.from_numpy(np.flatnonzero(samples)).to(self.device)]
+                rows = torch.from_numpy(np.flatnonzero(samples)).to(self.device)
+                logits, argmax = logits[rows], argmax[rows]
         else:
             logits = self._forward(ids, step, sample_rows)
         samplers = [seq for seq, sample in zip(seqs, samples) if sample]
@@ -104,7 +110,7 @@ class ModelRunner:
             if seq.seed is None:
                 seq.seed = self.sampler.new_seed()
         tokens = self.sampler(logits, [s.params for s in samplers], [s.seed for s in samplers],
-                              [len(s.token_ids) for s in samplers])
+                              [len(s.token_ids) for s in samplers], argmax)
         return {seq.id: tok for seq, tok in zip(samplers, tokens)}
 
     def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray) -> torch.Tensor:

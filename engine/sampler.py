@@ -65,11 +65,12 @@ class Sampler:
     def new_seed(self) -> int:
         return self.seeds.getrandbits(63)
 
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int],
-                 counters: list[int]) -> list[SampledToken]:
-        """logits: (B, model vocab) fp32; row b draws with uniforms(seeds[b], counters[b])."""
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
+                 argmax: torch.Tensor | None = None) -> list[SampledToken]:
+        """logits: (B, model vocab) fp32; row b draws with uniforms(seeds[b], counters[b]). argmax: the greedy
+        ids if the caller has them already (a decode graph computes them)."""
         logits = logits[:, :self.vocab_size]
-        tokens = logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1) if argmax is None else argmax
         if not all(p.greedy for p in params):
             u = torch.from_numpy(uniforms(seeds, counters)).to(self.device, non_blocking=True)
             greedy = torch.tensor([p.greedy for p in params]).to(self.device, non_blocking=True)

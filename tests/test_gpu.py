@@ -84,7 +84,7 @@ def test_graph_replay_gives_the_eager_logits_of_the_same_step(tiny_model_dir):
     ctx = np.array([len(s.token_ids) for s in seqs])
     ids = np.array([s.token_ids[-1] for s in seqs])
     step = pack_step(q, ctx, bm.table_array([s.id for s in seqs], runner.table_width), bm.block_size)
-    replayed = runner.graphs.run(ids, step).clone()
+    replayed = runner.graphs.run(ids, step)[0].clone()
     eager = runner._forward(ids, step, np.arange(5))
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
 
@@ -100,7 +100,7 @@ def test_a_padded_graph_step_writes_only_its_own_sequences_slots(tiny_model_dir)
         runner.block_manager.grow(s.id, len(s.token_ids))
     before = runner.kv_cache.clone()
     runner.run([(s, 1) for s in seqs[:5]])  # bucket 8 again, rows 5..7 are padding now
-    changed = (runner.kv_cache != before).flatten(3).any(-1)  # (2, layer, block, slot)
+    changed = (runner.kv_cache != before).flatten(4).any(-1)  # (2, layer, block, slot)
     bm, want = runner.block_manager, torch.zeros_like(changed)
     for s in seqs[:5]:
         p = s.num_computed

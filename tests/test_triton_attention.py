@@ -6,7 +6,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")  # conftest.py runs it under the interpreter on a CPU
-from engine.attention.triton_decode import choose_num_splits, paged_decode_attention  # noqa: E402
+from engine.attention.triton_decode import PROGRAMS_PER_SM, choose_num_splits, paged_decode_attention  # noqa: E402
 from engine.attention.triton_prefill import paged_prefill_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,7 +120,7 @@ def test_decode_writes_into_strided_output_view(num_splits):
 def test_num_splits_fill_the_gpu_but_keep_partitions_long():
     assert choose_num_splits(256, 16, 512, sm_count=132) == 1  # the batch alone fills the GPU
     assert choose_num_splits(1, 16, 1024, sm_count=132) == 1024 // 128  # as many as the context allows
-    assert choose_num_splits(8, 16, 512, sm_count=132) == 4
+    assert choose_num_splits(8, 16, 512, sm_count=132) == -(-PROGRAMS_PER_SM * 132 // (8 * 16))  # fill the SMs
     assert choose_num_splits(1, 16, 100, sm_count=132) == 1  # too short to split
 
 

@@ -14,8 +14,19 @@ BACKENDS = ("reference", "triton")
 
 @functools.cache
 def _kernels():
-    from engine.attention import triton_decode, triton_prefill  # triton is needed only on this path
-    return triton_decode.paged_decode_attention, triton_prefill.paged_prefill_attention
+    from engine.attention import triton_cache, triton_decode, triton_prefill  # triton only on this path
+    return triton_cache.write_kv, triton_decode.paged_decode_attention, triton_prefill.paged_prefill_attention
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    """The one write path into the cache, for prefill and decode: token t's K/V to slot meta.slot_mapping[t]."""
+    if meta.reference is not None:
+        nh, hs = k.shape[1:]
+        k_cache.view(-1, nh, hs).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, nh, hs).index_copy_(0, meta.slot_mapping, v)
+    else:
+        _kernels()[0](k, v, k_cache, v_cache, meta.slot_mapping)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -24,7 +35,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     K/V already written. Returns (N, nh, hs)."""
     if meta.reference is not None:
         return reference.paged_attention(q, k_cache, v_cache, meta)
-    decode, prefill = _kernels()
+    _, decode, prefill = _kernels()
     out = torch.empty_like(q)
     D, scale = meta.num_decodes, 1 / math.sqrt(q.shape[-1])
     if D:

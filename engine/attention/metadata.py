@@ -16,8 +16,8 @@ from engine.kv_cache import slot_mapping
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (N,) int64: the cache slot each new token's K/V is written to
-    block_tables: torch.Tensor  # (B, W) int32: each sequence's cache blocks, decodes first
-    context_lens: torch.Tensor  # (B,) int32: tokens each sequence attends to, this step's included
+    block_tables: torch.Tensor  # (B, W) int32 (int64 in the decode graphs): each sequence's blocks, decodes first
+    context_lens: torch.Tensor  # (B,) int32 or int64: tokens each sequence attends to, this step's included
     num_decodes: int  # D
     query_start: torch.Tensor  # (B-D+1,) int32: prefill s owns rows D+query_start[s] .. D+query_start[s+1]-1
     max_query_len: int  # longest prefill chunk (0 when there is none)

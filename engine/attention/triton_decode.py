@@ -15,9 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # context tokens per tile, gathered from several cache blocks through the block table
+BLOCK_N = 128  # context tokens per tile, gathered from several cache blocks through the block table
 MIN_SPLIT_TOKENS = 128  # a shorter partition costs more to merge than its parallelism saves
-PROGRAMS_PER_SM = 4  # split until about this many programs per SM: a few warps per SM cannot saturate HBM
+PROGRAMS_PER_SM = 2  # split until about this many programs per SM: a few warps per SM cannot saturate HBM
+NUM_WARPS = 2  # tile and warps swept on an H200 (bench/results/h200/tune_decode.txt): 128 x 2 won at batch 32-256
 LOG2E = 1.4426950408889634  # softmax in base 2: exp2 is one instruction
 
 
@@ -97,8 +98,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            context_lens: torch.Tensor, out: torch.Tensor, scale: float,
                            num_splits: int | None = None) -> None:
     """out[s] = softmax(q[s] k^T * scale) v over positions 0..context_lens[s]-1 of sequence s, for every head.
-    q, out: (D, nh, hs); k_cache, v_cache: (num_blocks, block_size, nh, hs); block_tables: (D, W) int32;
-    context_lens: (D,) int32, each >= 1. Writes into out (which may be a strided view)."""
+    q, out: (D, nh, hs); k_cache, v_cache: (num_blocks, block_size, nh, hs); block_tables: (D, W) int32 or int64;
+    context_lens: (D,) int32 or int64, each >= 1. Writes into out (which may be a strided view)."""
     D, nh, hs = q.shape
     block_size = k_cache.shape[1]
     W = block_tables.shape[1]
@@ -114,7 +115,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * LOG2E, split_tokens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, HS=hs, BLOCK_N=BLOCK_N, SPLIT=split, num_warps=4, num_stages=2)
+        BLOCK_SIZE=block_size, HS=hs, BLOCK_N=BLOCK_N, SPLIT=split, num_warps=NUM_WARPS, num_stages=2)
     if split:
         _combine_kernel[(D, nh)](part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
                                  HS=hs, SPLITS_POW2=triton.next_power_of_2(num_splits), num_warps=1)
