@@ -39,11 +39,15 @@ def pack_step(query_lens: np.ndarray, context_lens: np.ndarray, block_tables: np
               block_size: int) -> StepInputs:
     """Positions and cache slots of every new token, vectorised: sequence b contributes query_lens[b] tokens,
     the last ones of its context_lens[b]. Decodes (query length 1) must come first."""
-    num_decodes = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else len(query_lens)
-    assert (query_lens[num_decodes:] != 1).all(), "decodes must come first in a step"
-    rows = np.repeat(np.arange(len(query_lens)), query_lens)
-    starts = np.cumsum(query_lens) - query_lens  # first row of each sequence
-    positions = np.arange(len(rows)) - starts[rows] + (context_lens - query_lens)[rows]
+    prefills = np.flatnonzero(query_lens != 1)
+    num_decodes = int(prefills[0]) if len(prefills) else len(query_lens)
+    assert len(prefills) == len(query_lens) - num_decodes, "decodes must come first in a step"
+    if not len(prefills):  # a decode step: one row per sequence, at the end of its context
+        rows, positions = np.arange(len(query_lens)), context_lens - 1
+    else:
+        rows = np.repeat(np.arange(len(query_lens)), query_lens)
+        starts = np.cumsum(query_lens) - query_lens  # first row of each sequence
+        positions = np.arange(len(rows)) - starts[rows] + (context_lens - query_lens)[rows]
     return StepInputs(positions, slot_mapping(block_tables, rows, positions, block_size), query_lens,
                       context_lens, block_tables, num_decodes)
 

@@ -1,0 +1,86 @@
+"""Where an in-process run spends its time: steps split by kind (graph decode vs eager prefill/mixed), the model
+runner's share of each, and the engine's own Python around it (a tuning aid for the GPU)."""
+import argparse
+import collections
+import time
+
+import torch
+
+from bench import engine
+from bench.workloads import offline, seed_burst
+from engine.config import resolve_device
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2-medium")
+    p.add_argument("--workload", default="offline")
+    args = p.parse_args()
+    device = resolve_device("auto")
+    requests = offline(256, 64, 512) if args.workload == "offline" else seed_burst(100)
+    runner = engine.build_runner(args.model, device, torch.bfloat16, num_blocks=8192, max_batch=128)
+    engine.warm_up(runner)
+    engine.run_burst(runner, "dynamic", requests[:32], 128, 2048)
+    stats = collections.defaultdict(lambda: [0, 0.0, 0, 0])  # kind -> steps, seconds, decode rows, prefill tokens
+    run = runner.run
+
+    def timed_run(plan):
+        start = time.perf_counter()
+        out = run(plan)
+        decodes = sum(1 for _, n in plan if n == 1)
+        kind = "graph" if decodes == len(plan) else "eager"
+        s = stats[kind]
+        s[0] += 1
+        s[1] += time.perf_counter() - start
+        s[2] += decodes
+        s[3] += sum(n for _, n in plan if n > 1)
+        return out
+
+    runner.run = timed_run
+    start = time.perf_counter()
+    records = engine.run_burst(runner, "dynamic", requests, 128, 2048)
+    total = time.perf_counter() - start
+    tokens = sum(r.output_tokens for r in records)
+    print(f"{args.workload}: {tokens} tokens in {total:.2f} s = {tokens / total:.0f} tok/s")
+    in_runner = 0.0
+    for kind, (steps, seconds, decodes, prefill) in stats.items():
+        in_runner += seconds
+        print(f"{kind:6s} steps {steps:5d}  {seconds:6.2f} s  {seconds / steps * 1e3:6.2f} ms/step  "
+              f"decode rows/step {decodes / steps:6.1f}  prefill tokens/step {prefill / steps:7.1f}")
+    print(f"outside the runner (scheduling, post-processing): {total - in_runner:.2f} s")
+    eager_step_launch_share(runner)
+
+
+def eager_step_launch_share(runner) -> None:
+    """One mixed step (127 decodes at context 300, one 288-token prompt), eager: the time until the forward
+    returns on the host (launching) and until the device is done."""
+    import numpy as np
+    from engine.attention.metadata import pack_step
+    bm = runner.block_manager
+    ids = list(range(128))
+    for i in ids:
+        bm.allocate(i, 300)
+    query = np.array([1] * 127 + [288])
+    ctx = np.array([300] * 127 + [288])
+    step = pack_step(query, ctx, bm.table_array(ids), bm.block_size)
+    tokens = np.zeros(int(query.sum()), dtype=np.int64)
+    rows = np.cumsum(query) - 1
+    for _ in range(3):
+        runner._forward(tokens, step, rows)
+    torch.cuda.synchronize()
+    launched, done = [], []
+    for _ in range(10):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            runner._forward(tokens, step, rows)
+        launched.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        done.append(time.perf_counter() - start)
+    print(f"eager mixed step: host returns after {np.median(launched) * 1e3:.2f} ms, device done after "
+          f"{np.median(done) * 1e3:.2f} ms")
+    for i in ids:
+        bm.free(i)
+
+
+if __name__ == "__main__":
+    main()
