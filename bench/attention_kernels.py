@@ -19,6 +19,7 @@ import triton
 from triton.testing import do_bench
 
 from engine.attention.triton_decode import choose_num_splits, paged_decode_attention
+from engine.attention.metadata import block_m_for, prefill_work
 from engine.attention.triton_prefill import paged_prefill_attention
 
 NH, HS, BLOCK_SIZE, DTYPE = 16, 64, 16, torch.bfloat16  # gpt2-medium's heads, bf16, production blocks
@@ -113,7 +114,9 @@ def bench_prefill(k_cache, v_cache, name: str, query_lens: list[int], context_le
     starts = torch.tensor([0] + query_lens, device=DEVICE).cumsum(0).to(torch.int32)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(q)
-    run = lambda: paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, max(query_lens), out, SCALE)
+    block_m = block_m_for(max(query_lens))
+    work = torch.from_numpy(prefill_work(query_lens, context_lens, block_m)).to(DEVICE)
+    run = lambda: paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, work, block_m, out, SCALE)
     run()
     err = rel_error(out, sdpa_prefill(q, k_cache, v_cache, tables, query_lens, context_lens, torch.float32))
     t = median_ms(run)

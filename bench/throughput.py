@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> str:
     works = workloads(args)
     result = ResultFile(args, "throughput", run_info(device, dtype, args.model))
     runner = engine.build_runner(args.model, device, dtype, num_blocks=kv_blocks_for(works),
-                                 max_batch=args.max_batch)
+                                 max_batch=args.max_batch, max_step_tokens=args.max_step_tokens)
     engine.warm_up(runner)
     wanted = [p for p in args.peers.split(",") if p]
     hf = peers.hf_model(args.model, device, dtype) if wanted else None

@@ -22,6 +22,7 @@ def build_runner(s: Settings) -> tuple[ModelRunner, dict]:
     runner = ModelRunner(model, device, dtype, block_size=s.block_size, num_blocks=s.kv_blocks,
                          kv_cache_gb=s.kv_cache_gb, gpu_memory_utilization=s.gpu_memory_utilization, seed=s.seed,
                          attention=attention, cuda_graphs=s.cuda_graphs, max_batch=s.max_batch,
+                         max_step_tokens=s.max_step_tokens,
                          vocab_size=VOCAB_SIZE)
     info = {"policy": s.policy, "model": s.model, "weights": weights,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

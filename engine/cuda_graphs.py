@@ -1,12 +1,14 @@
-"""Decode steps on CUDA graphs: the whole forward of a decode-only step, captured once per batch-size bucket
-over static input buffers, then replayed with one launch instead of hundreds.
+"""Steps on CUDA graphs: the whole forward of a step, captured once per size bucket over static input buffers,
+then replayed with one launch instead of hundreds (an eager step of gpt2-medium spends ~10 ms launching).
 
-A step of B decodes replays the graph of the smallest bucket >= B. Its inputs (token ids, positions, slots,
-context lengths, block tables) are written into one pinned host buffer and reach the device in one copy. The
-padding rows write their K/V into the pool's spare block (`BlockManager.pad_slot`) and attend to one slot, so a
-padded step never writes into a block that belongs to a sequence, whatever the buffers held before. Each graph
-also takes the argmax of its logits, so a greedy step reads back token ids and nothing else.
-Prefill and mixed steps run eagerly: their shapes (tokens per sequence) vary too much to capture.
+Two families share one memory pool. Decode graphs, one per batch-size bucket, run steps where every sequence adds
+one token, through the split-context decode kernel. Mixed graphs, one per token-count bucket, run any other step
+(prefill chunks, with or without decodes) with max_batch sequence slots, every sequence through the prefill
+kernel's work list. A step replays the smallest bucket that fits; its inputs (token ids, positions, slots, context
+lengths, block tables, ...) are written into one pinned host buffer and reach the device in one copy. Padding
+rows write their K/V into the pool's spare block (`BlockManager.pad_slot`) and belong to no sequence, so a padded
+step never writes into a block that belongs to a sequence, whatever the buffers held before. Each graph also
+takes the argmax of its logits, so a greedy step reads back token ids and nothing else.
 """
 import logging
 import time
@@ -14,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from engine.attention.metadata import AttentionMetadata, StepInputs
+from engine.attention.metadata import BLOCK_M, AttentionMetadata, StepInputs, prefill_work
 from model import GPT
 
 log = logging.getLogger(__name__)
@@ -26,74 +28,140 @@ def batch_buckets(max_batch: int) -> list[int]:
     return small + list(range(48, max_batch, 16)) + [max_batch]
 
 
-class DecodeGraphs:
+def token_buckets(max_tokens: int) -> list[int]:
+    """Powers of two from 32 up to max_tokens (which is always a bucket)."""
+    return [n for n in (32, 64, 128, 256, 512, 1024, 2048, 4096) if n < max_tokens] + [max_tokens]
 
-    def __init__(self, model: GPT, max_batch: int, table_width: int, pad_slot: int, vocab_size: int,
+
+class StepGraphs:
+    """Graphs of one family over one int64 input buffer made of named sections, pinned on the host."""
+
+    def __init__(self, model: GPT, buckets: list[int], sections: dict[str, tuple[int, ...]], vocab_size: int,
                  device: torch.device):
-        self.model, self.pad_slot, self.vocab_size = model, pad_slot, vocab_size
-        self.buckets = batch_buckets(max_batch)
-        n, w = self.buckets[-1], table_width
-        # one int64 buffer, sections of n rows: ids, positions, slots, context lengths, then (n, w) block tables
-        self.host = torch.zeros((4 + w) * n, dtype=torch.int64, pin_memory=True)
-        self.inputs = torch.zeros_like(self.host, device=device)
-        self.host_view = self._sections(self.host.numpy(), n, w)
-        self.ids, self.positions, self.slots, self.context_lens, self.block_tables = self._sections(self.inputs, n, w)
+        self.model, self.buckets, self.vocab_size = model, buckets, vocab_size
+        size = sum(int(np.prod(shape)) for shape in sections.values())
+        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+        self.device_buffer = torch.zeros_like(self.host, device=device)
+        self.h, self.d, start = {}, {}, 0  # section name -> host (numpy) and device views
+        for name, shape in sections.items():
+            n = int(np.prod(shape))
+            self.h[name] = self.host.numpy()[start:start + n].reshape(shape)
+            self.d[name] = self.device_buffer[start:start + n].view(shape)
+            start += n
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # each graph's (logits, argmax ids)
 
-    @staticmethod
-    def _sections(buf, n: int, w: int) -> tuple:
-        return buf[:n], buf[n:2 * n], buf[2 * n:3 * n], buf[3 * n:4 * n], buf[4 * n:].reshape(n, w)
-
     @property
-    def max_batch(self) -> int:
+    def max_bucket(self) -> int:
         return self.buckets[-1]
 
-    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        meta = AttentionMetadata(slot_mapping=self.slots[:b], block_tables=self.block_tables[:b],
-                                 context_lens=self.context_lens[:b], num_decodes=b,
-                                 query_start=self.context_lens[:1], max_query_len=0)
-        logits = self.model(self.ids[:b], self.positions[:b], meta)
-        return logits, logits[:, :self.vocab_size].argmax(dim=-1)
+    def _forward(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
-    @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every bucket, largest first, in one shared memory pool."""
-        start, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
-        self._write_padding(0, self.max_batch)
-        self.inputs.copy_(self.host)
-        pool = None
-        for b in reversed(self.buckets):
+    def capture(self, pool=None):
+        """Capture every bucket, largest first; returns the memory pool, for the next family to share."""
+        self.device_buffer.copy_(self.host)
+        for bucket in reversed(self.buckets):
             side = torch.cuda.Stream()  # warm up (compile kernels, pick algorithms) off the capture
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._forward(b)
+                self._forward(bucket)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[b] = self._forward(b)
+                self.outputs[bucket] = self._forward(bucket)
             pool = graph.pool()
-            self.graphs[b] = graph
-        torch.cuda.synchronize()
-        log.info("captured %d decode graphs (batch %s) in %.1f s, %.0f MiB", len(self.buckets),
-                 ",".join(map(str, self.buckets)), time.perf_counter() - start,
-                 (free_before - torch.cuda.mem_get_info()[0]) / 2 ** 20)
+            self.graphs[bucket] = graph
+        return pool
 
-    def _write_padding(self, lo: int, hi: int) -> None:
-        ids, positions, slots, context_lens, _ = self.host_view
-        ids[lo:hi], positions[lo:hi], slots[lo:hi], context_lens[lo:hi] = 0, 0, self.pad_slot, 1
+    def _replay(self, bucket: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Send the host buffer (rewritten only after the previous step's results were read back, which waited
+        for its copy) and replay; the first `rows` rows of the logits and their argmax."""
+        self.device_buffer.copy_(self.host, non_blocking=True)
+        self.graphs[bucket].replay()
+        logits, argmax = self.outputs[bucket]
+        return logits[:rows], argmax[:rows]
+
+    def _logits(self, ids, positions, meta, sample_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(ids, positions, meta, sample_rows)
+        return logits, logits[:, :self.vocab_size].argmax(dim=-1)
+
+
+class DecodeGraphs(StepGraphs):
+
+    def __init__(self, model: GPT, max_batch: int, table_width: int, pad_slot: int, vocab_size: int,
+                 device: torch.device):
+        n = max_batch
+        super().__init__(model, batch_buckets(max_batch), dict(ids=(n,), positions=(n,), slots=(n,),
+                         context_lens=(n,), block_tables=(n, table_width)), vocab_size, device)
+        self.pad_slot = pad_slot
+        self._pad(0, n)
+
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.d
+        meta = AttentionMetadata(slot_mapping=d["slots"][:b], block_tables=d["block_tables"][:b],
+                                 context_lens=d["context_lens"][:b], num_decodes=b, query_start=d["ids"][:1],
+                                 prefill_work=d["ids"][:0], block_m=BLOCK_M)
+        return self._logits(d["ids"][:b], d["positions"][:b], meta)
+
+    def _pad(self, lo: int, hi: int) -> None:
+        h = self.h
+        h["ids"][lo:hi], h["positions"][lo:hi], h["slots"][lo:hi], h["context_lens"][lo:hi] = 0, 0, self.pad_slot, 1
 
     def run(self, ids: np.ndarray, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the bucket that fits this decode step: (B, vocab) fp32 logits and (B,) argmax ids, one row per
-        decode. The host buffer is rewritten only after the previous step's results were read back, which waited
-        for its copy."""
+        """A decode step of B sequences: (B, vocab) fp32 logits and (B,) argmax ids."""
         B = len(ids)
         b = next(bucket for bucket in self.buckets if bucket >= B)
-        host_ids, positions, slots, context_lens, tables = self.host_view
-        host_ids[:B], positions[:B], slots[:B], context_lens[:B] = ids, step.positions, step.slots, step.context_lens
-        tables[:B] = step.block_tables
-        self._write_padding(B, b)
-        self.inputs.copy_(self.host, non_blocking=True)
-        self.graphs[b].replay()
-        logits, argmax = self.outputs[b]
-        return logits[:B], argmax[:B]
+        h = self.h
+        h["ids"][:B], h["positions"][:B], h["slots"][:B] = ids, step.positions, step.slots
+        h["context_lens"][:B], h["block_tables"][:B] = step.context_lens, step.block_tables
+        self._pad(B, b)
+        return self._replay(b, B)
+
+
+class MixedGraphs(StepGraphs):
+
+    def __init__(self, model: GPT, max_tokens: int, max_batch: int, table_width: int, pad_slot: int,
+                 vocab_size: int, device: torch.device):
+        n, s = max_tokens, max_batch
+        self.max_items = -(-n // BLOCK_M) + s  # query tiles of any packing of n tokens into s sequences
+        super().__init__(model, token_buckets(max_tokens), dict(
+            ids=(n,), positions=(n,), slots=(n,), sample_rows=(s,), context_lens=(s,), query_start=(s + 1,),
+            block_tables=(s, table_width), work=(self.max_items, 2)), vocab_size, device)
+        self.pad_slot, self.max_batch = pad_slot, max_batch
+        self.h["slots"][:], self.h["context_lens"][:], self.h["work"][:] = pad_slot, 1, -1
+
+    def _items(self, n: int) -> int:
+        return -(-n // BLOCK_M) + self.max_batch
+
+    def _forward(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.d
+        meta = AttentionMetadata(slot_mapping=d["slots"][:n], block_tables=d["block_tables"],
+                                 context_lens=d["context_lens"], num_decodes=0, query_start=d["query_start"],
+                                 prefill_work=d["work"][:self._items(n)], block_m=BLOCK_M)
+        return self._logits(d["ids"][:n], d["positions"][:n], meta, d["sample_rows"])
+
+    def run(self, ids: np.ndarray, step: StepInputs, sample_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any step of at most max_batch sequences and max_tokens tokens: logits and argmax of sample_rows."""
+        N, B, k = len(ids), len(step.query_lens), len(sample_rows)
+        n = next(bucket for bucket in self.buckets if bucket >= N)
+        h = self.h
+        h["ids"][:N], h["positions"][:N], h["slots"][:N] = ids, step.positions, step.slots
+        h["ids"][N:n], h["positions"][N:n], h["slots"][N:n] = 0, 0, self.pad_slot  # rows of no sequence
+        h["sample_rows"][:k], h["sample_rows"][k:] = sample_rows, 0
+        h["context_lens"][:B], h["context_lens"][B:] = step.context_lens, 1
+        h["query_start"][0], h["query_start"][1:B + 1], h["query_start"][B + 1:] = 0, np.cumsum(step.query_lens), N
+        h["block_tables"][:B] = step.block_tables
+        h["work"][:self._items(n)] = prefill_work(step.query_lens, step.context_lens, BLOCK_M, self._items(n))
+        return self._replay(n, k)
+
+
+def capture_all(families: list[StepGraphs]) -> None:
+    start, free_before = time.perf_counter(), torch.cuda.mem_get_info()[0]
+    pool = None
+    with torch.inference_mode():
+        for family in families:
+            pool = family.capture(pool)
+    torch.cuda.synchronize()
+    log.info("captured %d CUDA graphs in %.1f s, %.0f MiB", sum(len(f.graphs) for f in families),
+             time.perf_counter() - start, (free_before - torch.cuda.mem_get_info()[0]) / 2 ** 20)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engine.attention import metadata as attention_metadata, reference
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_all
 from engine.kv_cache import BlockManager
 from engine.sampler import SampledToken, Sampler, SamplingParams
 from model import GPT
@@ -39,7 +39,7 @@ class ModelRunner:
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.9,
                  seed: int | None = None, attention: str = "reference", cuda_graphs: bool = False,
-                 max_batch: int = 128, vocab_size: int | None = None):
+                 max_batch: int = 128, max_step_tokens: int = 2048, vocab_size: int | None = None):
         self.device, self.dtype, self.attention = device, dtype, attention
         if device.type == "cuda":
             # cuDNN's attention builds a new plan for every new shape (tens of ms each); the reference path's
@@ -59,11 +59,13 @@ class ModelRunner:
         self.sampler = Sampler(device, min(vocab_size or c.vocab_size, c.vocab_size), seed)
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GB); attention: %s", num_blocks, block_size,
                  num_blocks * block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 1e9, attention)
-        self.graphs = None
+        self.graphs = self.mixed_graphs = None
         if cuda_graphs and device.type == "cuda" and attention == "triton":
-            self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, self.block_manager.pad_slot,
-                                       self.sampler.vocab_size, device)
-            self.graphs.capture()
+            pad_slot, vocab = self.block_manager.pad_slot, self.sampler.vocab_size
+            self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, device)
+            self.mixed_graphs = MixedGraphs(self.model, max(max_step_tokens, max_batch), max_batch, self.table_width,
+                                            pad_slot, vocab, device)
+            capture_all([self.graphs, self.mixed_graphs])
 
     def _blocks_that_fit(self, block_size: int, kv_cache_gb: float, gpu_memory_utilization: float) -> int:
         per_block = kv_bytes_per_token(self.model, self.dtype) * block_size
@@ -96,11 +98,14 @@ class ModelRunner:
         tables = bm.table_array([s.id for s in seqs], self.table_width if self.graphs else None)
         step = attention_metadata.pack_step(query_lens, context_lens, tables, bm.block_size)
         argmax = None
-        if self.graphs and step.num_decodes == len(seqs) <= self.graphs.max_batch:
+        mixed = self.mixed_graphs
+        if self.graphs and step.num_decodes == len(seqs) <= self.graphs.max_bucket:
             logits, argmax = self.graphs.run(ids, step)
             if not samples.all():  # a prompt's single-token chunk that is not its last
                 rows = torch.from_numpy(np.flatnonzero(samples)).to(self.device)
                 logits, argmax = logits[rows], argmax[rows]
+        elif mixed and len(ids) <= mixed.max_bucket and len(seqs) <= mixed.max_batch:
+            logits, argmax = mixed.run(ids, step, sample_rows)
         else:
             logits = self._forward(ids, step, sample_rows)
         samplers = [seq for seq, sample in zip(seqs, samples) if sample]

@@ -14,12 +14,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from batching import BatchingManager, Inference, make_policy  # noqa: E402
-from engine.loader import from_pretrained  # noqa: E402
-from engine.runner import ModelRunner  # noqa: E402
-from engine.sampler import SamplingParams  # noqa: E402
-import server_process  # noqa: E402
-
 
 def patch_interpreter() -> None:
     """Two gaps of Triton 3.6's interpreter that the compiled kernels do not have:
@@ -50,6 +44,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton kernels run on this CPU, slowly, for tests
     with contextlib.suppress(ImportError):
         patch_interpreter()
+
+from batching import BatchingManager, Inference, make_policy  # noqa: E402
+from engine.loader import from_pretrained  # noqa: E402
+from engine.runner import ModelRunner  # noqa: E402
+from engine.sampler import SamplingParams  # noqa: E402
+import server_process  # noqa: E402
 
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=50257)

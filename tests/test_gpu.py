@@ -90,6 +90,25 @@ def test_graph_replay_gives_the_eager_logits_of_the_same_step(tiny_model_dir):
 
 
 @torch.inference_mode()
+def test_a_mixed_step_on_a_graph_gives_the_eager_logits(tiny_model_dir):
+    from engine.attention.metadata import pack_step
+    runner = gpu_runner(tiny_model_dir)
+    seqs = decode_plan(runner, 6, 40)  # 3 decodes, then chunks of 5, 17 and 33 tokens after some context
+    chunks = [1, 1, 1, 5, 17, 33]
+    for s, n in zip(seqs, chunks):
+        s.num_computed = len(s.token_ids) - n
+    bm = runner.block_manager
+    q = np.array(chunks)
+    ctx = np.array([len(s.token_ids) for s in seqs])
+    ids = np.concatenate([s.token_ids[-n:] for s, n in zip(seqs, chunks)])
+    step = pack_step(q, ctx, bm.table_array([s.id for s in seqs], runner.table_width), bm.block_size)
+    rows = np.cumsum(q) - 1
+    replayed = runner.mixed_graphs.run(ids, step, rows)[0].clone()
+    eager = runner._forward(ids, step, rows)
+    torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
 def test_a_padded_graph_step_writes_only_its_own_sequences_slots(tiny_model_dir):
     runner = gpu_runner(tiny_model_dir)
     seqs = decode_plan(runner, 8, 30)

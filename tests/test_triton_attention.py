@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton")  # conftest.py runs it under the interpreter on a CPU
 from engine.attention.triton_decode import PROGRAMS_PER_SM, choose_num_splits, paged_decode_attention  # noqa: E402
+from engine.attention.metadata import block_m_for, prefill_work  # noqa: E402
 from engine.attention.triton_prefill import paged_prefill_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,7 +65,9 @@ def prefill(query_lens: list[int], context_lens: list[int], block_size=4, nh=3, 
     out = torch.full_like(q, float("nan"))
     starts = torch.tensor([0] + query_lens, device=DEVICE).cumsum(0).to(torch.int32)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
-    paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, max(query_lens), out, 1 / math.sqrt(hs))
+    block_m = block_m_for(max(query_lens))
+    work = torch.from_numpy(prefill_work(query_lens, context_lens, block_m)).to(DEVICE)
+    paged_prefill_attention(q, k_cache, v_cache, tables, starts, lens, work, block_m, out, 1 / math.sqrt(hs))
     return out, reference(q, k_cache, v_cache, tables, context_lens, query_lens)
 
 
@@ -158,7 +161,8 @@ def test_prefill_writes_into_strided_output_view():
     wide = torch.full((sum(lens), nh, 2 * hs), float("nan"), device=DEVICE)
     starts = torch.tensor([0, 6, 16], dtype=torch.int32, device=DEVICE)
     ctx = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
-    paged_prefill_attention(q, k_cache, v_cache, tables, starts, ctx, 10, wide[..., :hs], 1 / math.sqrt(hs))
+    work = torch.from_numpy(prefill_work(lens, lens, 16)).to(DEVICE)
+    paged_prefill_attention(q, k_cache, v_cache, tables, starts, ctx, work, 16, wide[..., :hs], 1 / math.sqrt(hs))
     assert_close(wide[..., :hs], reference(q, k_cache, v_cache, tables, lens, lens))
     assert wide[..., hs:].isnan().all(), "wrote outside the view"
 

@@ -42,5 +42,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         decode(q[:D], k_cache, v_cache, meta.block_tables[:D], meta.context_lens[:D], out[:D], scale)
     if D < len(q):
         prefill(q[D:], k_cache, v_cache, meta.block_tables[D:], meta.query_start, meta.context_lens[D:],
-                meta.max_query_len, out[D:], scale)
+                meta.prefill_work, meta.block_m, out[D:], scale)
     return out

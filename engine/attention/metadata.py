@@ -12,6 +12,8 @@ import torch
 
 from engine.kv_cache import slot_mapping
 
+BLOCK_M = 64  # query rows per prefill tile (fewer when every chunk is short: tl.dot needs at least 16)
+
 
 @dataclass
 class AttentionMetadata:
@@ -20,7 +22,8 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # (B,) int32 or int64: tokens each sequence attends to, this step's included
     num_decodes: int  # D
     query_start: torch.Tensor  # (B-D+1,) int32: prefill s owns rows D+query_start[s] .. D+query_start[s+1]-1
-    max_query_len: int  # longest prefill chunk (0 when there is none)
+    prefill_work: torch.Tensor  # (items, 2): the prefill kernel's (sequence, query tile) list
+    block_m: int  # query rows per tile of that list
     reference: object | None = None  # the plain PyTorch attention's gather plan (CPU path and oracle)
 
 
@@ -52,14 +55,35 @@ def pack_step(query_lens: np.ndarray, context_lens: np.ndarray, block_tables: np
                       context_lens, block_tables, num_decodes)
 
 
+def block_m_for(max_query_len: int) -> int:
+    return min(BLOCK_M, max(16, 1 << (max_query_len - 1).bit_length()))
+
+
+def prefill_work(query_lens: np.ndarray, context_lens: np.ndarray, block_m: int,
+                 num_items: int | None = None) -> np.ndarray:
+    """(items, 2) int32 (sequence, query tile) pairs, the tiles with the most keys first; padded with -1 rows up to
+    num_items when given."""
+    tiles = -(-np.asarray(query_lens) // block_m)
+    seqs = np.repeat(np.arange(len(tiles)), tiles)
+    m_blocks = np.arange(len(seqs)) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    tile_keys = (np.asarray(context_lens) - np.asarray(query_lens))[seqs] + m_blocks * block_m  # about the keys read
+    order = np.argsort(-tile_keys, kind="stable")
+    work = np.full((num_items or len(seqs), 2), -1, dtype=np.int32)
+    work[:len(seqs)] = np.stack([seqs[order], m_blocks[order]], axis=1)
+    return work
+
+
 def build_metadata(step: StepInputs, device: torch.device) -> AttentionMetadata:
     as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype, non_blocking=True)
-    prefill_lens = step.query_lens[step.num_decodes:]
+    D = step.num_decodes
+    prefill_lens = step.query_lens[D:]
+    block_m = block_m_for(int(prefill_lens.max(initial=1)))
     return AttentionMetadata(
         slot_mapping=as_tensor(step.slots, torch.int64),
         block_tables=as_tensor(step.block_tables, torch.int32),
         context_lens=as_tensor(step.context_lens, torch.int32),
         num_decodes=step.num_decodes,
         query_start=as_tensor(np.concatenate([[0], np.cumsum(prefill_lens)]), torch.int32),
-        max_query_len=int(prefill_lens.max(initial=0)),
+        prefill_work=as_tensor(prefill_work(prefill_lens, step.context_lens[D:], block_m), torch.int32),
+        block_m=block_m,
     )

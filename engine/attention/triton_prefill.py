@@ -8,12 +8,14 @@ k_cache and v_cache are (num_blocks, block_size, nh, hs) and the step's own K/V 
 
 Flash-attention tiling: a program takes BLOCK_M queries of one sequence and head, streams BLOCK_N keys at a time
 with tl.dot and an online softmax in fp32, masks only the tiles on the causal diagonal, and skips those above it.
+Which query tile a program takes comes from a work list built on the host (metadata.prefill_work): one entry per
+(sequence, query tile), longest-context tiles first so the short ones fill the tail, padded with -1 entries to a
+fixed length when the call is captured in a CUDA graph.
 """
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 64  # queries per program (fewer when every chunk is short: tl.dot needs at least 16)
 BLOCK_N = 64  # keys per tile, gathered from several cache blocks through the block table
 LOG2E = 1.4426950408889634  # softmax in base 2: exp2 is one instruction
 
@@ -45,17 +47,17 @@ def _attend(acc, l_i, m_i, q, pos_m, k_ptr, v_ptr, table, stride_kb, stride_kt, 
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, out_ptr,
-                    qk_scale, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
-                    BLOCK_SIZE: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PRECISION: tl.constexpr):
-    # the last query tiles have the most keys to read: launch them first, so the short ones fill the tail
-    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
-    head, seq = tl.program_id(1), tl.program_id(2)
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, work_ptr,
+                    out_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot,
+                    stride_oh, BLOCK_SIZE: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    seq = tl.load(work_ptr + 2 * tl.program_id(0))
+    if seq < 0:  # padding of a captured step's work list
+        return
+    m_block = tl.load(work_ptr + 2 * tl.program_id(0) + 1)
+    head = tl.program_id(1)
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
-    if m_block * BLOCK_M >= q_len:  # the grid is sized for the longest chunk
-        return
     context_len = tl.load(context_lens_ptr + seq)
 
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows within the chunk
@@ -87,19 +89,16 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_sta
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                            query_start: torch.Tensor, context_lens: torch.Tensor, max_query_len: int,
+                            query_start: torch.Tensor, context_lens: torch.Tensor, work: torch.Tensor, block_m: int,
                             out: torch.Tensor, scale: float) -> None:
     """Causal attention of packed query chunks over their sequences' cached context.
-    q, out: (P, nh, hs); k_cache, v_cache: (num_blocks, block_size, nh, hs); block_tables: (S, W) int32;
-    query_start: (S+1,) int32 row offsets; context_lens: (S,) int32, each >= its chunk's length;
-    max_query_len: the longest chunk (host int, sizes the grid). Writes into out (which may be a strided view)."""
-    S = block_tables.shape[0]
+    q, out: (P, nh, hs); k_cache, v_cache: (num_blocks, block_size, nh, hs); block_tables: (S, W) int32 or int64;
+    query_start: (S+1,) row offsets; context_lens: (S,), each >= its chunk's length; work: (items, 2) from
+    metadata.prefill_work with the same block_m. Writes into out (which may be a strided view)."""
     nh, hs = q.shape[1:]
     assert q.stride(-1) == out.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and k_cache.is_contiguous()
-    block_m = min(BLOCK_M, max(16, triton.next_power_of_2(max_query_len)))
-    grid = (triton.cdiv(max_query_len, block_m), nh, S)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start, context_lens, out, scale * LOG2E,
+    _prefill_kernel[(len(work), nh)](
+        q, k_cache, v_cache, block_tables, query_start, context_lens, work, out, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         BLOCK_SIZE=k_cache.shape[1], HS=hs, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
