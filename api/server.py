@@ -4,6 +4,7 @@
 threads do not survive a fork. The routes read the state through `running()`.
 """
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -14,6 +15,8 @@ from telemetry.prometheus import EngineMetrics
 from telemetry.stats import ServerStats
 
 log = logging.getLogger("effective-batching")
+
+GIL_SWITCH_S = 0.0005
 
 
 @dataclass
@@ -45,6 +48,9 @@ def start_engine(settings: Settings | None = None) -> Server:
         return current
     from engine.build import build_runner  # torch: loaded in the worker only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The engine thread lets go of the GIL at every wait for the GPU; with hundreds of HTTP threads runnable it
+    # would wait up to the default 5 ms switch interval to get it back, longer than a whole decode step.
+    sys.setswitchinterval(GIL_SWITCH_S)
     s = settings or Settings.from_env()
     policy = make_policy(s.policy, s.max_batch)
     runner, info = build_runner(s)

@@ -39,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
     p.add_argument("--peers", default=",".join(PEERS), help="comma list of hf_cb, hf_static (empty: none)")
     p.add_argument("--static-batch", type=int, help="batch size of the HF generate peer (cpu 16, full 64)")
+    p.add_argument("--repeats", type=int, default=1, help="run each of our rows this many times (the spread "
+                                                          "between repeats is reported)")
 
 
 def workloads(args: argparse.Namespace) -> dict[str, list[Request]]:
@@ -82,7 +84,8 @@ def main(args: argparse.Namespace) -> str:
     for workload, requests in works.items():
         for policy in args.policies.split(","):
             reqs = policy_requests(args, policy, requests)
-            run(result, f"ours-{policy}", workload, len(reqs), lambda: ours(runner, policy, reqs, args, workload))
+            for _ in range(args.repeats):
+                run(result, f"ours-{policy}", workload, len(reqs), lambda: ours(runner, policy, reqs, args, workload))
         if "hf_cb" in wanted:
             run(result, "hf-continuous", workload, len(requests),
                 lambda: peer_row(*peers.run_hf_continuous(hf, requests, device)))
@@ -90,6 +93,7 @@ def main(args: argparse.Namespace) -> str:
             run(result, f"hf-static{args.static_batch}", workload, len(requests),
                 lambda: peer_row(*peers.run_hf_static(hf, requests, args.static_batch, device)))
     result.data["ratios"] = ratios(result.data["results"])
+    result.data["spread"] = spread(result.data["results"])
     print_table(result.data)
     return result.finish()
 
@@ -113,6 +117,16 @@ def ours(runner, policy: str, requests: list[Request], args: argparse.Namespace,
                 output_tokens_per_s=summary["output_tokens_per_s"], metrics=summary)
 
 
+def spread(rows: list[dict]) -> list[dict]:
+    """(max - min) / max output tokens/s over the repeats of each of our systems on each workload."""
+    speeds: dict[tuple, list[float]] = {}
+    for r in rows:
+        if r["system"].startswith("ours") and "output_tokens_per_s" in r:
+            speeds.setdefault((r["system"], r["workload"]), []).append(r["output_tokens_per_s"])
+    return [dict(system=system, workload=workload, repeats=len(v), min=min(v), max=max(v),
+                 spread=(max(v) - min(v)) / max(v)) for (system, workload), v in speeds.items() if len(v) > 1]
+
+
 def peer_row(seconds: float, output_tokens: int) -> dict:
     return dict(seconds=seconds, output_tokens=output_tokens, output_tokens_per_s=output_tokens / seconds)
 
@@ -124,3 +138,6 @@ def print_table(data: dict) -> None:
         print(f"{r['system']:<20} {r['workload']:<9} {r['requests']:>8} {speed}")
     for r in data["ratios"]:
         print(f"{r['workload']:<9} {r['ours']:<16} / {r['peer']:<16} = {r['ratio']:.2f}")
+    for r in data.get("spread", []):
+        print(f"{r['workload']:<9} {r['system']:<16} {r['repeats']} repeats: {r['min']:.0f}..{r['max']:.0f} tok/s, "
+              f"spread {r['spread']:.1%}")
