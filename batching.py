@@ -116,6 +116,16 @@ class Inference:
         return delta
 
 
+def check_fits(inf: Inference, max_context: int, block_size: int, num_blocks: int) -> None:
+    """Refuse a request that could never run, however long it waited."""
+    total = len(inf.prompt_ids) + inf.params.max_tokens
+    if total > max_context:
+        raise TooLong(f"the request needs {total} tokens, more than the model's context of {max_context}",
+                      "max_tokens")
+    if -(-total // block_size) > num_blocks:
+        raise TooLong(f"the request needs {total} tokens of KV cache, more than the whole pool holds", "max_tokens")
+
+
 # ---- policies: admission rules only ----
 
 @dataclass
@@ -268,13 +278,8 @@ class BatchingManager:
     # ---- called from HTTP threads ----
 
     def enqueue(self, inf: Inference) -> Inference:
-        total = len(inf.prompt_ids) + inf.params.max_tokens
-        if total > self.max_context:
-            raise TooLong(f"the request needs {total} tokens, more than the model's context of {self.max_context}",
-                          "max_tokens")
-        if self.runner.block_manager.blocks_needed(total) > self.runner.block_manager.num_blocks:
-            raise TooLong(f"the request needs {total} tokens of KV cache, more than the whole pool holds",
-                          "max_tokens")
+        bm = self.runner.block_manager
+        check_fits(inf, self.max_context, bm.block_size, bm.num_blocks)
         with self._lock:
             if len(self._inbox) + self.scheduler.num_waiting >= self.max_waiting:
                 raise Overloaded(f"{self.max_waiting} requests are already waiting; try again later")

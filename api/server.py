@@ -1,4 +1,5 @@
-"""The serving state of one gunicorn worker: settings, the engine thread, /stats and /metrics bookkeeping.
+"""The serving state of one gunicorn worker: settings, the engine (a process of its own, engine_process.py),
+/stats and /metrics bookkeeping.
 
 `start_engine` runs once per worker (`gunicorn_conf.post_worker_init`), never in the master process: CUDA and
 threads do not survive a fork. The routes read the state through `running()`.
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from api.errors import ApiError
 from batching import BatchingManager, make_policy
 from engine.config import Settings
+from engine_process import EngineProcess
 from telemetry.prometheus import EngineMetrics
 from telemetry.stats import ServerStats
 
@@ -22,7 +24,7 @@ GIL_SWITCH_S = 0.0005
 @dataclass
 class Server:
     settings: Settings
-    manager: BatchingManager
+    manager: BatchingManager | EngineProcess
     stats: ServerStats
     metrics: EngineMetrics
     info: dict = field(default_factory=dict)
@@ -43,24 +45,24 @@ def running() -> Server:
 
 
 def start_engine(settings: Settings | None = None) -> Server:
-    """Load the model, build the engine and start its thread."""
+    """Start the engine process (it loads the model) and the thread that takes its results."""
     if current is not None:
         return current
-    from engine.build import build_runner  # torch: loaded in the worker only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The engine thread lets go of the GIL at every wait for the GPU; with hundreds of HTTP threads runnable it
-    # would wait up to the default 5 ms switch interval to get it back, longer than a whole decode step.
+    # The thread that takes the engine's results hands them to the HTTP threads every step; with hundreds of
+    # those runnable it would wait up to the default 5 ms switch interval for the GIL, longer than a whole step.
     sys.setswitchinterval(GIL_SWITCH_S)
     s = settings or Settings.from_env()
-    policy = make_policy(s.policy, s.max_batch)
-    runner, info = build_runner(s)
-    serve(s, BatchingManager(runner, policy, s.max_step_tokens, s.max_waiting), info)
+    make_policy(s.policy, s.max_batch)  # an unknown policy fails here, before a model loads
+    engine = EngineProcess(s)
+    serve(s, engine, {k: v for k, v in engine.info.items() if k not in ("block-size", "kv-blocks-total")})
     log.info("serving %s with policy %s", s.model, s.policy)
     return current
 
 
-def serve(settings: Settings, manager: BatchingManager, info: dict) -> Server:
-    """Attach statistics and metrics to an engine, start its thread and route requests to it."""
+def serve(settings: Settings, manager: BatchingManager | EngineProcess, info: dict) -> Server:
+    """Attach statistics and metrics to an engine (a BatchingManager in this process, or the engine process),
+    start it and route requests to it."""
     global current
     stats = ServerStats(settings.policy, settings.data_dir)
     metrics = EngineMetrics(settings.served_model_name or settings.model, settings.policy)
