@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark suite on one GPU, in one go (about 8 minutes): gpt2-medium, bf16, random weights.
-#   OUT=/some/dir bench/run_gpu.sh          (default OUT: bench/results/gpu; BUDGET_S: total seconds, 500;
-#                                            STEPS: which sub-commands, default all five)
+# The GPU tests and the benchmark suite on one GPU, in one go (about 10 minutes): gpt2-medium, bf16, random weights.
+#   OUT=/some/dir bench/run_gpu.sh          (default OUT: bench/results/gpu; BUDGET_S: total seconds, 600;
+#                                            STEPS: which steps, default pytest and all five sub-commands)
 # decode and throughput run in-process (torch + transformers; our engine's requests also need tiktoken), then
 # interference, then http and poisson if flask, gunicorn, aiohttp and tiktoken import. Each sub-command runs in
 # its own process with a share of the time left: one that fails or runs out of time keeps the rows it already
@@ -11,8 +11,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
 PY="${PYTHON:-python3}"
-end=$((SECONDS + ${BUDGET_S:-500}))
-STEPS="${STEPS:-decode throughput interference http poisson}"
+end=$((SECONDS + ${BUDGET_S:-600}))
+STEPS="${STEPS:-pytest decode throughput interference http poisson}"
 mkdir -p "$OUT"
 export TQDM_MININTERVAL=10  # progress lines every 10 s, not a log full of them
 COMMON=(--model gpt2-medium --dtype bfloat16 --device cuda --full --out "$OUT")
@@ -40,12 +40,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 "$PY" -c "import tiktoken" 2>/dev/null || log "tiktoken missing: our engine's rows will fail (the peers still run)"
 
-step decode 80
-step throughput 420
+case " $STEPS " in *" pytest "*)
+  log "pytest: the GPU tests, started $(date -u +%H:%M:%S)"
+  timeout 240 "$PY" -m pytest -q tests/test_triton_attention.py tests/test_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
+  log "pytest: exit $? ($(tail -n 1 "$OUT/pytest_gpu.txt"))" ;;
+esac
+step decode 90 --seconds 2
+step throughput 330 --repeats 3
 step interference 60
 if "$PY" -c "import flask, gunicorn, aiohttp, tiktoken" 2>/dev/null; then
-  step http 120 --workloads burst
-  step poisson 600 --requests 40 --qps 4,16,64
+  step http 150
+  step poisson 240 --policies dynamic,static --requests 200 --qps 16,32,64,128,256 --slo-tpot 0.025
 else
   log "http, poisson: skipped (flask, gunicorn, aiohttp or tiktoken missing)"
 fi
