@@ -61,3 +61,40 @@ def test_out_of_range_sampling_values_are_refused_naming_the_field(bad):
     with pytest.raises(InvalidRequest) as e:
         checked(SamplingParams(**bad))
     assert e.value.param == next(iter(bad))
+
+
+def test_a_vanishing_temperature_is_greedy_and_a_vanishing_top_p_keeps_the_top_token():
+    logits = torch.tensor([[0.0, 3.0, 2.9, -1.0]])
+    assert set(draw(logits, SamplingParams(temperature=1e-40), 50).tolist()) == {1}
+    assert set(draw(logits, SamplingParams(top_p=1e-50), 50).tolist()) == {1}
+
+
+def test_logits_past_the_tokenizers_vocabulary_are_never_sampled():
+    # a nanoGPT checkpoint pads its vocabulary to 50304: those ids have no text
+    logits = torch.zeros(1, 8)
+    logits[0, 6:] = 50.0
+    sampler = Sampler(torch.device("cpu"), vocab_size=6, seed=0)
+    tokens = [t.token for t in sampler(logits.expand(200, -1), [SamplingParams()] * 200, list(range(200)), [0] * 200)]
+    assert max(tokens) < 6
+    assert sampler(logits, [SamplingParams(temperature=0)], [0], [0])[0].token < 6
+
+
+def test_draws_depend_only_on_the_seed_and_the_token_index():
+    from engine.sampler import uniforms
+    a = uniforms([7, 7, 8], [0, 1, 0])
+    assert a[0] != a[1] and a[0] != a[2] and ((0 <= a) & (a < 1)).all()
+    assert (uniforms([8, 7], [0, 1]) == a[[2, 1]]).all()  # whatever else is drawn beside them
+
+
+def test_a_seeded_request_gets_the_same_tokens_after_a_preemption(tiny_model_dir):
+    alone = make_manager(tiny_model_dir, "dynamic")
+    want = alone.enqueue(request([1, 2, 3], 30, temperature=1.0, seed=5))
+    run_until_idle(alone)
+    # 12 blocks of 4 tokens: the three requests outgrow the pool, the newest is preempted and recomputed
+    crowded = make_manager(tiny_model_dir, "dynamic", num_blocks=12)
+    for i in range(2):
+        crowded.enqueue(request([4, 5, 6, i], 25, temperature=1.0, seed=i))
+    got = crowded.enqueue(request([1, 2, 3], 30, temperature=1.0, seed=5))  # the newest: preempted first
+    run_until_idle(crowded)
+    assert got.num_preemptions > 0
+    assert got.output_ids == want.output_ids
