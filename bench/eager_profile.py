@@ -1,4 +1,4 @@
-"""cProfile of one eager mixed step's host side (a tuning aid)."""
+"""cProfile of one eager (uncaptured) mixed step's host side, on gpt2-medium (GPU only)."""
 import cProfile
 import pstats
 
@@ -7,11 +7,18 @@ import torch
 from bench import engine, step_profile
 from engine.config import resolve_device
 
-runner = engine.build_runner("gpt2-medium", resolve_device("auto"), torch.bfloat16, num_blocks=8192, max_batch=128)
-engine.warm_up(runner)
-step_profile.eager_step_launch_share(runner)
-pr = cProfile.Profile()
-pr.enable()
-step_profile.eager_step_launch_share(runner)
-pr.disable()
-pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+
+def main() -> None:
+    runner = engine.build_runner("gpt2-medium", resolve_device("auto"), torch.bfloat16, num_blocks=8192,
+                                 max_batch=128)
+    engine.warm_up(runner)
+    step_profile.eager_step_launch_share(runner)
+    profile = cProfile.Profile()
+    profile.enable()
+    step_profile.eager_step_launch_share(runner)
+    profile.disable()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()

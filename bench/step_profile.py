@@ -1,4 +1,4 @@
-"""Where an in-process run spends its time: steps split by kind (graph decode vs eager prefill/mixed), the model
+"""Where an in-process run spends its time: steps split by kind (decode-only or with prefill), the model
 runner's share of each, and the engine's own Python around it (a tuning aid for the GPU)."""
 import argparse
 import collections
@@ -28,7 +28,7 @@ def main() -> None:
         start = time.perf_counter()
         out = run(plan)
         decodes = sum(1 for _, n in plan if n == 1)
-        kind = "graph" if decodes == len(plan) else "eager"
+        kind = "decode" if decodes == len(plan) else "mixed"
         s = stats[kind]
         s[0] += 1
         s[1] += time.perf_counter() - start

@@ -1,29 +1,37 @@
-"""Sweep the decode kernel's tile and warps on gpt2-medium's shape (GPU only, a tuning aid)."""
+"""Sweep the decode kernel's tile (BLOCK_N), warps and split target on gpt2-medium's heads (GPU only): the four
+fastest settings per batch size, and the time of the current one."""
 import math
+
 import torch
 from triton.testing import do_bench
-from engine.attention import triton_decode as td
 
-NH, HS, BS = 16, 64, 16
-torch.manual_seed(0)
-NB = 16384
-k = torch.randn(NB, BS, NH, HS, device="cuda", dtype=torch.bfloat16)
-v = torch.randn_like(k)
-for B, ctx in ((1, 512), (32, 512), (128, 512), (256, 512)):
-    W = 64
-    tables = torch.randperm(NB, device="cuda")[:B * W].view(B, W).int()
-    lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
-    q = torch.randn(B, NH, HS, device="cuda", dtype=torch.bfloat16)
-    out = torch.empty_like(q)
-    best = []
-    for bn in (32, 64, 128):
-        for nw in (2, 4, 8):
-            for pps in (2, 4, 8):
-                td.BLOCK_N, td.NUM_WARPS, td.PROGRAMS_PER_SM = bn, nw, pps
-                ms = do_bench(lambda: td.paged_decode_attention(q, k, v, tables, lens, out, 1 / math.sqrt(HS)),
-                              return_mode="median")
-                gbps = B * ctx * NH * HS * 2 * 2 / ms / 1e6
-                best.append((ms, bn, nw, pps, gbps))
-    best.sort()
-    print(B, ctx, [f"{ms*1e3:.1f}us bn{bn} w{nw} pps{pps} {g:.0f}GB/s" for ms, bn, nw, pps, g in best[:4]],
-          "default:", [f"{ms*1e3:.1f}" for ms, bn, nw, pps, g in best if (bn, nw, pps) == (64, 4, 4)], flush=True)
+from engine.attention import triton_decode
+
+NH, HS, BLOCK_SIZE, NUM_BLOCKS, WIDTH = 16, 64, 16, 16384, 64
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    k = torch.randn(NUM_BLOCKS, BLOCK_SIZE, NH, HS, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    current = (triton_decode.BLOCK_N, triton_decode.NUM_WARPS, triton_decode.PROGRAMS_PER_SM)
+    for batch, ctx in ((1, 512), (32, 512), (128, 512), (256, 512)):
+        tables = torch.randperm(NUM_BLOCKS, device="cuda")[:batch * WIDTH].view(batch, WIDTH).int()
+        lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+        q = torch.randn(batch, NH, HS, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty_like(q)
+        timings = []
+        for setting in [(n, w, p) for n in (32, 64, 128) for w in (2, 4, 8) for p in (2, 4, 8)]:
+            triton_decode.BLOCK_N, triton_decode.NUM_WARPS, triton_decode.PROGRAMS_PER_SM = setting
+            ms = do_bench(lambda: triton_decode.paged_decode_attention(q, k, v, tables, lens, out, 1 / math.sqrt(HS)),
+                          return_mode="median")
+            timings.append((ms, setting))
+        timings.sort()
+        kv_bytes = batch * ctx * NH * HS * 2 * 2
+        best = [f"{ms * 1e3:.1f}us bn{n} w{w} pps{p} {kv_bytes / ms / 1e6:.0f}GB/s" for ms, (n, w, p) in timings[:4]]
+        print(batch, ctx, best, "current:", [f"{ms * 1e3:.1f}" for ms, s in timings if s == current], flush=True)
+    triton_decode.BLOCK_N, triton_decode.NUM_WARPS, triton_decode.PROGRAMS_PER_SM = current
+
+
+if __name__ == "__main__":
+    main()
