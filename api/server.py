@@ -1,4 +1,4 @@
-"""The serving state of one gunicorn worker: settings, the engine thread, /stats and /metrics bookkeeping.
+"""The serving state of one gunicorn worker: settings, the engine thread, /stats, /metrics and /timeline bookkeeping.
 
 `start_engine` runs once per worker (`gunicorn_conf.post_worker_init`), never in the master process: CUDA and
 threads do not survive a fork. The routes read the state through `running()`.
@@ -12,6 +12,7 @@ from batching import BatchingManager, make_policy
 from engine.config import Settings
 from telemetry.prometheus import EngineMetrics
 from telemetry.stats import ServerStats
+from telemetry.timeline import Timeline
 
 log = logging.getLogger("effective-batching")
 
@@ -22,6 +23,7 @@ class Server:
     manager: BatchingManager
     stats: ServerStats
     metrics: EngineMetrics
+    timeline: Timeline
     info: dict = field(default_factory=dict)
     started: int = field(default_factory=lambda: int(time.time()))
 
@@ -54,14 +56,16 @@ def start_engine(settings: Settings | None = None) -> Server:
 
 
 def serve(settings: Settings, manager: BatchingManager, info: dict) -> Server:
-    """Attach statistics and metrics to an engine, start its thread and route requests to it."""
+    """Attach statistics, metrics and the timeline to an engine, start its thread and route requests to it."""
     global current
     stats = ServerStats(settings.policy, settings.data_dir)
     metrics = EngineMetrics(settings.served_model_name or settings.model, settings.policy)
     manager.on_finish += [stats.record, metrics.record]
+    timeline = Timeline()
+    manager.attach_timeline(timeline)
     manager.start()
     metrics.start_publisher(manager)
-    current = Server(settings, manager, stats, metrics, info)
+    current = Server(settings, manager, stats, metrics, timeline, info)
     return current
 
 
