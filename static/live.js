@@ -22,12 +22,18 @@ const state = {
   serverNow: 0,  // the server's clock (s) when the last answer was made ...
   receivedAt: 0,  // ... and performance.now() when it arrived
   rows: [],  // the requests drawn last, top to bottom (for the tooltip)
+  failing: false,  // the status line shows why polling fails
 };
 
 const $ = (id) => document.getElementById(id);
 
 function say(message) {
   $("status").textContent = message;
+}
+
+function fail(message) {
+  state.failing = true;
+  say(message);
 }
 
 function authHeaders() {
@@ -41,14 +47,14 @@ async function poll() {
   try {
     const resp = await fetch(`/timeline?since=${state.since}`, {headers: authHeaders(), cache: "no-store"});
     if (resp.status === 401) {
-      say("This server needs its API key: type it into the key field.");
+      fail("This server needs its API key: type it into the key field.");
     } else if (!resp.ok) {
-      say(`/timeline answered HTTP ${resp.status}`);
+      fail(`/timeline answered HTTP ${resp.status}`);
     } else {
       merge(await resp.json());
     }
   } catch (e) {
-    say("cannot reach the server: " + e.message);
+    fail("cannot reach the server: " + e.message);
   } finally {
     setTimeout(poll, POLL_MS);
   }
@@ -94,7 +100,8 @@ function showServer(data) {
     `MAX_BATCH ${data["max-batch"]}; worker pid ${data.pid}`;
   $("warning").hidden = !data.warning;
   $("warning").textContent = data.warning ? "Note: " + data.warning : "";
-  if ($("status").textContent.startsWith("This server needs") || $("status").textContent.startsWith("cannot")) {
+  if (state.failing) {
+    state.failing = false;
     say("");
   }
 }
@@ -235,11 +242,14 @@ function frame(t) {
 // ---- interaction ----
 
 function describe(r) {
-  const s = (t) => (t === null ? "–" : `${t.toFixed(2)} s`);
-  const waited = (r.admitted ?? serverTime()) - r.arrival;
-  return `${r.request_id}: ${r.prompt_tokens} prompt tokens, ${r.max_tokens} asked, now ${phaseNow(r)}\n` +
-    `waited ${waited.toFixed(2)} s; time to first token ${r.first_token === null ? "–" : s(r.first_token - r.arrival)}; ` +
-    `preempted ${r.preemptions}×` + (r.finish === null ? "" : `; finished (${r.finish_reason}) after ${s(r.finish - r.arrival)}`);
+  const since = (t) => (t === null ? "–" : `${(t - r.arrival).toFixed(2)} s`);
+  const lines = [
+    `${r.request_id}: ${r.prompt_tokens} prompt tokens, ${r.max_tokens} asked, now ${phaseNow(r)}`,
+    `waited ${since(r.admitted ?? serverTime())}; first token after ${since(r.first_token)}; ` +
+      `preempted ${r.preemptions}×`,
+  ];
+  if (r.finish !== null) lines.push(`finished (${r.finish_reason}) after ${since(r.finish)}`);
+  return lines.join("\n");
 }
 
 function onHover(event) {
@@ -258,7 +268,7 @@ async function fireBurst() {
     say(resp.ok ? `sent ${answer.requests} requests, U(0,1) × ${answer.wait} s apart`
                 : `the burst was refused: ${answer.error ? answer.error.message : resp.status}`);
   } catch (e) {
-    say("cannot reach the server: " + e.message);
+    fail("cannot reach the server: " + e.message);
   }
 }
 
