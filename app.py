@@ -2,8 +2,10 @@
 streams (api/submission.py); knows no tensors.
 
 Endpoints: POST /inference (the original API), POST /v1/completions and GET /v1/models (OpenAI's, see
-api/completions.py), GET /stats, GET /metrics (Prometheus), GET /health, GET|POST / (a hint). Errors share one
-JSON shape (api/errors.py). The engine starts inside the gunicorn worker (api/server.py).
+api/completions.py), GET /stats, GET /metrics (Prometheus), GET /health, GET /timeline (the engine's schedule,
+telemetry/timeline.py), POST /demo-burst (api/demo.py), GET|POST / (the live page, static/, for a browser; a hint
+otherwise). Errors share one JSON shape (api/errors.py). The engine starts inside the gunicorn worker
+(api/server.py).
 """
 import hmac
 import logging
@@ -15,6 +17,7 @@ import uuid
 from flask import Flask, Response, g, jsonify, request
 
 from api.completions import Completion, models_response, parse_completion_request
+from api.demo import parse_burst, start_burst
 from api.errors import ApiError, api_error
 from api.server import running
 from api.sse import sse_response
@@ -54,7 +57,7 @@ def request_id_ready_and_key():
     server = running()
     request.max_content_length = server.settings.max_body_bytes
     key = server.settings.key
-    if key and request.path not in OPEN_PATHS:
+    if key and request.path not in OPEN_PATHS and request.endpoint != "static":  # the page asks for the key
         given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
         if not hmac.compare_digest(given.encode(), key.encode()):
             raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
@@ -110,8 +113,15 @@ def parse_inference(body: dict) -> tuple[str, list[int], SamplingParams]:
 
 @app.route("/", methods=["GET", "POST"])
 def hint():
-    return ("effective-batching: POST /inference {\"prompt\": str, \"num_tokens\": int}; POST /v1/completions; "
-            "GET /v1/models; GET /stats; GET /metrics; GET /health\n")
+    """The live page for a browser (it asks for text/html first); the one-line hint for everything else."""
+    if request.method == "GET" and request.accept_mimetypes.best_match(["text/plain", "text/html"]) == "text/html":
+        resp = app.send_static_file("index.html")
+    else:
+        resp = app.make_response("effective-batching: POST /inference {\"prompt\": str, \"num_tokens\": int}; "
+                                 "POST /v1/completions; GET /v1/models; GET /stats; GET /metrics; GET /health; "
+                                 "GET /timeline\n")
+    resp.vary.add("Accept")
+    return resp
 
 
 @app.get("/health")
@@ -149,6 +159,23 @@ def stats():
     server = running()
     server.stats.write_token_csv()
     return jsonify({**server.stats.snapshot(), **server.manager.load(), **server.info})
+
+
+@app.get("/timeline")
+def timeline():
+    """The engine's schedule: steps and requests that changed after step `since` (all that is kept if absent)."""
+    server = running()
+    since = request.args.get("since", "0")
+    if not re.fullmatch(r"[0-9]{1,18}", since):
+        raise InvalidRequest(f"'since' must be a step number (an integer >= 0); got {since!r}", "since")
+    return jsonify({**server.info, "pid": os.getpid(), **server.timeline.snapshot(int(since))})
+
+
+@app.post("/demo-burst")
+def demo_burst():
+    requests, wait = parse_burst(json_body())
+    start_burst(running().manager, requests, wait)
+    return jsonify({"requests": requests, "wait": wait}), 202
 
 
 # ---- OpenAI's API ----

@@ -23,6 +23,7 @@ from typing import Protocol
 from engine.runner import ModelRunner
 from engine.sampler import SampledToken, SamplingParams
 from engine.tokenizer import EOT_TOKEN, StreamDecoder
+from telemetry.timeline import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,7 @@ class Scheduler:
         self.preempted: deque[Inference] = deque()
         self.running: list[Inference] = []
         self.num_preemptions = 0
+        self.timeline: Timeline | None = None  # set when the schedule is recorded
 
     def schedule(self) -> list[tuple[Inference, int]]:
         budget = self.max_step_tokens
@@ -221,6 +223,8 @@ class Scheduler:
             self.blocks.allocate(seq.id, len(seq.token_ids))
             seq.state = RUNNING
             seq.scheduled_time = seq.scheduled_time or time.perf_counter()
+            if self.timeline:
+                self.timeline.admitted(seq)
             self.running.append(seq)
             if budget:
                 n = min(len(seq.token_ids), budget)
@@ -236,6 +240,8 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.preempted.appendleft(seq)
+        if self.timeline:
+            self.timeline.preempted(seq)
 
     def remove(self, seq: Inference) -> None:
         """Take a sequence out wherever it is and release its blocks."""
@@ -274,6 +280,11 @@ class BatchingManager:
         self.last_step_time = time.monotonic()
         self.steps = 0
         self.fatal_error: str | None = None
+        self.timeline: Timeline | None = None  # set when the schedule is recorded (attach_timeline)
+
+    def attach_timeline(self, timeline: Timeline) -> None:
+        """Record the schedule (steps, arrivals, admissions, preemptions, finishes) into `timeline`."""
+        self.timeline = self.scheduler.timeline = timeline
 
     # ---- called from HTTP threads ----
 
@@ -335,6 +346,7 @@ class BatchingManager:
 
     def step(self) -> bool:
         """Run one step; False when there was nothing to run."""
+        started = time.perf_counter()
         self._take_inbox()
         plan = self.scheduler.schedule()
         if not plan:
@@ -348,6 +360,8 @@ class BatchingManager:
             return True
         self.steps += 1
         now = time.perf_counter()
+        if self.timeline:
+            self.timeline.stepped(plan, sampled, started, now, self.scheduler, self.runner.block_manager)
         for seq, n in plan:
             seq.num_computed += n
             if seq.id not in sampled:
@@ -369,6 +383,8 @@ class BatchingManager:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
         self.scheduler.waiting.extend(inbox)
+        if self.timeline and inbox:
+            self.timeline.arrived(inbox)
         for inf in aborts:
             if not inf.done:
                 self._finish(inf, "abort")
@@ -384,6 +400,8 @@ class BatchingManager:
         inf.finish_reason, inf.error = reason, error
         inf.finish_time = time.perf_counter()
         inf.state = FINISHED
+        if self.timeline:
+            self.timeline.finished(inf)
         if inf.stream is not None:
             inf.stream.put(inf.stream_delta())
             inf.stream.put(None)  # end of stream

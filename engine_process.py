@@ -8,9 +8,11 @@ into them: a stream's text every step, everything else when the request finishes
 interface of `BatchingManager` that the HTTP side uses (enqueue, abort, load, alive, on_finish, ...).
 
 Messages, pickled over one pipe:
-  worker -> engine  ("submit", Submitted) | ("abort", id) | ("stop",)
+  worker -> engine  ("submit", Submitted) | ("abort", id) | ("timeline", since) | ("stop",)
   engine -> worker  ("ready", info) at start, then ("update", deltas, results, load) after steps that produced
-                    something (and at least every HEARTBEAT_S), ("dead", error) if the engine cannot go on
+                    something (and at least every HEARTBEAT_S), ("timeline", snapshot) when asked, ("dead", error)
+                    if the engine cannot go on
+The schedule (telemetry/timeline.py) is recorded where the steps run; GET /timeline asks the engine for it.
 Both processes read time.perf_counter (CLOCK_MONOTONIC), so the engine's timestamps are the worker's too.
 """
 import logging
@@ -22,10 +24,12 @@ from dataclasses import dataclass
 from batching import FINISHED, BatchingManager, Inference, Overloaded, check_fits, make_policy
 from engine.config import Settings
 from engine.sampler import SamplingParams
+from telemetry.timeline import Timeline
 
 log = logging.getLogger("effective-batching")
 
 HEARTBEAT_S = 0.05  # the longest the worker's view of the engine's load is behind while it runs
+ASK_TIMEOUT_S = 10.0
 IDLE_WAIT_S = 0.01  # the original's polling period; a new request wakes the engine at once anyway
 RESULT_FIELDS = ("state", "finish_reason", "error", "output_ids", "token_ids", "logprobs", "text", "scheduled_time",
                  "first_token_time", "token_times", "finish_time", "num_preemptions", "seed")
@@ -67,6 +71,7 @@ class EngineProcess:
         self._in_flight: dict[int, Inference] = {}
         self._submitted = 0
         self._load = dict(running=0, waiting=0, received=0)
+        self.timeline = _RemoteTimeline(self)
         self._receiver = threading.Thread(target=self._receive, name="engine-receiver", daemon=True)
 
     # ---- called from HTTP threads ----
@@ -129,6 +134,9 @@ class EngineProcess:
                 message = self._conn.recv()
                 if message[0] == "dead":
                     raise RuntimeError(message[1])
+                if message[0] == "timeline":
+                    self.timeline.answered(message[1])
+                    continue
                 _, deltas, results, load = message
                 self._apply(deltas, results, load)
         except EOFError:
@@ -177,6 +185,29 @@ class EngineProcess:
             callback(self.fatal_error)
 
 
+class _RemoteTimeline:
+    """The engine process's Timeline as the worker sees it: snapshot() asks for it over the pipe."""
+
+    def __init__(self, engine: EngineProcess):
+        self.engine = engine
+        self._asking = threading.Lock()  # one question at a time, so an answer is the asker's
+        self._answered = threading.Event()
+        self._answer: dict | None = None
+
+    def snapshot(self, since: int = 0) -> dict:
+        with self._asking:
+            self._answered.clear()
+            with self.engine._lock:
+                self.engine._send(("timeline", since))
+            if not self._answered.wait(ASK_TIMEOUT_S):
+                raise TimeoutError("the engine did not answer for its timeline")
+            return self._answer
+
+    def answered(self, snapshot: dict) -> None:
+        self._answer = snapshot
+        self._answered.set()
+
+
 # ---- the engine process ----
 
 class _Collector:
@@ -196,6 +227,7 @@ def _engine_main(settings: Settings, conn) -> None:
     runner, info = build_runner(settings)
     manager = BatchingManager(runner, make_policy(settings.policy, settings.max_batch), settings.max_step_tokens,
                               max_waiting=1 << 62)  # the worker refuses what does not fit, before sending
+    manager.attach_timeline(Timeline())
     bm = runner.block_manager
     conn.send(("ready", {**info, "block-size": bm.block_size, "kv-blocks-total": bm.num_blocks}))
     _EngineLoop(manager, conn).run()
@@ -236,6 +268,8 @@ class _EngineLoop:
                 return False
             if kind == "submit":
                 self._submit(args[0])
+            elif kind == "timeline":
+                self.conn.send(("timeline", self.manager.timeline.snapshot(args[0])))
             elif kind == "abort" and args[0] in self.infs:
                 self.manager.abort(self.infs[args[0]])
         return True

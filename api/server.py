@@ -1,5 +1,5 @@
 """The serving state of one gunicorn worker: settings, the engine (a process of its own, engine_process.py),
-/stats and /metrics bookkeeping.
+/stats, /metrics and /timeline bookkeeping.
 
 `start_engine` runs once per worker (`gunicorn_conf.post_worker_init`), never in the master process: CUDA and
 threads do not survive a fork. The routes read the state through `running()`.
@@ -15,6 +15,7 @@ from engine.config import Settings
 from engine_process import EngineProcess
 from telemetry.prometheus import EngineMetrics
 from telemetry.stats import ServerStats
+from telemetry.timeline import Timeline
 
 log = logging.getLogger("effective-batching")
 
@@ -27,6 +28,7 @@ class Server:
     manager: BatchingManager | EngineProcess
     stats: ServerStats
     metrics: EngineMetrics
+    timeline: Timeline
     info: dict = field(default_factory=dict)
     started: int = field(default_factory=lambda: int(time.time()))
 
@@ -61,15 +63,18 @@ def start_engine(settings: Settings | None = None) -> Server:
 
 
 def serve(settings: Settings, manager: BatchingManager | EngineProcess, info: dict) -> Server:
-    """Attach statistics and metrics to an engine (a BatchingManager in this process, or the engine process),
-    start it and route requests to it."""
+    """Attach statistics, metrics and the timeline to an engine (a BatchingManager in this process, or the engine
+    process), start it and route requests to it."""
     global current
     stats = ServerStats(settings.policy, settings.data_dir)
     metrics = EngineMetrics(settings.served_model_name or settings.model, settings.policy)
     manager.on_finish += [stats.record, metrics.record]
+    if manager.timeline is None:  # the engine process records its own
+        manager.attach_timeline(Timeline())
+    timeline = manager.timeline
     manager.start()
     metrics.start_publisher(manager)
-    current = Server(settings, manager, stats, metrics, info)
+    current = Server(settings, manager, stats, metrics, timeline, info)
     return current
 
 

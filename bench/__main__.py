@@ -5,6 +5,7 @@
   decode        ms per decode step by batch size at a fixed context, beside the memory-bandwidth roofline
   poisson       Poisson arrivals at rising QPS over HTTP: TTFT, TPOT, ITL, E2E, goodput per policy
   interference  p99 inter-token latency of running decodes while long prompts arrive, chunked prefill or not
+  timeline-overhead  what recording the schedule (GET /timeline) costs per engine step
   report        redraw the plots and results.md from the JSON files of an output directory
 
 Each writes <out>/<command>.json and .png (default out: bench/results/<device>). Sizes are small on a CPU and
@@ -18,7 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the engine's modules
 
 COMMANDS = {"throughput": "bench.throughput", "http": "bench.http_throughput", "decode": "bench.decode",
-            "poisson": "bench.poisson", "interference": "bench.interference", "report": "bench.report"}
+            "poisson": "bench.poisson", "interference": "bench.interference",
+            "timeline-overhead": "bench.timeline_overhead", "report": "bench.report"}
 
 
 def parser() -> argparse.ArgumentParser:

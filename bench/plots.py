@@ -114,4 +114,19 @@ def interference(plt, data: dict):
     return fig
 
 
-DRAW = dict(throughput=throughput, http=http, decode=decode, poisson=poisson, interference=interference)
+def timeline_overhead(plt, data: dict):
+    """The recorder's share of step time per case, beside the 2% budget."""
+    rows = data["results"]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    bars = ax.bar([r["case"] for r in rows], [100 * r["recorder_share"] for r in rows], color="C0")
+    ax.bar_label(bars, labels=[f"{100 * r['recorder_share']:.3f}%\n{r['recorder_us_per_step']:.0f} µs/step"
+                               for r in rows], fontsize=8)
+    ax.axhline(2, color="C3", linestyle="--", label="budget: 2% of step time")
+    ax.set_ylim(0, 2.5)
+    ax.set_ylabel("recording / step time (%)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+DRAW = {"throughput": throughput, "http": http, "decode": decode, "poisson": poisson, "interference": interference,
+        "timeline-overhead": timeline_overhead}

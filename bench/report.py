@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench import plots
 
-ORDER = ("throughput", "http", "decode", "poisson", "interference")
+ORDER = ("throughput", "http", "decode", "poisson", "interference", "timeline-overhead")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -134,5 +134,16 @@ def interference_table(data: dict) -> str:
                   "ITL max ms", "long prompt TTFT p50 ms", "decode tok/s"], rows)
 
 
-TABLES = dict(throughput=throughput_table, http=http_table, decode=decode_table, poisson=poisson_table,
-              interference=interference_table)
+def timeline_overhead_table(data: dict) -> str:
+    rows = [[r["case"], str(r["requests"]), str(r["steps"]), fmt(r["step_ms"], digits=2),
+             fmt(r["recorder_us_per_step"], digits=1), fmt(r["recorder_share"], 100, 3) + "%",
+             fmt(r["tokens_per_s_without"]), fmt(r["tokens_per_s_with"]), fmt(r["snapshot_full_ms"], digits=2)]
+            for r in data["results"]]
+    return ("recording = time inside the timeline's calls over the engine's time in step(); tokens/s of the same run "
+            "without and with the timeline as a check.\n\n"
+            + table(["case", "requests", "steps", "step ms", "recording µs/step", "recording share",
+                     "tok/s without", "tok/s with", "full snapshot ms"], rows))
+
+
+TABLES = {"throughput": throughput_table, "http": http_table, "decode": decode_table, "poisson": poisson_table,
+          "interference": interference_table, "timeline-overhead": timeline_overhead_table}

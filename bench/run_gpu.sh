@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU tests and the benchmark suite on one GPU, in one go (about 10 minutes): gpt2-medium, bf16, random weights.
 #   OUT=/some/dir bench/run_gpu.sh          (default OUT: bench/results/gpu; BUDGET_S: total seconds, 600;
-#                                            STEPS: which steps, default pytest and all five sub-commands)
+#                                            STEPS: which steps, default pytest and all six sub-commands)
 # decode and throughput run in-process (torch + transformers; our engine's requests also need tiktoken), then
-# interference, then http and poisson if flask, gunicorn, aiohttp and tiktoken import. Each sub-command runs in
+# interference and timeline-overhead, then http and poisson if flask, gunicorn, aiohttp and tiktoken import. Each sub-command runs in
 # its own process with a share of the time left: one that fails or runs out of time keeps the rows it already
 # wrote (the JSON is rewritten after every row) and the next still runs. results.md and the plots are redrawn
 # from the JSON at the end (`python -m bench report --out DIR` redraws them elsewhere if matplotlib is missing).
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
 PY="${PYTHON:-python3}"
 end=$((SECONDS + ${BUDGET_S:-600}))
-STEPS="${STEPS:-pytest decode throughput interference http poisson}"
+STEPS="${STEPS:-pytest decode throughput interference timeline-overhead http poisson}"
 mkdir -p "$OUT"
 export TQDM_MININTERVAL=10  # progress lines every 10 s, not a log full of them
 COMMON=(--model gpt2-medium --dtype bfloat16 --device cuda --full --out "$OUT")
@@ -48,6 +48,7 @@ esac
 step decode 90 --seconds 2
 step throughput 330 --repeats 3
 step interference 60
+step timeline-overhead 60
 if "$PY" -c "import flask, gunicorn, aiohttp, tiktoken" 2>/dev/null; then
   step http 150
   step poisson 240 --policies dynamic,static --requests 200 --qps 16,32,64,128,256 --slo-tpot 0.025

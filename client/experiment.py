@@ -1,8 +1,9 @@
 """The comparison: the same seeded workload against nobatch, static and dynamic batching, one fresh server each.
 
 For every policy it starts `./server.sh POLICY` on a free port, waits for `/health`, runs the client's workload,
-reads `/stats` and stops the server. Then it writes into --out: the original latency-vs-tokens figure, wall-clock
-throughput and TTFT / TPOT / E2E distributions (PNG + PDF), the raw data behind them, and `report.md`.
+reads `/stats` and `/timeline` and stops the server. Then it writes into --out: the original latency-vs-tokens
+figure, wall-clock throughput, TTFT / TPOT / E2E distributions and the scheduler's timeline (PNG + PDF), the raw
+data behind them, and `report.md`.
 
     python client/experiment.py            # CPU: gpt2, random weights, 40 requests; GPU: gpt2-medium, 100 requests
 """
@@ -14,7 +15,7 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import requests
 from tqdm import tqdm
 
 import plot
+import timeline_plot
 from client import CLIENT_DIR, RequestRecord, fetch_stats, mean_latency_by_num_tokens, run_workload, write_run_files
 from data import DEFAULT_NUM_TOKENS_RANGE, PromptData
 
@@ -47,6 +49,7 @@ class PolicyRun:
     policy: str
     records: list[RequestRecord]
     stats: dict
+    timeline: dict = field(default_factory=dict)  # the server's GET /timeline after the workload
 
 
 # --- setup ----------------------------------------------------------------------------------------------------
@@ -110,6 +113,7 @@ def run_policy(policy: str, workload: PromptData, args: argparse.Namespace) -> P
                             timeout=args.startup_timeout) as (url, _):
             records = run_workload(url, workload.samples, desc=policy)
             stats = fetch_stats(url)
+            timeline = fetch_timeline(url)
     except ServerFailed as e:
         raise ExperimentError(f"{policy}: {e}") from None
     failed = [r for r in records if not r.ok]
@@ -118,7 +122,13 @@ def run_policy(policy: str, workload: PromptData, args: argparse.Namespace) -> P
                               f"the server's log is {log_path}")
     if failed:
         tqdm.write(f"[{policy}] {len(failed)} of {len(records)} requests failed, first: {failed[0].error}")
-    return PolicyRun(policy, records, stats)
+    return PolicyRun(policy, records, stats, timeline)
+
+
+def fetch_timeline(url: str) -> dict:
+    response = requests.get(f"{url}/timeline", timeout=60)
+    response.raise_for_status()
+    return response.json()
 
 
 # --- figures and raw data -------------------------------------------------------------------------------------
@@ -164,6 +174,7 @@ def write_figures(runs: list[PolicyRun], metrics: dict[str, dict[str, float]], o
     ):
         samples = {p: ok_values(records, metric) for p, records in by_policy.items()}
         paths += plot.plot_distribution(samples, ylabel, title, out / name)
+    paths += timeline_plot.plot_timelines({run.policy: run.timeline for run in runs}, out / "timeline")
     return paths
 
 
@@ -275,6 +286,14 @@ the server's per-request timings; E2E latency is measured by the client. Times i
 
 {latency_by_tokens_table(runs)}
 
+## What the scheduler did
+
+![timeline](timeline.png)
+
+Each row is one request in arrival order -- grey while it waits, orange while its prompt is prefilled, blue while it
+decodes, a black mark at its finish -- under the requests running (blue) and waiting (grey) at each step, every
+panel on one time axis: no batching draws a staircase, static batching convoys, dynamic batching continuous admission.
+
 ## Server /stats
 
 `throughput` and `latency-per-token` are the original project's figures: `throughput` is total tokens over the
@@ -287,6 +306,7 @@ the server's per-request timings; E2E latency is measured by the client. Times i
 - `latency_vs_tokens.png/.pdf` from `token_data_<policy>.csv`;
 - `throughput.png/.pdf` from `summary.csv` (every client-measured figure, one row per policy);
 - `ttft`, `tpot`, `e2e_latency` `.png/.pdf` from `requests_<policy>.csv` (one row per request);
+- `timeline.png/.pdf` from `timeline_<policy>.json` (the server's /timeline after the run);
 - `stats_<policy>.json`: the server's /stats after the run; `server_<policy>.log`: its log;
   `server_data/token_data_<policy>.csv`: the server's own mean latency per requested token count.
 """)
@@ -297,6 +317,7 @@ the server's per-request timings; E2E latency is measured by the client. Times i
 def save_run(out: Path, run: PolicyRun) -> None:
     write_run_files(out, run.policy, run.records)
     (out / f"stats_{run.policy}.json").write_text(json.dumps(run.stats, indent=2) + "\n")
+    (out / f"timeline_{run.policy}.json").write_text(json.dumps(run.timeline) + "\n")
 
 
 def write_results(runs: list[PolicyRun], args: argparse.Namespace, defaults_note: str) -> list[Path]:

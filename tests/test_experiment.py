@@ -13,7 +13,7 @@ import experiment  # noqa: E402
 from client import RequestRecord  # noqa: E402
 
 POLICIES = ("nobatch", "static", "dynamic")
-FIGURES = ("latency_vs_tokens", "throughput", "ttft", "tpot", "e2e_latency")
+FIGURES = ("latency_vs_tokens", "throughput", "ttft", "tpot", "e2e_latency", "timeline")
 
 
 def fake_run(policy: str, slowdown: float) -> experiment.PolicyRun:
@@ -33,7 +33,8 @@ def check_outputs(out: Path, policies=POLICIES) -> str:
         for suffix in (".png", ".pdf"):
             assert (out / f"{figure}{suffix}").stat().st_size > 0, f"{figure}{suffix}"
     for policy in policies:
-        for raw in (f"requests_{policy}.csv", f"token_data_{policy}.csv", f"stats_{policy}.json"):
+        for raw in (f"requests_{policy}.csv", f"token_data_{policy}.csv", f"stats_{policy}.json",
+                    f"timeline_{policy}.json"):
             assert (out / raw).stat().st_size > 0, raw
     with open(out / "summary.csv", newline="") as f:
         assert [row["policy"] for row in csv.DictReader(f)] == list(policies)
@@ -95,6 +96,8 @@ def test_short_comparison_of_all_three_policies_on_a_real_server(tiny_model_dir,
     for policy in POLICIES:
         stats = json.loads((tmp_path / f"stats_{policy}.json").read_text())
         assert stats["policy"] == policy and stats["requests-finished"] == 5
+        timeline = json.loads((tmp_path / f"timeline_{policy}.json").read_text())
+        assert [r["finish_reason"] for r in timeline["requests"]] == ["length"] * 5
         with open(tmp_path / f"requests_{policy}.csv", newline="") as f:
             assert [row["error"] for row in csv.DictReader(f)] == [""] * 5
 
