@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from typing import Iterator
 
-from batching import BatchingManager, Inference
+from batching import BatchingManager, Inference, Overloaded
 from api.errors import ApiError, ClientGone
 
 log = logging.getLogger("effective-batching")
@@ -68,8 +68,12 @@ class Submission:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         if stream:
             for i, inf in enumerate(infs):
-                inf.stream = _Tagged(self.queue, i)
+                inf.stream = _Tagged(self.queue, i, inf)
         self._check_engine()
+        waiting = manager.load()["waiting"]
+        if waiting + len(infs) > manager.max_waiting:  # refused whole, before any sequence is queued
+            raise Overloaded(f"{waiting} requests are already waiting and this one brings {len(infs)}; the queue "
+                             f"takes {manager.max_waiting} (MAX_WAITING): try again later")
         for i, inf in enumerate(infs):
             try:
                 manager.enqueue(inf)

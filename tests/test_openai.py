@@ -176,14 +176,17 @@ def test_vllm_extensions_top_k_and_ignore_eos_are_accepted(client):
 
 def test_every_error_has_one_shape(url):
     auth = {"Authorization": f"Bearer {KEY}"}
+    as_json = {**auth, "Content-Type": "application/json"}
     responses = [
         requests.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": "many"}, headers=auth),  # 400
         requests.post(url + "/v1/completions", json={"prompt": "x"}),  # 401
         requests.get(url + "/v1/nothing-here", headers=auth),  # 404
-        requests.post(url + "/v1/completions", data=b"{" + b" " * (2 << 20) + b"}", headers=auth),  # 413
-        requests.post(url + "/inference", data="not json", headers=auth),  # 400
+        requests.get(url + "/v1/completions", headers=auth),  # 405
+        requests.post(url + "/v1/completions", data=b"{" + b" " * (2 << 20) + b"}", headers=as_json),  # 413
+        requests.post(url + "/inference", data="not json", headers=as_json),  # 400
+        requests.post(url + "/inference", data='{"prompt": "x", "num_tokens": 1}', headers=auth),  # 415
     ]
-    assert [r.status_code for r in responses] == [400, 401, 404, 413, 400]
+    assert [r.status_code for r in responses] == [400, 401, 404, 405, 413, 400, 415]
     for r in responses:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert responses[0].json()["error"]["param"] == "max_tokens"
