@@ -145,7 +145,8 @@ class Completion:
         self._text_offset = [len(inf.prompt) if req.echo else 0 for inf in infs]
 
     def response(self) -> dict:
-        choices = [self._choice(Delta(i, inf.text, inf.finish_reason)) for i, inf in enumerate(self.infs)]
+        choices = [self._choice(Delta(i, inf.text, inf.finish_reason, len(inf.output_ids)))
+                   for i, inf in enumerate(self.infs)]
         return {**self.head, "choices": choices, "usage": self.usage()}
 
     def chunks(self, deltas: Iterator[list[Delta]]) -> Iterator[dict]:
@@ -159,7 +160,7 @@ class Completion:
 
     def usage(self) -> dict:
         prompt = sum(len(ids) for _, ids in self.req.prompts)
-        completion = sum(len(inf.token_times) for inf in self.infs)  # with <|endoftext|>, as vLLM counts
+        completion = sum(len(inf.output_ids) for inf in self.infs)  # the text's tokens, as /inference counts
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _choice(self, delta: Delta) -> dict:
@@ -167,14 +168,16 @@ class Completion:
         text = delta.text
         if self._echo_pending[i]:
             text, self._echo_pending[i] = self.infs[i].prompt + text, False
-        return {"text": text, "index": i, "logprobs": self._new_logprobs(i), "finish_reason": delta.finish_reason}
+        return {"text": text, "index": i, "logprobs": self._new_logprobs(i, delta.num_tokens),
+                "finish_reason": delta.finish_reason}
 
-    def _new_logprobs(self, i: int) -> dict | None:
-        """OpenAI's logprobs object for the tokens of sequence i not reported yet. The sampled token is always
-        in top_logprobs, so a position holds up to logprobs + 1 entries (as in vLLM)."""
+    def _new_logprobs(self, i: int, upto: int) -> dict | None:
+        """OpenAI's logprobs object for sequence i's tokens not reported yet, up to token `upto` (those whose text
+        has been sent: a token held back with text that may become a stop string is held back too). The sampled
+        token is always in top_logprobs, so a position holds up to logprobs + 1 entries (as in vLLM)."""
         if self.req.params.logprobs is None:
             return None
-        new = self.infs[i].logprobs[self._logprobs_sent[i]:]
+        new = self.infs[i].logprobs[self._logprobs_sent[i]:upto]
         self._logprobs_sent[i] += len(new)
         tokens = [decode([t.token]) for t in new]
         offsets = list(itertools.accumulate((len(s) for s in tokens), initial=self._text_offset[i]))
