@@ -177,9 +177,25 @@ def inference():
 
 @app.get("/stats")
 def stats():
+    """Figures since start-up; with ?since=T (a `server-time` from an earlier /stats) over the requests that
+    arrived since then: how a run measures itself on a server that served others before."""
     server = running()
+    since = window_start()
     server.stats.write_token_csv()
-    return jsonify({**server.stats.snapshot(), **server.manager.load(), **server.info})
+    return jsonify({**server.stats.snapshot(since), **server.manager.load(), **server.info})
+
+
+def window_start() -> float | None:
+    text = request.args.get("since")
+    if text is None:
+        return None
+    try:
+        since = float(text)
+    except ValueError:
+        since = math.nan
+    if not math.isfinite(since):
+        raise InvalidRequest(f"'since' must be a server-time from /stats; got {text[:40]!r}", "since")
+    return since
 
 
 # ---- OpenAI's API ----
