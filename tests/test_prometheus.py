@@ -8,11 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import requests
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import in_process, running_server
+from telemetry.prometheus import EngineMetrics
 
 MODEL = "tiny-gpt2"
 
@@ -84,6 +87,25 @@ def test_counters_and_histograms_add_up_to_what_was_sent(tiny_model_dir):
     assert value(m, "vllm:num_preemptions_total") == stats["preemptions"] > 0
     assert value(m, "vllm:num_requests_running") == value(m, "vllm:num_requests_waiting") == 0
     assert value(m, "vllm:kv_cache_usage_perc") == 0
+
+
+def test_histograms_time_each_request_from_its_arrival():
+    """Known timestamps in, known sums out: TTFT and E2E from arrival (not from scheduling), queue time up to
+    scheduling, inter-token gaps between tokens."""
+    metrics = EngineMetrics("known-timestamps", "dynamic")
+    metrics.record(SimpleNamespace(arrival_time=10.0, scheduled_time=10.5, first_token_time=12.0,
+                                   token_times=[12.0, 12.5, 13.5], finish_time=13.5, prompt_ids=[1, 2, 3],
+                                   finish_reason="length"))
+    labels = {"model_name": "known-timestamps", "policy": "dynamic"}
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(f"vllm:{name}", labels)
+
+    assert sample("time_to_first_token_seconds_sum") == 2.0
+    assert sample("e2e_request_latency_seconds_sum") == 3.5
+    assert sample("request_queue_time_seconds_sum") == 0.5
+    assert (sample("inter_token_latency_seconds_sum"), sample("inter_token_latency_seconds_count")) == (1.5, 2)
+    assert sample("request_generation_tokens_sum") == 3 and sample("request_prompt_tokens_sum") == 3
 
 
 def stale_counter(directory: str) -> None:
