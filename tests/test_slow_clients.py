@@ -46,6 +46,15 @@ def test_clients_that_stop_sending_their_request_are_dropped_and_others_served(u
     assert all(closed_by_the_server(sock) for sock in stalled)
 
 
+def test_a_body_that_stops_arriving_is_a_408(url):
+    sock = connect(url)
+    sock.sendall(b'POST /inference HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100'
+                 b'\r\n\r\n{"prompt": ')  # 11 of the 100 bytes
+    sock.settimeout(30)
+    assert sock.recv(65536).startswith(b"HTTP/1.1 408")
+    sock.close()
+
+
 def test_a_client_that_stops_reading_its_stream_is_dropped_and_its_sequences_aborted(url):
     body = json.dumps({"prompt": [LONG_TOKEN] * 300, "max_tokens": 600, "n": 128, "echo": True, "stream": True,
                        "ignore_eos": True}).encode()  # megabytes of echo at once: more than socket buffers hold
