@@ -2,10 +2,10 @@
 results into OpenAI's completion object or stream chunks. Knows no Flask; app.py routes to it.
 
 GPT-2 has no chat template, so only the (legacy) completions API is served. Choices are ordered prompt-major:
-choice `p * n + j` is the j-th sample of prompt p. A request holds len(prompts) * n sequences; more than the
-server's queue takes (MAX_WAITING) are refused before any is built, since they could never all wait at once. With a seed, sample j uses seed + j, so samples differ and the
-whole response is reproducible. `echo` with `logprobs` is refused: it needs prompt logprobs, which the engine
-does not compute.
+choice `p * n + j` is the j-th sample of prompt p. With a seed, sample j uses seed + j, so samples differ and the
+whole response is reproducible. A request holds len(prompts) * n sequences; more than the server's queue takes
+(MAX_WAITING) are refused before any is built: they could never all wait at once. `echo` with `logprobs` is
+refused: it needs prompt logprobs, which the engine does not compute.
 """
 import itertools
 import time

@@ -5,7 +5,6 @@ import glob
 import os
 import socket
 import subprocess
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
