@@ -150,7 +150,7 @@ def health():
     server = running()
     m = server.manager
     stalled = time.monotonic() - m.last_step_time > server.settings.health_stall_s
-    if not m.alive or stalled:
+    if m.fatal_error or not m.alive or stalled:  # fatal_error: the thread is dying, if not yet dead
         why = m.fatal_error or ("the engine thread is not running" if not m.alive else "the engine is stuck")
         raise ApiError(503, why, code="engine_unhealthy")
     return jsonify({"status": "ok", "pid": os.getpid(), **server.info})  # pid: which worker answered

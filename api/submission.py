@@ -130,7 +130,7 @@ class Submission:
                 yield ready
 
     def _check_engine(self) -> None:
-        if not self.manager.alive:
+        if self.manager.fatal_error or not self.manager.alive:
             raise ApiError(503, self.manager.fatal_error or "the engine is not running", code="engine_unhealthy")
 
     def _check_client_and_engine(self) -> None:

@@ -159,6 +159,23 @@ def test_engine_death_is_logged_with_its_traceback_and_surfaced(tiny_model_dir, 
     assert death.levelno == logging.ERROR and "scheduler bug" in caplog.text and "Traceback" in caplog.text
 
 
+def test_health_is_503_from_the_moment_the_engine_fails_while_its_thread_is_still_dying(tiny_model_dir):
+    with in_process(tiny_model_dir) as (client, manager):
+        dying, let_go = threading.Event(), threading.Event()
+        manager.on_fatal.append(lambda reason: dying.set() or let_go.wait(30))  # the thread stays alive in here
+
+        def broken_schedule():
+            raise RuntimeError("scheduler bug")
+
+        manager.scheduler.schedule = broken_schedule
+        assert dying.wait(30) and manager.alive
+        try:
+            assert client.get("/health").status_code == 503
+            assert client.post("/inference", json={"prompt": "x", "num_tokens": 2}).status_code == 503
+        finally:
+            let_go.set()
+
+
 def test_health_is_503_while_the_engine_is_stuck_and_200_once_it_moves(tiny_model_dir):
     with in_process(tiny_model_dir, health_stall_s=0.3) as (client, manager):
         assert client.get("/health").status_code == 200
