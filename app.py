@@ -8,13 +8,16 @@ otherwise). Errors share one JSON shape (api/errors.py). The engine starts insid
 (api/server.py).
 """
 import hmac
+import json
 import logging
+import math
 import os
 import re
 import time
 import uuid
 
 from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.completions import Completion, models_response, parse_completion_request
 from api.demo import parse_burst, start_burst
@@ -22,8 +25,7 @@ from api.errors import ApiError, api_error
 from api.server import running
 from api.sse import sse_response
 from api.submission import Submission
-from api.validation import InvalidRequest, check_context_length, checked, reject_unknown, seed_value, stop_strings, \
-    typed
+from api.validation import InvalidRequest, check_context_length, checked, number, reject_unknown, stop_strings, typed
 from batching import Inference
 from engine.sampler import SamplingParams
 from engine.tokenizer import encode
@@ -45,6 +47,13 @@ def handle_error(e: Exception) -> Response:
     return err.response()
 
 
+@app.errorhandler(RequestEntityTooLarge)
+def body_too_large(e: RequestEntityTooLarge) -> Response:
+    limit = running().settings.max_body_bytes
+    return ApiError(413, f"the request body is larger than MAX_BODY_BYTES ({limit} bytes)",
+                    code="body_too_large").response()
+
+
 OPEN_PATHS = ("/", "/health", "/metrics")
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: safe in headers and logs
 
@@ -55,13 +64,22 @@ def request_id_ready_and_key():
     g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     request.max_content_length = 1 << 20  # until the settings say otherwise
     server = running()
-    request.max_content_length = server.settings.max_body_bytes
-    key = server.settings.key
-    if key and request.path not in OPEN_PATHS and request.endpoint != "static":  # the page asks for the key
-        given = request.headers.get("X-API-Key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if not hmac.compare_digest(given.encode(), key.encode()):
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
-                           code="invalid_api_key")
+    # A chunked body has no Content-Length to check up front, and werkzeug stops reading it at the limit without
+    # a word: allow one byte more, so that json_body can tell a body over the limit from one that fits.
+    limit = server.settings.max_body_bytes
+    request.max_content_length = limit if request.content_length is not None else limit + 1
+    open_path = request.path in OPEN_PATHS or request.endpoint == "static"  # the live page asks for the key itself
+    if server.settings.key and not open_path and not key_matches(server.settings.key):
+        raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
+                       code="invalid_api_key")
+
+
+def key_matches(key: str) -> bool:
+    """Either header may carry the key; a request is let in when one of those it sends is right, so a stray
+    X-API-Key does not shadow a correct Bearer token. The scheme is case-insensitive (RFC 9110)."""
+    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+    sent = [request.headers.get("X-API-Key"), token.strip() if scheme.lower() == "bearer" else None]
+    return any(k is not None and hmac.compare_digest(k.encode(), key.encode()) for k in sent)
 
 
 @app.after_request
@@ -71,7 +89,21 @@ def send_request_id(resp: Response) -> Response:
 
 
 def json_body() -> dict:
-    body = request.get_json(force=True, silent=True)  # any Content-Type: `curl -d` sends form-urlencoded
+    """The request's JSON object. Only a body sent as application/json is read: a web page can make a browser
+    POST text/plain or form bodies to any address without asking first, so accepting those would let any page
+    a user has open drive a server on their machine."""
+    if not request.is_json:
+        raise ApiError(415, f"the body must be JSON sent with 'Content-Type: application/json'; got "
+                            f"{request.mimetype or 'no Content-Type'}", code="unsupported_media_type")
+    data = request.get_data()
+    if len(data) > running().settings.max_body_bytes:  # a chunked body (see request_id_ready_and_key)
+        raise RequestEntityTooLarge()
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise InvalidRequest("the JSON body is nested too deeply", code="invalid_json") from None
+    except ValueError:
+        body = None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
     return body
@@ -100,10 +132,10 @@ def parse_inference(body: dict) -> tuple[str, list[int], SamplingParams]:
     check_context_length(len(prompt_ids), num_tokens, running().manager.max_context, "num_tokens")
     params = checked(SamplingParams(
         max_tokens=num_tokens,
-        temperature=float(typed(body, "temperature", (int, float), default=1.0)),
+        temperature=number(body, "temperature", default=1.0),
         top_k=typed(body, "top_k", (int,), default=0),
-        top_p=float(typed(body, "top_p", (int, float), default=1.0)),
-        seed=seed_value(body),
+        top_p=number(body, "top_p", default=1.0),
+        seed=typed(body, "seed", (int,)),
         stop=stop_strings(body),
         ignore_eos=typed(body, "ignore_eos", (bool,), default=True),
         logprobs=typed(body, "logprobs", (int,)),
@@ -129,7 +161,7 @@ def health():
     server = running()
     m = server.manager
     stalled = time.monotonic() - m.last_step_time > server.settings.health_stall_s
-    if not m.alive or stalled:
+    if m.fatal_error or not m.alive or stalled:  # fatal_error: the thread is dying, if not yet dead
         why = m.fatal_error or ("the engine thread is not running" if not m.alive else "the engine is stuck")
         raise ApiError(503, why, code="engine_unhealthy")
     return jsonify({"status": "ok", "pid": os.getpid(), **server.info})  # pid: which worker answered
@@ -156,9 +188,25 @@ def inference():
 
 @app.get("/stats")
 def stats():
+    """Figures since start-up; with ?since=T (a `server-time` from an earlier /stats) over the requests that
+    arrived since then: how a run measures itself on a server that served others before."""
     server = running()
+    since = window_start()
     server.stats.write_token_csv()
-    return jsonify({**server.stats.snapshot(), **server.manager.load(), **server.info})
+    return jsonify({**server.stats.snapshot(since), **server.manager.load(), **server.info})
+
+
+def window_start() -> float | None:
+    text = request.args.get("since")
+    if text is None:
+        return None
+    try:
+        since = float(text)
+    except ValueError:
+        since = math.nan
+    if not math.isfinite(since):
+        raise InvalidRequest(f"'since' must be a server-time from /stats; got {text[:40]!r}", "since")
+    return since
 
 
 @app.get("/timeline")
@@ -189,7 +237,8 @@ def models():
 @app.post("/v1/completions")
 def completions():
     server = running()
-    req = parse_completion_request(json_body(), server.model_name, server.manager.max_context)
+    req = parse_completion_request(json_body(), server.model_name, server.manager.max_context,
+                                   server.manager.max_waiting)
     infs = req.inferences(g.request_id)
     sub = submit(infs, req.stream)
     completion = Completion(req, infs, g.request_id)

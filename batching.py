@@ -12,6 +12,7 @@ may join the running ones:
   static   everything waiting forms a batch once, and nothing joins until its longest member is done;
   dynamic  (Orca's iteration-level scheduling) waiting requests join at the next step, up to max_batch.
 """
+import bisect
 import itertools
 import logging
 import threading
@@ -63,11 +64,13 @@ class Inference:
         self.state = WAITING
         self.finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
         self.error: str | None = None
-        self.output_ids: list[int] = []
-        self.logprobs: list[SampledToken] = []
+        self.output_ids: list[int] = []  # the tokens of `text`: not a generated EOS, not those past a stop string
+        self.logprobs: list[SampledToken] = []  # one per output id, when asked for
         self.text = ""  # generated text, cut at a stop string
         self._decoder = StreamDecoder()
+        self._token_starts: list[int] = []  # where each output token's text starts in `text`
         self._streamed = 0  # characters of `text` handed to the stream so far
+        self.streamed_tokens = 0  # output tokens whose text is in the stream so far
         self.stream: StreamSink | None = None  # set by a streaming reader: put(delta) each step, put(None) at the end
         self.num_preemptions = 0
         self.arrival_time = time.perf_counter()
@@ -96,6 +99,7 @@ class Inference:
             self.token_ids.append(sampled.token)
             if self.params.logprobs is not None:
                 self.logprobs.append(sampled)
+            self._token_starts.append(len(self.text))
             self.text += self._decoder.push(sampled.token)
             if len(self.output_ids) == self.params.max_tokens:
                 self.finish_reason = "length"
@@ -104,16 +108,24 @@ class Inference:
         self._cut_at_stop_string()
 
     def _cut_at_stop_string(self) -> None:
+        """Cut the text before the first stop string, and drop the tokens that only spelled the stop string (a
+        token straddling its start stays: part of its text is kept)."""
         cuts = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
         if cuts:
             self.text = self.text[:min(cuts)]
             self.finish_reason = "stop"
+            kept = bisect.bisect_left(self._token_starts, len(self.text))
+            del self.output_ids[kept:], self.logprobs[kept:], self._token_starts[kept:]
+            del self.token_ids[len(self.prompt_ids) + kept:]
 
     def stream_delta(self) -> str:
-        """Text not yet streamed. While running, hold back what could still turn into a stop string."""
+        """Text not yet streamed. While running, hold back what could still turn into a stop string (and the
+        tokens that spell it, see `streamed_tokens`)."""
         hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.params.stop), default=0)
         end = max(self._streamed, len(self.text) - hold)
         delta, self._streamed = self.text[self._streamed:end], end
+        self.streamed_tokens = (len(self.output_ids) if self.finish_reason
+                                else bisect.bisect_left(self._token_starts, end))
         return delta
 
 

@@ -32,7 +32,11 @@ HEARTBEAT_S = 0.05  # the longest the worker's view of the engine's load is behi
 ASK_TIMEOUT_S = 10.0
 IDLE_WAIT_S = 0.01  # the original's polling period; a new request wakes the engine at once anyway
 RESULT_FIELDS = ("state", "finish_reason", "error", "output_ids", "token_ids", "logprobs", "text", "scheduled_time",
-                 "first_token_time", "token_times", "finish_time", "num_preemptions", "seed")
+                 "first_token_time", "token_times", "finish_time", "num_preemptions", "seed", "streamed_tokens")
+
+
+class EngineStartFailed(RuntimeError):
+    """The engine process could not build its engine (weights, device, memory); the message is its error."""
 
 
 @dataclass
@@ -57,11 +61,15 @@ class EngineProcess:
         self._process.start()
         child_end.close()
         try:
-            _, self.info = self._conn.recv()  # the model loads in the child meanwhile
+            kind, answer = self._conn.recv()  # the model loads in the child meanwhile
         except EOFError:
             self._process.join(5)
             raise RuntimeError(f"the engine process exited with code {self._process.exitcode} before it was ready "
                                "(the log above says why)") from None
+        if kind == "failed":
+            self._process.join(5)
+            raise EngineStartFailed(answer)
+        self.info = {**answer, "engine-pid": self._process.pid}
         self.max_context, self.max_waiting = self.info["max-context"], settings.max_waiting
         self.on_finish: list = []
         self.on_fatal: list = []
@@ -144,14 +152,16 @@ class EngineProcess:
         except Exception as e:
             self._die(str(e))
 
-    def _apply(self, deltas: list[tuple[int, str]], results: list[dict], load: dict) -> None:
+    def _apply(self, deltas: list[tuple], results: list[dict], load: dict) -> None:
         with self._lock:
             self._load = load
             self.last_step_time = time.monotonic()
             infs = {item["id"]: self._in_flight.pop(item["id"], None) for item in results}
-        for inf_id, text in deltas:
+        for inf_id, text, streamed_tokens, logprobs in deltas:
             inf = self._in_flight.get(inf_id) or infs.get(inf_id)
             if inf is not None and inf.stream is not None:
+                inf.logprobs.extend(logprobs)  # those of the tokens this text completes: a stream sends them with it
+                inf.streamed_tokens = streamed_tokens
                 inf.stream.put(text)
         for item in results:
             inf = infs[item["id"]]
@@ -211,20 +221,30 @@ class _RemoteTimeline:
 # ---- the engine process ----
 
 class _Collector:
-    """A sequence's stream sink in the engine process: its text deltas go out with the step's update."""
+    """A sequence's stream sink in the engine process: its text deltas go out with the step's update, with how many
+    of its tokens the streamed text covers and their logprobs (when asked for)."""
 
-    def __init__(self, inf_id: int, deltas: list):
-        self.inf_id, self.deltas = inf_id, deltas
+    def __init__(self, inf: Inference, deltas: list):
+        self.inf, self.deltas = inf, deltas
+        self.sent_logprobs = 0
 
     def put(self, text: str | None) -> None:
-        if text:
-            self.deltas.append((self.inf_id, text))
+        if not text:
+            return
+        inf = self.inf
+        logprobs = inf.logprobs[self.sent_logprobs:inf.streamed_tokens]
+        self.sent_logprobs = inf.streamed_tokens
+        self.deltas.append((inf.id, text, inf.streamed_tokens, logprobs))
 
 
 def _engine_main(settings: Settings, conn) -> None:
     from engine.build import build_runner  # torch and the model: in this process only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runner, info = build_runner(settings)
+    try:
+        runner, info = build_runner(settings)
+    except Exception as e:  # the worker says what failed, in one line
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
     manager = BatchingManager(runner, make_policy(settings.policy, settings.max_batch), settings.max_step_tokens,
                               max_waiting=1 << 62)  # the worker refuses what does not fit, before sending
     manager.attach_timeline(Timeline())
@@ -278,7 +298,7 @@ class _EngineLoop:
         inf = Inference("", s.prompt_ids, s.params, s.request_id)
         inf.id, inf.arrival_time = s.id, s.arrival_time
         if s.stream:
-            inf.stream = _Collector(inf.id, self.deltas)
+            inf.stream = _Collector(inf, self.deltas)
         self.received += 1
         self.infs[inf.id] = inf
         try:

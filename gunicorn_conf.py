@@ -1,21 +1,61 @@
 """gunicorn settings for ./server.sh. One worker owns the model; its engine thread starts inside the worker.
 
 A gthread worker holds one thread per open request for the request's whole life, so THREADS bounds how many
-requests can be in flight (the original's 8 capped its "dynamic" batch at 8).
+requests can be in flight (the original's 8 capped its "dynamic" batch at 8). A thread blocked on a client
+that stopped sending its request (or stopped reading its stream) is one fewer for everyone else, so every read
+and write on a client's connection gives up after CLIENT_TIMEOUT_S without progress and the connection is
+dropped: the listening sockets carry the kernel's receive and send timeouts, which accepted sockets inherit.
+A client that trickles a byte at a time within that timeout still holds its thread: THREADS bounds those.
 
 Metrics with several workers: each worker writes its Prometheus metrics to files in PROMETHEUS_MULTIPROC_DIR
 (prometheus-client's multiprocess mode) and /metrics adds them up. The directory must be set before a worker
-imports prometheus_client, so it is set here, in the master, and emptied when the server starts: numbers left
-by an earlier server would otherwise count again.
+imports prometheus_client, so it is set here, in the master, once the server listens, and emptied then:
+numbers left by an earlier server would otherwise count again.
 """
+import contextlib
 import glob
+import logging
 import os
 import shutil
+import socket
+import struct
+import sys
 import tempfile
 
-bind = f"{os.environ.get('HOST', '127.0.0.1')}:{os.environ.get('PORT', '8500')}"
+from gunicorn.workers.gthread import ThreadWorker
+
+HOST, PORT = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8500"))
+CLIENT_TIMEOUT_S = float(os.environ.get("CLIENT_TIMEOUT_S", "30"))
+
+
+
+class PromptlyClosingThreadWorker(ThreadWorker):
+    """gthread with one change: a connection to be closed with nothing unread on it is shut down by the thread
+    that served it. gunicorn closes it gracefully, on the worker's main loop: it half-closes and waits up to 2 s
+    for the client to close too. A stalled client never does, so each connection dropped for making no progress
+    would stall every other connection of the worker for 2 s."""
+
+    def handle(self, conn):
+        keep_alive = super().handle(conn)
+        if keep_alive is False:
+            with contextlib.suppress(OSError):  # already closed or reset: nothing to shut down
+                if nothing_unread(conn.sock):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+        return keep_alive
+
+
+def nothing_unread(sock: socket.socket) -> bool:
+    """No request bytes wait on sock (those are what gunicorn's graceful close drains, lest the close reset the
+    connection before the client has read the answer)."""
+    try:
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return True
+
+
+bind = f"{HOST}:{PORT}"
 workers = int(os.environ.get("WORKERS", "1"))  # each worker loads its own copy of the model
-worker_class = "gthread"
+worker_class = PromptlyClosingThreadWorker
 threads = int(os.environ.get("THREADS", "512"))
 worker_connections = threads + 64
 backlog = 2048
@@ -27,19 +67,54 @@ loglevel = os.environ.get("LOG_LEVEL", "info")
 control_socket_disable = True  # several servers may run side by side (tests, the comparison)
 
 OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if OWN_METRICS_DIR:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="effective-batching-metrics-")
 
 
 def on_starting(server):
+    """Fail in one line, before gunicorn's five retries, when the port is taken."""
+    with socket.socket(socket.AF_INET6 if ":" in HOST else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind((HOST, PORT))
+        except OSError as e:
+            server.log.error("cannot listen on %s: %s. Stop what is using it, or choose another port: "
+                             "PORT=%d ./server.sh ...", bind, e.strerror, PORT + 1)
+            sys.exit(1)
+
+
+def when_ready(server):
+    """Listening: only now make the metrics directory, so that a server that never starts leaves none behind."""
+    if OWN_METRICS_DIR:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="effective-batching-metrics-")
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     for f in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(f)
+    timeout = struct.pack("ll", int(CLIENT_TIMEOUT_S), int(CLIENT_TIMEOUT_S % 1 * 1e6))  # struct timeval
+    for listener in server.LISTENERS:
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            listener.sock.setsockopt(socket.SOL_SOCKET, option, timeout)
+    server.log.error_log.addFilter(OneLineForDroppedConnections())
+
+
+class OneLineForDroppedConnections(logging.Filter):
+    """A timed-out read or write surfaces as EAGAIN, which gunicorn logs as an error with its traceback; a
+    client that stalls is no server error, so say it in one line (and keep an attack from flooding the log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], BlockingIOError):
+            record.msg, record.args = "dropped a connection that made no progress for %g s (CLIENT_TIMEOUT_S)", \
+                (CLIENT_TIMEOUT_S,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def post_worker_init(worker):
-    from api.server import start_engine
-    start_engine()
+    from api.server import StartupFailed, start_engine
+    try:
+        start_engine()
+    except StartupFailed as e:
+        worker.log.error("%s", e)
+        sys.exit(3)  # gunicorn's "worker failed to boot": the master stops too, with this status
 
 
 def worker_exit(server, worker):
@@ -54,5 +129,5 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if OWN_METRICS_DIR:
+    if OWN_METRICS_DIR and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

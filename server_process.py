@@ -1,7 +1,12 @@
 """A real server in a child process: `./server.sh POLICY [KEY]` (gunicorn) on a free localhost port, waited for
 until /health answers, stopped with its whole process group. The comparison, the HTTP benchmarks and the tests
-all start servers this way."""
+all start servers this way.
+
+The server never outlives the process that started it: leaving the `with` block stops it, and on Linux the
+kernel sends it SIGTERM if that process dies without leaving it (SIGKILL), so no server is left behind
+holding a port and memory."""
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -15,6 +20,8 @@ import urllib.request
 from collections.abc import Iterator
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 class ServerFailed(RuntimeError):
@@ -41,12 +48,18 @@ def running_server(policy: str, settings: dict, key: str | None = None, log_path
             log_path = os.path.join(stack.enter_context(tempfile.TemporaryDirectory()), "server.log")
         log = stack.enter_context(open(log_path, "w+"))
         proc = subprocess.Popen([os.path.join(ROOT, "server.sh"), policy] + ([key] if key else []), env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+                                preexec_fn=_terminate_when_parent_dies if LIBC else None)
         try:
             url = f"http://127.0.0.1:{port}"
             yield url, _wait_until_healthy(url, proc, log, timeout)
         finally:
             _stop(proc)
+
+
+def _terminate_when_parent_dies() -> None:
+    """In the child, before it becomes server.sh (then gunicorn: exec keeps the setting)."""
+    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wait_until_healthy(url: str, proc: subprocess.Popen, log, timeout: float) -> dict:

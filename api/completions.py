@@ -3,8 +3,9 @@ results into OpenAI's completion object or stream chunks. Knows no Flask; app.py
 
 GPT-2 has no chat template, so only the (legacy) completions API is served. Choices are ordered prompt-major:
 choice `p * n + j` is the j-th sample of prompt p. With a seed, sample j uses seed + j, so samples differ and the
-whole response is reproducible. `echo` with `logprobs` is refused: it needs prompt logprobs, which the engine
-does not compute.
+whole response is reproducible. A request holds len(prompts) * n sequences; more than the server's queue takes
+(MAX_WAITING) are refused before any is built: they could never all wait at once. `echo` with `logprobs` is
+refused: it needs prompt logprobs, which the engine does not compute.
 """
 import itertools
 import time
@@ -13,8 +14,8 @@ from typing import Iterator
 
 from api.errors import ApiError
 from api.submission import Delta
-from api.validation import InvalidRequest, check_context_length, checked, reject_unknown, seed_value, stop_strings, \
-    typed
+from api.validation import InvalidRequest, check_context_length, checked, check_text, number, reject_unknown, \
+    stop_strings, typed
 from batching import Inference
 from engine.sampler import SamplingParams
 from engine.tokenizer import EOT_TOKEN, decode, encode
@@ -46,7 +47,7 @@ class CompletionRequest:
         return self.params if self.params.seed is None else replace(self.params, seed=self.params.seed + j)
 
 
-def parse_completion_request(body: dict, model: str, max_context: int) -> CompletionRequest:
+def parse_completion_request(body: dict, model: str, max_context: int, max_sequences: int) -> CompletionRequest:
     reject_unknown(body, FIELDS)
     asked_model = typed(body, "model", (str,), default=model)
     if asked_model != model:
@@ -57,10 +58,10 @@ def parse_completion_request(body: dict, model: str, max_context: int) -> Comple
     _reject_unsupported(body, n)
     params = checked(SamplingParams(
         max_tokens=typed(body, "max_tokens", (int,), default=16),
-        temperature=float(typed(body, "temperature", (int, float), default=1.0)),
-        top_p=float(typed(body, "top_p", (int, float), default=1.0)),
+        temperature=number(body, "temperature", default=1.0),
+        top_p=number(body, "top_p", default=1.0),
         top_k=max(typed(body, "top_k", (int,), default=0), 0),  # vLLM spells "off" -1, we spell it 0
-        seed=seed_value(body),
+        seed=typed(body, "seed", (int,)),
         stop=stop_strings(body),
         ignore_eos=typed(body, "ignore_eos", (bool,), default=False),
         logprobs=typed(body, "logprobs", (int,)),
@@ -71,7 +72,12 @@ def parse_completion_request(body: dict, model: str, max_context: int) -> Comple
                              "prompt logprobs", "echo", "unsupported")
     stream = typed(body, "stream", (bool,), default=False)
     typed(body, "user", (str,))  # accepted for compatibility; nothing here tells users apart
-    prompts = parse_prompts(body.get("prompt"))
+    prompts = prompt_list(body.get("prompt"))
+    if len(prompts) * n > max_sequences:
+        raise InvalidRequest(f"the request asks for {len(prompts)} prompts x n={n} = {len(prompts) * n} sequences; "
+                             f"this server queues at most {max_sequences} (MAX_WAITING)", "n" if n > 1 else "prompt",
+                             "too_many_sequences")
+    prompts = [tokenized(p) for p in prompts]
     for _, token_ids in prompts:
         check_context_length(len(token_ids), params.max_tokens, max_context, "max_tokens")
     return CompletionRequest(asked_model, prompts, params, n, echo, stream, _include_usage(body, stream))
@@ -99,31 +105,32 @@ def _include_usage(body: dict, stream: bool) -> bool:
     return typed(options, "include_usage", (bool,), default=False)
 
 
-def parse_prompts(prompt) -> list[tuple[str, list[int]]]:
-    """A string, a list of strings, a list of token ids, or a list of such lists -> [(text, token ids)]."""
+def prompt_list(prompt) -> list[str | list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of such lists -> a list of prompts, each a
+    string or a list of token ids (checked, not yet tokenized)."""
     def is_ids(x) -> bool:
         return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
-    if isinstance(prompt, str):
-        prompts = [prompt]
-    elif is_ids(prompt) and prompt:
+    if isinstance(prompt, str) or is_ids(prompt) and prompt:
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
         prompts = prompt
     else:
         raise InvalidRequest("'prompt' must be a string, a list of strings, a list of token ids or a list of "
                              "token-id lists", "prompt", "invalid_type")
-    parsed = []
     for p in prompts:
         if not p:
             raise InvalidRequest("'prompt' must not be empty", "prompt")
         if isinstance(p, str):
-            parsed.append((p, encode(p)))
-        elif all(0 <= t <= EOT_TOKEN for t in p):
-            parsed.append((decode(p), list(p)))
-        else:
+            check_text(p, "prompt")
+        elif not all(0 <= t <= EOT_TOKEN for t in p):
             raise InvalidRequest(f"token ids must be in [0, {EOT_TOKEN}]", "prompt")
-    return parsed
+    return prompts
+
+
+def tokenized(prompt: str | list[int]) -> tuple[str, list[int]]:
+    """(text, token ids) of a prompt given as either."""
+    return (prompt, encode(prompt)) if isinstance(prompt, str) else (decode(prompt), list(prompt))
 
 
 class Completion:
@@ -138,7 +145,8 @@ class Completion:
         self._text_offset = [len(inf.prompt) if req.echo else 0 for inf in infs]
 
     def response(self) -> dict:
-        choices = [self._choice(Delta(i, inf.text, inf.finish_reason)) for i, inf in enumerate(self.infs)]
+        choices = [self._choice(Delta(i, inf.text, inf.finish_reason, len(inf.output_ids)))
+                   for i, inf in enumerate(self.infs)]
         return {**self.head, "choices": choices, "usage": self.usage()}
 
     def chunks(self, deltas: Iterator[list[Delta]]) -> Iterator[dict]:
@@ -152,7 +160,7 @@ class Completion:
 
     def usage(self) -> dict:
         prompt = sum(len(ids) for _, ids in self.req.prompts)
-        completion = sum(len(inf.token_times) for inf in self.infs)  # with <|endoftext|>, as vLLM counts
+        completion = sum(len(inf.output_ids) for inf in self.infs)  # the text's tokens, as /inference counts
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _choice(self, delta: Delta) -> dict:
@@ -160,14 +168,16 @@ class Completion:
         text = delta.text
         if self._echo_pending[i]:
             text, self._echo_pending[i] = self.infs[i].prompt + text, False
-        return {"text": text, "index": i, "logprobs": self._new_logprobs(i), "finish_reason": delta.finish_reason}
+        return {"text": text, "index": i, "logprobs": self._new_logprobs(i, delta.num_tokens),
+                "finish_reason": delta.finish_reason}
 
-    def _new_logprobs(self, i: int) -> dict | None:
-        """OpenAI's logprobs object for the tokens of sequence i not reported yet. The sampled token is always
-        in top_logprobs, so a position holds up to logprobs + 1 entries (as in vLLM)."""
+    def _new_logprobs(self, i: int, upto: int) -> dict | None:
+        """OpenAI's logprobs object for sequence i's tokens not reported yet, up to token `upto` (those whose text
+        has been sent: a token held back with text that may become a stop string is held back too). The sampled
+        token is always in top_logprobs, so a position holds up to logprobs + 1 entries (as in vLLM)."""
         if self.req.params.logprobs is None:
             return None
-        new = self.infs[i].logprobs[self._logprobs_sent[i]:]
+        new = self.infs[i].logprobs[self._logprobs_sent[i]:upto]
         self._logprobs_sent[i] += len(new)
         tokens = [decode([t.token]) for t in new]
         offsets = list(itertools.accumulate((len(s) for s in tokens), initial=self._text_offset[i]))

@@ -1,12 +1,13 @@
 """One error shape for every endpoint, plain or streamed: `{"error": {"message", "type", "param", "code"}}`.
 
-Status codes are vLLM's: 400 bad request, 401 missing key, 404 unknown model or path, 413 body too large,
-503 overloaded (with Retry-After) or engine down, 500 internal. `api_error` maps any exception to one.
+Status codes are vLLM's: 400 bad request, 401 missing key, 404 unknown model or path, 405 wrong method, 408 body
+not sent in time, 413 body too large, 415 body not sent as JSON, 503 overloaded (with Retry-After) or engine
+down, 500 internal. `api_error` maps any exception to one.
 """
 import logging
 
 from flask import Response, jsonify
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from api.validation import InvalidRequest
 from batching import Overloaded, TooLong
@@ -14,8 +15,9 @@ from batching import Overloaded, TooLong
 log = logging.getLogger("effective-batching")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 499: "client_closed_request",
-               500: "internal_server_error", 503: "server_overloaded"}
+               405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error", 499: "client_closed_request", 500: "internal_server_error",
+               503: "server_overloaded"}
 
 
 class ApiError(Exception):
@@ -50,6 +52,8 @@ def api_error(e: Exception) -> ApiError:
         return ApiError(400, str(e), e.param, "context_length_exceeded")
     if isinstance(e, Overloaded):
         return ApiError(503, str(e), code="overloaded", headers={"Retry-After": "1"})
+    if isinstance(e, ClientDisconnected):  # the body stopped arriving: CLIENT_TIMEOUT_S, or the client left
+        return ApiError(408, "the request body stopped arriving before it was complete", code="request_timeout")
     if isinstance(e, HTTPException):
         return ApiError(e.code or 500, e.description or e.name)
     if isinstance(e, ClientGone):

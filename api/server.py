@@ -3,16 +3,22 @@
 
 `start_engine` runs once per worker (`gunicorn_conf.post_worker_init`), never in the master process: CUDA and
 threads do not survive a fork. The routes read the state through `running()`.
+
+A worker whose engine died cannot serve again (its model and device state are suspect), so it exits a moment
+later and gunicorn starts a fresh one; meanwhile /health answers 503 with the reason.
 """
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 from api.errors import ApiError
 from batching import BatchingManager, make_policy
 from engine.config import Settings
-from engine_process import EngineProcess
+from engine_process import EngineProcess, EngineStartFailed
 from telemetry.prometheus import EngineMetrics
 from telemetry.stats import ServerStats
 from telemetry.timeline import Timeline
@@ -20,6 +26,11 @@ from telemetry.timeline import Timeline
 log = logging.getLogger("effective-batching")
 
 GIL_SWITCH_S = 0.0005
+EXIT_GRACE_S = 2.0  # between the engine's death and the worker's exit: /health says why meanwhile
+
+
+class StartupFailed(RuntimeError):
+    """The worker cannot start serving; the message says what failed and what to do, in one line."""
 
 
 @dataclass
@@ -47,7 +58,8 @@ def running() -> Server:
 
 
 def start_engine(settings: Settings | None = None) -> Server:
-    """Start the engine process (it loads the model) and the thread that takes its results."""
+    """Start the engine process (it loads the model) and the thread that takes its results; in a gunicorn worker,
+    which exits if the engine dies."""
     if current is not None:
         return current
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,11 +67,33 @@ def start_engine(settings: Settings | None = None) -> Server:
     # those runnable it would wait up to the default 5 ms switch interval for the GIL, longer than a whole step.
     sys.setswitchinterval(GIL_SWITCH_S)
     s = settings or Settings.from_env()
-    make_policy(s.policy, s.max_batch)  # an unknown policy fails here, before a model loads
-    engine = EngineProcess(s)
+    try:
+        make_policy(s.policy, s.max_batch)  # an unknown policy fails here, before a model loads
+        engine = EngineProcess(s)
+    except Exception as e:
+        raise StartupFailed(startup_failure(s, e)) from e
+    engine.on_fatal.append(exit_worker_soon)
     serve(s, engine, {k: v for k, v in engine.info.items() if k not in ("block-size", "kv-blocks-total")})
     log.info("serving %s with policy %s", s.model, s.policy)
     return current
+
+
+def startup_failure(s: Settings, e: Exception) -> str:
+    what = " ".join(str(e).split())[:300].rstrip(".") or type(e).__name__  # libraries' messages span lines
+    if s.weights == "pretrained":
+        todo = (f"make {s.model}'s weights available offline (the local Hugging Face cache, or MODEL=a local "
+                "directory or nanoGPT checkpoint), or set WEIGHTS=auto or WEIGHTS=random to serve random weights")
+    else:
+        todo = "check MODEL, WEIGHTS, DEVICE and DTYPE (README, Server settings)"
+    kind = "" if isinstance(e, EngineStartFailed) else f"{type(e).__name__}: "  # the engine's says its own
+    return f"cannot serve {s.model} ({s.weights} weights, device {s.device}): {kind}{what}. To fix: {todo}"
+
+
+def exit_worker_soon(reason: str) -> None:
+    """An on_fatal callback (called when the engine dies): end this worker after EXIT_GRACE_S, the way
+    gunicorn stops one (SIGTERM: a graceful exit), so that gunicorn starts a fresh worker in its place."""
+    log.critical("%s; this worker exits in %.0f s and gunicorn starts a fresh one", reason, EXIT_GRACE_S)
+    threading.Timer(EXIT_GRACE_S, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
 
 def serve(settings: Settings, manager: BatchingManager | EngineProcess, info: dict) -> Server:

@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from typing import Iterator
 
-from batching import BatchingManager, Inference
+from batching import BatchingManager, Inference, Overloaded
 from api.errors import ApiError, ClientGone
 
 log = logging.getLogger("effective-batching")
@@ -37,13 +37,14 @@ def client_closed(sock: socket.socket | None) -> bool:
 
 class _Tagged:
     """One sequence's stream sink: tags the engine's put(delta) / put(None) with the sequence's index, so that all
-    sequences of a request feed one queue."""
+    sequences of a request feed one queue, and with how many of its tokens that text covers (read on the engine
+    thread, as it puts, so the count matches the text)."""
 
-    def __init__(self, shared: queue.SimpleQueue, index: int):
-        self.shared, self.index = shared, index
+    def __init__(self, shared: queue.SimpleQueue, index: int, inf: Inference):
+        self.shared, self.index, self.inf = shared, index, inf
 
     def put(self, item: str | None) -> None:
-        self.shared.put((self.index, item))
+        self.shared.put((self.index, item, self.inf.streamed_tokens))
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Delta:
     index: int  # which of the request's sequences
     text: str
     finish_reason: str | None  # set on a sequence's last delta
+    num_tokens: int = 0  # the sequence's output tokens whose text has been sent, this delta included
 
 
 def raise_if_failed(inf: Inference) -> None:
@@ -68,8 +70,12 @@ class Submission:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         if stream:
             for i, inf in enumerate(infs):
-                inf.stream = _Tagged(self.queue, i)
+                inf.stream = _Tagged(self.queue, i, inf)
         self._check_engine()
+        waiting = manager.load()["waiting"]
+        if waiting + len(infs) > manager.max_waiting:  # refused whole, before any sequence is queued
+            raise Overloaded(f"{waiting} requests are already waiting and this one brings {len(infs)}; the queue "
+                             f"takes {manager.max_waiting} (MAX_WAITING): try again later")
         for i, inf in enumerate(infs):
             try:
                 manager.enqueue(inf)
@@ -110,8 +116,9 @@ class Submission:
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
             batch: dict[int, Delta] = {}
-            for index, text in items:
+            for index, text, num_tokens in items:
                 delta = batch.setdefault(index, Delta(index, "", None))
+                delta.num_tokens = num_tokens
                 if text is None:  # the sequence's end
                     raise_if_failed(self.infs[index])
                     delta.finish_reason = self.infs[index].finish_reason
@@ -123,7 +130,7 @@ class Submission:
                 yield ready
 
     def _check_engine(self) -> None:
-        if not self.manager.alive:
+        if self.manager.fatal_error or not self.manager.alive:
             raise ApiError(503, self.manager.fatal_error or "the engine is not running", code="engine_unhealthy")
 
     def _check_client_and_engine(self) -> None:

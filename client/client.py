@@ -7,11 +7,17 @@ Owns talking to the server (URL, API key, requests, errors), timing each request
 
     python client/client.py                                # 100 requests, num_tokens from 1 25 100
     python client/client.py --prompt "Hello" --numtokens 20
+
+The END STATS are the server's figures over this run's requests (`/stats?since=`, see README): a server that
+served others before still reports this run alone. Ctrl-C or SIGTERM ends the run with a one-line message.
 """
 import argparse
+import contextlib
 import csv
+import itertools
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -124,31 +130,34 @@ def send_inference(url: str, rid: int, prompt: str, num_tokens: int, key: str | 
     )
 
 
-def fetch_stats(url: str, key: str | None = None) -> dict:
-    response = requests.get(f"{url}/stats", headers=auth_headers(key), timeout=30)
+def fetch_stats(url: str, key: str | None = None, since: float | None = None) -> dict:
+    """The server's /stats; with `since` (a `server-time` it reported earlier), over the requests since then."""
+    params = {} if since is None else {"since": since}
+    response = requests.get(f"{url}/stats", headers=auth_headers(key), params=params, timeout=30)
     response.raise_for_status()
     return response.json()
 
 
 def run_workload(url: str, samples: list[Sample], key: str | None = None,
                  on_finish: Callable[[RequestRecord], None] | None = None, desc: str = "requests",
-                 ) -> list[RequestRecord]:
+                 progress: bool = True) -> list[RequestRecord]:
     """Launch every sample on its own thread at its offset, wait for all, return records in launch order.
 
-    `on_finish(record)` is called (serialised) as each response arrives, e.g. to print the completion.
+    `on_finish(record)` is called (serialised) as each response arrives, e.g. to print the completion; a
+    caller that prints asks for no progress bar, which would interleave with its lines.
     """
     records: list[RequestRecord | None] = [None] * len(samples)
     lock = threading.Lock()
-    bar = tqdm(total=len(samples), desc=desc, unit="req", dynamic_ncols=True)
+    bar = tqdm(total=len(samples), desc=desc, unit="req", dynamic_ncols=True, disable=not progress)
     t0 = time.perf_counter()
 
     def send(rid: int, sample: Sample) -> None:
         record = send_inference(url, rid, sample.prompt, sample.num_tokens, key, t0)
         with lock:
             records[rid] = record
+            bar.update()
             if on_finish:
                 on_finish(record)
-            bar.update()
 
     threads = []
     for rid, sample in enumerate(samples):
@@ -201,16 +210,24 @@ def write_run_files(out_dir: Path, label: str, records: list[RequestRecord]) -> 
 
 # --- command line ---------------------------------------------------------------------------------------------
 
-def print_completion(record: RequestRecord) -> None:
-    head = f"Request {record.rid}: {record.num_tokens} tokens in {record.latency:.2f} s"
+def print_completion(head: str, record: RequestRecord) -> None:
     body = record.completion if record.ok else f"FAILED: {record.error}"
-    tqdm.write(f"{'=' * 50}\n{head}\n{body}\n{'=' * 50}\n")
+    print(f"{'=' * 50}\n{head}: {record.num_tokens} tokens in {record.latency:.2f} s\n{body}\n{'=' * 50}\n",
+          flush=True)
+
+
+class ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Values from client/.env fill in the environment (a variable already set wins), as in the original.
     load_dotenv(CLIENT_DIR / ".env")
-    parser = argparse.ArgumentParser(description="Send a seeded workload to the inference server.")
+    parser = argparse.ArgumentParser(description="Send a seeded workload to the inference server.",
+                                     formatter_class=ShowDefaults)
     parser.add_argument("--wait", type=float, default=1.0, help="sleep U(0,1) x wait seconds between launches")
     parser.add_argument("--numsamples", type=int, default=100, help="number of requests to make")
     parser.add_argument("--numtokens_range", type=int, nargs="+", default=list(DEFAULT_NUM_TOKENS_RANGE),
@@ -220,10 +237,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", help="make a single inference on this prompt (needs --numtokens)")
     parser.add_argument("--numtokens", type=int, help="number of tokens for the single inference")
     parser.add_argument("--seed", type=int, default=0, help="workload seed; same seed, same requests")
-    parser.add_argument("--port", type=int, default=int(os.getenv("PORT", DEFAULT_PORT)))
-    parser.add_argument("--key", default=os.getenv("KEY"), help="API key, when the server was started with one")
+    parser.add_argument("--port", type=int, default=int(os.getenv("PORT", DEFAULT_PORT)),
+                        help="the server's port (PORT in client/.env or the environment); its host is IP there")
+    parser.add_argument("--key", help="API key, when the server was started with one (default: KEY in "
+                                      "client/.env or the environment)")
     parser.add_argument("--out", type=Path, default=CLIENT_DIR / "results", help="results directory")
     args = parser.parse_args(argv)
+    args.key = args.key or os.getenv("KEY")
     if (args.prompt is None) != (args.numtokens is None):
         parser.error("--prompt and --numtokens go together")
     args.url = server_url(os.getenv("IP") or "localhost", args.port)
@@ -232,15 +252,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def single_inference(args: argparse.Namespace) -> int:
     record = send_inference(args.url, 0, args.prompt, args.numtokens, args.key)
-    print_completion(record)
+    print_completion(f"Prompt {args.prompt!r}", record)
     return 0 if record.ok else 1
 
 
 def benchmark(args: argparse.Namespace) -> int:
     workload = PromptData(args.numsamples, args.numtokens_range, args.selection, args.wait, args.seed)
-    records = run_workload(args.url, workload.samples, args.key, on_finish=print_completion)
-    stats = fetch_stats(args.url, args.key)
-    print(f"\n======== END STATS ========\n{json.dumps(stats, indent=2)}")
+    start = fetch_stats(args.url, args.key).get("server-time")  # the run's window starts here
+    answered = itertools.count(1)
+
+    def show(record: RequestRecord) -> None:  # the count is the progress: no bar between the completions
+        print_completion(f"Request {record.rid} ({next(answered)}/{len(workload.samples)} answered)", record)
+
+    records = run_workload(args.url, workload.samples, args.key, on_finish=show, progress=False)
+    stats = fetch_stats(args.url, args.key, since=start)
+    print(f"\n======== END STATS (this run's requests) ========\n{json.dumps(stats, indent=2)}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "stats.txt").write_text(json.dumps(stats, indent=2) + "\n")
     write_run_files(args.out, stats.get("policy", "server"), records)
@@ -249,14 +275,47 @@ def benchmark(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that `with` blocks (a server's) unwind."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stopping_cleanly_on_signals():
+    """Within this block, SIGTERM and SIGHUP unwind the stack like Ctrl-C instead of ending the process where it
+    stands (which would leave, e.g., a server it started running)."""
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted(e: KeyboardInterrupt) -> int:
+    """One line instead of a traceback, and the shell's exit status for a process ended by that signal."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(f"\nstopped ({signal.Signals(signum).name})", file=sys.stderr)
+    return 128 + signum
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check_server(args.url, args.key)
-        return single_inference(args) if args.prompt is not None else benchmark(args)
+        with stopping_cleanly_on_signals():
+            check_server(args.url, args.key)
+            return single_inference(args) if args.prompt is not None else benchmark(args)
     except (ServerUnavailable, requests.RequestException, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        return interrupted(e)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ figure, wall-clock throughput, TTFT / TPOT / E2E distributions and the scheduler
 data behind them, and `report.md`.
 
     python client/experiment.py            # CPU: gpt2, random weights, 40 requests; GPU: gpt2-medium, 100 requests
+
+However the command ends (done, failed, Ctrl-C, SIGTERM, SIGHUP, even SIGKILL), its server ends with it.
 """
 import argparse
 import contextlib
@@ -24,7 +26,8 @@ from tqdm import tqdm
 
 import plot
 import timeline_plot
-from client import CLIENT_DIR, RequestRecord, fetch_stats, mean_latency_by_num_tokens, run_workload, write_run_files
+from client import CLIENT_DIR, RequestRecord, ShowDefaults, fetch_stats, interrupted, mean_latency_by_num_tokens, \
+    run_workload, stopping_cleanly_on_signals, write_run_files
 from data import DEFAULT_NUM_TOKENS_RANGE, PromptData
 
 REPO_DIR = CLIENT_DIR.parent
@@ -55,7 +58,8 @@ class PolicyRun:
 # --- setup ----------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Compare nobatch, static and dynamic batching on one workload.")
+    parser = argparse.ArgumentParser(description="Compare nobatch, static and dynamic batching on one workload.",
+                                     formatter_class=ShowDefaults)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--model", help="gpt2, gpt2-medium, ... or a local model directory (default: by device)")
     parser.add_argument("--weights", choices=("auto", "pretrained", "random"), help="default: by device")
@@ -161,19 +165,31 @@ def write_summary_csv(path: Path, metrics: dict[str, dict[str, float]]) -> None:
             writer.writerow([policy, *(row[c] for c in columns)])
 
 
-def write_figures(runs: list[PolicyRun], metrics: dict[str, dict[str, float]], out: Path) -> list[Path]:
+def figure_caption(server: dict, args: argparse.Namespace) -> str:
+    """What every figure shows: model, device, workload."""
+    return (f"{server.get('model', args.model)} ({server.get('weights', args.weights)} weights, "
+            f"{server.get('dtype', '?')}) on {server.get('device', args.device)}; {args.numsamples} requests "
+            f"per policy, num_tokens from {args.numtokens_range}, launched U(0,1) x {args.wait} s apart "
+            f"(seed {args.seed})")
+
+
+def write_figures(runs: list[PolicyRun], metrics: dict[str, dict[str, float]], args: argparse.Namespace,
+                  ) -> list[Path]:
+    out, caption = args.out, figure_caption(runs[0].stats, args)
     by_policy = {run.policy: run.records for run in runs}
     paths = plot.plot_latency_vs_tokens(
         {p: list(mean_latency_by_num_tokens(records).items()) for p, records in by_policy.items()},
-        out / "latency_vs_tokens")
-    paths += plot.plot_throughput({p: m["output-tokens-per-s"] for p, m in metrics.items()}, out / "throughput")
-    for metric, name, ylabel, title in (
-        ("ttft", "ttft", "time to first token (s)", "TTFT per request (server-measured)"),
-        ("tpot", "tpot", "time per output token (s)", "TPOT per request, after the first token (server-measured)"),
-        ("latency", "e2e_latency", "end-to-end latency (s)", "E2E latency per request (client-measured)"),
+        out / "latency_vs_tokens", caption)
+    paths += plot.plot_throughput({p: m["output-tokens-per-s"] for p, m in metrics.items()}, out / "throughput",
+                                  caption)
+    for metric, name, ylabel, title, log in (
+        ("ttft", "ttft", "time to first token (s)", "TTFT per request (server-measured)", True),
+        ("tpot", "tpot", "time per output token (s)", "TPOT per request, after the first token (server-measured)",
+         False),
+        ("latency", "e2e_latency", "end-to-end latency (s)", "E2E latency per request (client-measured)", True),
     ):
         samples = {p: ok_values(records, metric) for p, records in by_policy.items()}
-        paths += plot.plot_distribution(samples, ylabel, title, out / name)
+        paths += plot.plot_distribution(samples, ylabel, title, out / name, caption, log=log)
     paths += timeline_plot.plot_timelines({run.policy: run.timeline for run in runs}, out / "timeline")
     return paths
 
@@ -230,6 +246,10 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+TPOT_NOTE = ("Time per output token rises with batching: every running sequence gets its next token from the same "
+             "step, so the more sequences share a step, the longer that step takes, and each of them waits for all "
+             "of it. Batching trades a little time per token for far more tokens per second, and far less waiting "
+             "to start.")
 # Shown once in the report's header rather than as a /stats row per policy.
 SERVER_INFO = ("policy", "model", "weights", "device", "dtype", "warning")
 HEADLINE = ("output-tokens-per-s", "requests-per-s", "ttft-p50", "ttft-p90", "ttft-p99", "tpot-p50", "tpot-p90",
@@ -301,7 +321,24 @@ panel on one time axis: no batching draws a staircase, static batching convoys, 
 
 {stats_table(runs)}
 
-## Figures and data
+## Figures
+
+![latency vs requested tokens](latency_vs_tokens.png)
+
+![throughput](throughput.png)
+
+![TTFT](ttft.png)
+
+Time to first token, on a log scale: a request that waits behind others (nobatch, static) waits for their
+whole generation; dynamic batching starts it at the next step.
+
+![TPOT](tpot.png)
+
+{TPOT_NOTE}
+
+![E2E latency](e2e_latency.png)
+
+## Data
 
 - `latency_vs_tokens.png/.pdf` from `token_data_<policy>.csv`;
 - `throughput.png/.pdf` from `summary.csv` (every client-measured figure, one row per policy);
@@ -323,7 +360,7 @@ def save_run(out: Path, run: PolicyRun) -> None:
 def write_results(runs: list[PolicyRun], args: argparse.Namespace, defaults_note: str) -> list[Path]:
     metrics = {run.policy: client_metrics(run.records) for run in runs}
     write_summary_csv(args.out / "summary.csv", metrics)
-    paths = write_figures(runs, metrics, args.out)
+    paths = write_figures(runs, metrics, args)
     write_report(args.out / "report.md", runs, metrics, args, defaults_note)
     return paths + [args.out / "report.md"]
 
@@ -342,10 +379,13 @@ def run_experiment(args: argparse.Namespace) -> tuple[list[PolicyRun], list[Path
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        runs, paths = run_experiment(args)
+        with stopping_cleanly_on_signals():  # the running server's `with` block stops it on the way out
+            runs, paths = run_experiment(args)
     except (ExperimentError, requests.RequestException, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        return interrupted(e)
     print("wrote " + ", ".join(p.name for p in paths) + f" in {args.out}")
     failed = sum(not r.ok for run in runs for r in run.records)
     if failed:

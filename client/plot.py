@@ -4,8 +4,10 @@ The original figure is latency vs requested tokens, one line per policy, from `t
 
     python client/plot.py client/results                   # -> client/results/latency_vs_tokens.png/.pdf
 
-`experiment.py` also draws wall-clock throughput and the TTFT / TPOT / E2E distributions with the functions below.
-Every figure is written as PNG and PDF.
+`experiment.py` also draws wall-clock throughput and the TTFT / TPOT / E2E distributions with the functions below,
+each with a caption naming the model, device and workload, so a figure read alone still says what it shows.
+Latencies that span orders of magnitude across policies (TTFT: tens of ms to a minute) go on a log axis, with
+each policy's median written beside its box. Every figure is written as PNG and PDF.
 """
 import argparse
 import csv
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only: no display on servers and in tests
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,17 +42,19 @@ def read_latency_csv(path: Path) -> list[tuple[int, float]]:
         return sorted((int(row["num_tokens"]), float(row["latency"])) for row in csv.DictReader(f))
 
 
-def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
+def save_figure(fig: plt.Figure, stem: Path, caption: str = "") -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"]
-    fig.tight_layout()
+    if caption:
+        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.06 if caption else 0, 1, 1))
     for path in paths:
         fig.savefig(path, dpi=150)
     plt.close(fig)
     return paths
 
 
-def plot_latency_vs_tokens(curves: dict[str, list[tuple[int, float]]], stem: Path) -> list[Path]:
+def plot_latency_vs_tokens(curves: dict[str, list[tuple[int, float]]], stem: Path, caption: str = "") -> list[Path]:
     fig, ax = plt.subplots()
     for policy in ordered(curves):
         label, color = label_and_color(policy)
@@ -59,10 +64,10 @@ def plot_latency_vs_tokens(curves: dict[str, list[tuple[int, float]]], stem: Pat
     ax.set_ylabel("request latency (s)")
     ax.set_title("Latency vs Requested Tokens")
     ax.legend(loc="best", fontsize=8)
-    return save_figure(fig, stem)
+    return save_figure(fig, stem, caption)
 
 
-def plot_throughput(tokens_per_s: dict[str, float], stem: Path) -> list[Path]:
+def plot_throughput(tokens_per_s: dict[str, float], stem: Path, caption: str = "") -> list[Path]:
     policies = ordered(tokens_per_s)
     fig, ax = plt.subplots()
     bars = ax.bar([label_and_color(p)[0] for p in policies], [tokens_per_s[p] for p in policies],
@@ -70,21 +75,33 @@ def plot_throughput(tokens_per_s: dict[str, float], stem: Path) -> list[Path]:
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylabel("output tokens / s")
     ax.set_title("Wall-clock throughput (first request sent to last response)")
-    return save_figure(fig, stem)
+    return save_figure(fig, stem, caption)
 
 
-def plot_distribution(samples: dict[str, list[float]], ylabel: str, title: str, stem: Path) -> list[Path]:
-    """A box per policy (median, quartiles, mean as a triangle) with every request drawn as a dot."""
+def draw_distribution(samples: dict[str, list[float]], ylabel: str, title: str, log: bool = False) -> plt.Figure:
+    """A box per policy (median, quartiles, mean as a triangle) with every request drawn as a dot; on a log
+    axis, each median is also written beside its box, since the eye cannot read values off a log scale."""
     policies = ordered(samples)
     fig, ax = plt.subplots()
     black = {"color": "black", "markerfacecolor": "black", "markeredgecolor": "black"}
     ax.boxplot([samples[p] for p in policies], showmeans=True, showfliers=False, medianprops=black, meanprops=black)
     for i, policy in enumerate(policies, start=1):
         ax.scatter([i] * len(samples[policy]), samples[policy], s=8, alpha=0.5, color=label_and_color(policy)[1])
+        if log and samples[policy]:
+            median = float(np.median(samples[policy]))
+            ax.annotate(f"median {median:.3g} s", (i, median), xytext=(28, 0), textcoords="offset points",
+                        va="center", fontsize=7)
+    if log:
+        ax.set_yscale("log")
     ax.set_xticks(range(1, len(policies) + 1), [label_and_color(p)[0] for p in policies])
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
     ax.set_title(title)
-    return save_figure(fig, stem)
+    return fig
+
+
+def plot_distribution(samples: dict[str, list[float]], ylabel: str, title: str, stem: Path, caption: str = "",
+                      log: bool = False) -> list[Path]:
+    return save_figure(draw_distribution(samples, ylabel, title, log), stem, caption)
 
 
 def latency_csvs(paths: list[Path]) -> dict[str, Path]:

@@ -5,17 +5,56 @@ Original keys (per finished request: latency = arrival -> finish, num_tokens = t
   throughput             total tokens / sum of latencies (NOT wall-clock: concurrent requests overlap)
   total-tokens-handled   sum of num_tokens
   total-elapsed-time     sum of latencies
-Honest figures come from `metrics.summarize` over the most recent requests: wall-clock output tokens/s over
-the busy period (time with at least one request in flight), TTFT, TPOT, E2E percentiles.
+They cover every request since the server started, as the original's did. Honest figures come from
+`latency.summarize`'s definitions over the most recent requests: wall-clock output tokens/s over the busy period
+(time with at least one request in flight), TTFT, TPOT, E2E percentiles.
+
+A run measures itself with a window: `snapshot(since=t)` computes every figure over the requests that arrived at
+or after server time t (the `server-time` of an earlier /stats), among the last RECENT requests. So other
+clients' earlier requests, or an earlier run's, do not count; requests sent concurrently by others still do.
+Memory stays bounded: RECENT records, and a count and a sum per requested token count for the CSV.
 """
 import csv
 import os
+import tempfile
 import threading
+import time
 from collections import defaultdict, deque
+from dataclasses import dataclass, field
 
 from telemetry.latency import RequestRecord, busy_seconds, distribution
 
-RECENT = 10_000  # requests kept for percentiles; the original's sums cover every request
+RECENT = 10_000  # requests kept for percentiles and windows; the original's sums cover every request
+FAILED = ("abort", "error")  # finish reasons of requests that count in finish-reasons only
+
+
+@dataclass
+class Totals:
+    """The sums behind the original figures, and how requests finished."""
+    finished: int = 0  # completed: stop or length
+    tokens: int = 0
+    latency: float = 0.0
+    latency_per_token: float = 0.0
+    reasons: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, reason: str, rec: RequestRecord) -> None:
+        self.reasons[reason] += 1
+        if reason in FAILED:
+            return
+        self.finished += 1
+        self.tokens += rec.requested_tokens
+        self.latency += rec.e2e
+        self.latency_per_token += rec.e2e / rec.requested_tokens
+
+    def figures(self) -> dict:
+        return {
+            "latency-per-token": self.latency_per_token / self.finished if self.finished else 0.0,
+            "throughput": self.tokens / self.latency if self.latency else 0.0,
+            "total-tokens-handled": self.tokens,
+            "total-elapsed-time": self.latency,
+            "requests-finished": self.finished,
+            "finish-reasons": dict(self.reasons),
+        }
 
 
 class ServerStats:
@@ -24,60 +63,63 @@ class ServerStats:
         self.policy = policy
         self.data_dir = data_dir
         self._lock = threading.Lock()
-        self._recent: deque[RequestRecord] = deque(maxlen=RECENT)
-        self._latencies_by_tokens: dict[int, list[float]] = defaultdict(list)
-        self.total_tokens = 0
-        self.total_latency = 0.0
-        self.sum_latency_per_token = 0.0
-        self.finished = 0
-        self.finish_reasons: dict[str, int] = defaultdict(int)
+        self._lifetime = Totals()
+        self._recent: deque[tuple[str, RequestRecord]] = deque(maxlen=RECENT)  # (finish reason, record)
+        self._latency_by_tokens: dict[int, list] = defaultdict(lambda: [0, 0.0])  # num_tokens -> [count, sum]
 
     def record(self, inf) -> None:
         """Account one finished Inference (engine thread)."""
+        rec = RequestRecord(arrival=inf.arrival_time, first_token=inf.first_token_time, finish=inf.finish_time,
+                            prompt_tokens=len(inf.prompt_ids), output_tokens=len(inf.token_times),
+                            requested_tokens=inf.params.max_tokens)
         with self._lock:
-            self.finish_reasons[inf.finish_reason] += 1
-            if inf.finish_reason in ("abort", "error"):
-                return
-            rec = RequestRecord(arrival=inf.arrival_time, first_token=inf.first_token_time, finish=inf.finish_time,
-                                prompt_tokens=len(inf.prompt_ids), output_tokens=len(inf.token_times),
-                                requested_tokens=inf.params.max_tokens)
-            self._recent.append(rec)
-            self.finished += 1
-            self.total_tokens += rec.requested_tokens
-            self.total_latency += rec.e2e
-            self.sum_latency_per_token += rec.e2e / rec.requested_tokens
-            self._latencies_by_tokens[rec.requested_tokens].append(rec.e2e)
+            self._lifetime.add(inf.finish_reason, rec)
+            self._recent.append((inf.finish_reason, rec))
+            if inf.finish_reason not in FAILED:
+                by_tokens = self._latency_by_tokens[rec.requested_tokens]
+                by_tokens[0] += 1
+                by_tokens[1] += rec.e2e
 
-    def snapshot(self) -> dict:
+    def snapshot(self, since: float | None = None) -> dict:
+        """Every figure: since start-up, or over the requests that arrived at or after `since` (server time)."""
         with self._lock:
             recent = list(self._recent)
-            out = {
-                "latency-per-token": self.sum_latency_per_token / self.finished if self.finished else 0.0,
-                "throughput": self.total_tokens / self.total_latency if self.total_latency else 0.0,
-                "total-tokens-handled": self.total_tokens,
-                "total-elapsed-time": self.total_latency,
-                "requests-finished": self.finished,
-                "finish-reasons": dict(self.finish_reasons),
-            }
-        busy = busy_seconds([(r.arrival, r.finish) for r in recent])
-        out_tokens = sum(r.output_tokens for r in recent)
-        out.update({
-            "wall-clock-throughput": out_tokens / busy if busy else 0.0,
+            totals = self._lifetime.figures()
+        if since is not None:
+            recent = [(reason, rec) for reason, rec in recent if rec.arrival >= since]
+            window = Totals()
+            for reason, rec in recent:
+                window.add(reason, rec)
+            totals = {**window.figures(), "since": since}
+        completed = [rec for reason, rec in recent if reason not in FAILED]
+        busy = busy_seconds([(r.arrival, r.finish) for r in completed])
+        return {
+            **totals,
+            "wall-clock-throughput": sum(r.output_tokens for r in completed) / busy if busy else 0.0,
             "busy-time": busy,
-            "ttft": distribution([r.ttft for r in recent if r.ttft is not None]),
-            "tpot": distribution([r.tpot for r in recent if r.tpot is not None]),
-            "e2e-latency": distribution([r.e2e for r in recent]),
-        })
-        return out
+            "ttft": distribution([r.ttft for r in completed if r.ttft is not None]),
+            "tpot": distribution([r.tpot for r in completed if r.tpot is not None]),
+            "e2e-latency": distribution([r.e2e for r in completed]),
+            "server-time": time.perf_counter(),  # the clock of arrivals: a later ?since= starts here
+        }
 
     def write_token_csv(self) -> str:
-        """data/token_data_<policy>.csv: num_tokens, mean latency (the original's input to its plot)."""
+        """DATA_DIR/token_data_<policy>.csv: num_tokens, mean latency (the original's input to its plot), over
+        every completed request. Written to a temporary file and renamed over the old one, so that a reader, or
+        a concurrent /stats, only ever sees a whole file."""
         os.makedirs(self.data_dir, exist_ok=True)
         path = os.path.join(self.data_dir, f"token_data_{self.policy}.csv")
         with self._lock:
-            rows = sorted((n, sum(l) / len(l)) for n, l in self._latencies_by_tokens.items())
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["num_tokens", "latency"])
-            w.writerows(rows)
+            rows = sorted((n, total / count) for n, (count, total) in self._latency_by_tokens.items())
+        fd, tmp = tempfile.mkstemp(prefix=f".token_data_{self.policy}.", suffix=".csv", dir=self.data_dir)
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["num_tokens", "latency"])
+                w.writerows(rows)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the file from other users
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         return path

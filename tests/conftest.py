@@ -1,5 +1,10 @@
-"""Shared fixtures: a tiny random GPT-2 saved in HF format, engines built on it, and real gunicorn servers."""
+"""Shared fixtures: a tiny random GPT-2 saved in HF format, engines built on it, and real gunicorn servers.
+
+Servers started by the tests inherit none of the developer's server settings (WORKERS, MAX_BATCH,
+PROMETHEUS_MULTIPROC_DIR, ...) and write their data into a temporary DATA_DIR, never into the checkout.
+"""
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -45,11 +50,29 @@ if not torch.cuda.is_available():
     with contextlib.suppress(ImportError):
         patch_interpreter()
 
+from engine.config import Settings  # noqa: E402
+
+# Every environment variable ./server.sh and gunicorn_conf.py read: gone before anything (prometheus_client
+# included) reads one, for this process and every server it starts.
+SERVER_VARIABLES = {f.name.upper() for f in dataclasses.fields(Settings)} | {
+    "HOST", "PORT", "THREADS", "WORKERS", "WORKER_TIMEOUT", "LOG_LEVEL", "ACCESS_LOG", "PROMETHEUS_MULTIPROC_DIR",
+    "CLIENT_TIMEOUT_S", "GUNICORN_CONF"}
+for name in SERVER_VARIABLES:
+    os.environ.pop(name, None)
+
+import api.server  # noqa: E402
+import app  # noqa: E402
 from batching import BatchingManager, Inference, make_policy  # noqa: E402
 from engine.loader import from_pretrained  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
-from engine.sampler import SamplingParams  # noqa: E402
+from engine.sampler import SampledToken, SamplingParams  # noqa: E402
 import server_process  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_data_dir(tmp_path_factory):
+    """Where servers started by the tests write /stats' CSV (DATA_DIR)."""
+    os.environ["DATA_DIR"] = str(tmp_path_factory.mktemp("data"))
 
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, n_positions=1024, vocab_size=50257)
@@ -116,6 +139,26 @@ def assert_nothing_leaked(manager: BatchingManager) -> None:
     assert bm.num_free == bm.num_blocks, "KV blocks leaked"
     assert not bm.tables
     assert not s.running and not s.waiting and not s.preempted
+
+
+@contextlib.contextmanager
+def in_process(model_dir: str, **settings):
+    """The app in this process (Flask's test client) over an engine of the tiny model; yields (client, manager)."""
+    manager = make_manager(model_dir)
+    settings.setdefault("data_dir", os.environ["DATA_DIR"])
+    api.server.serve(Settings(served_model_name="tiny-gpt2", **settings), manager, {})
+    try:
+        yield app.app.test_client(), manager
+    finally:
+        manager.stop()
+        api.server.current = None
+
+
+def scripted(manager: BatchingManager, tokens: list[int]) -> None:
+    """The model 'samples' `tokens` in order, whatever the prompt."""
+    script = iter(tokens)
+    manager.runner.run = lambda plan: {seq.id: SampledToken(next(script)) for seq, n in plan
+                                       if seq.num_computed + n == len(seq.token_ids)}
 
 
 # ---- real servers ----

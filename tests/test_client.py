@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 CLIENT_DIR = REPO_DIR / "client"
@@ -135,19 +136,33 @@ def test_unreachable_server_gives_a_message_not_a_traceback(tmp_path):
 
 def test_every_request_is_answered_and_stats_are_printed_and_written(tiny_model_dir, tmp_path):
     with running_server("dynamic", tiny_model_dir, DATA_DIR=tmp_path / "server_data") as url:
+        for _ in range(3):  # someone else's requests, before the run
+            requests.post(url + "/inference", json={"prompt": "earlier", "num_tokens": 2}, timeout=60)
         port = int(url.rsplit(":", 1)[1])
         result = run_client(port, "--numsamples", "6", "--wait", "0.1", "--numtokens_range", "1", "5",
                             "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "6 of 6 requests answered" in result.stdout
     assert all(f"Request {i}" in result.stdout for i in range(6))  # each completion echoes its prompt
+    blocks = [b.strip() for b in result.stdout.split("=" * 50) if b.strip().startswith("Request ")]
+    progress = [b.splitlines()[0].split("(")[1].split(" answered")[0] for b in blocks]
+    assert sorted(progress) == sorted(f"{k}/6" for k in range(1, 7))  # whole blocks, each with its count
+    assert "%|" not in result.stdout + result.stderr  # and no progress bar between them
     stats = json.loads((tmp_path / "stats.txt").read_text())
-    assert stats["requests-finished"] == 6 and stats["policy"] == "dynamic"
+    assert stats["requests-finished"] == 6 and stats["policy"] == "dynamic"  # this run's, not the server's 9
     assert "END STATS" in result.stdout and '"requests-finished": 6' in result.stdout
     rows = read_rows(tmp_path / "requests_dynamic.csv")
     assert len(rows) == 6 and not any(row["error"] for row in rows)
     assert {row["num_tokens"] for row in rows} == {row["completion_tokens"] for row in rows} == {"1", "5"}
     assert {row["num_tokens"] for row in read_rows(tmp_path / "token_data_dynamic.csv")} == {"1", "5"}
+
+
+def test_help_shows_every_default_and_what_each_flag_is():
+    result = subprocess.run([sys.executable, str(CLIENT_DIR / "client.py"), "--help"], capture_output=True,
+                            text=True, env={"KEY": "not-to-be-shown"}, timeout=60)
+    assert "number of requests to make (default: 100)" in result.stdout
+    assert "the server's port" in result.stdout and "(default: 8500)" in result.stdout
+    assert "not-to-be-shown" not in result.stdout
 
 
 def test_single_inference_sends_the_api_key(tiny_model_dir, tmp_path):
@@ -156,6 +171,6 @@ def test_single_inference_sends_the_api_key(tiny_model_dir, tmp_path):
         with_key = run_client(port, "--prompt", "Hello", "--numtokens", "3", "--key", "secret")
         without_key = run_client(port, "--prompt", "Hello", "--numtokens", "3")
     assert with_key.returncode == 0, with_key.stderr
-    assert "Hello" in with_key.stdout
+    assert "Prompt 'Hello': 3 tokens in" in with_key.stdout and "Request 0" not in with_key.stdout
     assert without_key.returncode == 1
     assert "refused the API key" in without_key.stderr and "Traceback" not in without_key.stderr

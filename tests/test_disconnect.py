@@ -59,7 +59,11 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(tiny_model_dir):
     with running_server("nobatch", tiny_model_dir, MAX_WAITING=2) as url:
         running = open_request(url, "/inference", {"prompt": "long", "num_tokens": 900})
         wait_until(lambda: server_stats(url)["running"] == 1)
-        queued = [open_request(url, "/inference", {"prompt": "short", "num_tokens": 5}) for _ in range(2)]
+        queued = [open_request(url, "/inference", {"prompt": "short", "num_tokens": 5})]
+        wait_until(lambda: server_stats(url)["waiting"] == 1)
+        r = requests.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 2})  # 2 > 1 free
+        assert r.status_code == 503 and finished(url, "abort") == 0  # refused whole: nothing queued, none aborted
+        queued.append(open_request(url, "/inference", {"prompt": "short", "num_tokens": 5}))
         wait_until(lambda: server_stats(url)["waiting"] == 2)
 
         r = requests.post(url + "/inference", json={"prompt": "one more", "num_tokens": 5})

@@ -1,7 +1,15 @@
-"""The comparison command: its defaults, its report and figures from known runs, and a short real comparison."""
+"""The comparison command: its defaults, its report and figures from known runs, a short real comparison, and
+how it ends when stopped (its server with it, quietly)."""
+import contextlib
 import csv
+import glob
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -10,7 +18,9 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_DIR / "client"))  # the client's modules import each other as scripts do
 
 import experiment  # noqa: E402
+import plot  # noqa: E402
 from client import RequestRecord  # noqa: E402
+from conftest import wait_until  # noqa: E402
 
 POLICIES = ("nobatch", "static", "dynamic")
 FIGURES = ("latency_vs_tokens", "throughput", "ttft", "tpot", "e2e_latency", "timeline")
@@ -85,6 +95,39 @@ def test_report_figures_and_raw_data_from_known_runs(tmp_path):
     assert note in report
 
 
+def test_every_figure_says_which_model_device_and_workload_it_shows(tmp_path, monkeypatch):
+    captions, save = {}, plot.save_figure
+
+    def save_and_note_caption(fig, stem: Path, caption: str = "") -> list[Path]:
+        captions[stem.name] = caption
+        return save(fig, stem, caption)
+
+    monkeypatch.setattr(plot, "save_figure", save_and_note_caption)
+    args = experiment.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    experiment.apply_device_defaults(args)
+    runs = [fake_run(policy, slowdown) for policy, slowdown in zip(POLICIES, (0.3, 0.2, 0.1))]
+    experiment.write_figures(runs, {p: experiment.client_metrics(r.records) for p, r in zip(POLICIES, runs)}, args)
+    assert set(captions) == set(FIGURES)
+    for caption in captions.values():
+        assert "gpt2 (random weights, float32) on cpu" in caption and "40 requests per policy" in caption
+
+
+def test_ttft_is_drawn_on_a_log_axis_with_each_median_written():
+    fig = plot.draw_distribution({"nobatch": [10.0, 70.0], "dynamic": [0.1, 0.2]}, "TTFT (s)", "TTFT", log=True)
+    [ax] = fig.axes
+    assert ax.get_yscale() == "log"
+    assert {t.get_text() for t in ax.texts} == {"median 40 s", "median 0.15 s"}
+
+
+def test_the_report_says_why_tpot_rises_with_batching(tmp_path):
+    runs = [fake_run(policy, slowdown) for policy, slowdown in zip(POLICIES, (0.3, 0.2, 0.1))]
+    args = experiment.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    experiment.write_report(tmp_path / "report.md", runs, {p: experiment.client_metrics(r.records)
+                                                           for p, r in zip(POLICIES, runs)}, args, "")
+    report = (tmp_path / "report.md").read_text()
+    assert "![TPOT](tpot.png)\n\nTime per output token rises with batching" in report
+
+
 def test_short_comparison_of_all_three_policies_on_a_real_server(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("KV_CACHE_GB", "0.2")  # the tiny model needs no 2 GB cache
     exit_code = experiment.main(["--model", tiny_model_dir, "--weights", "pretrained", "--device", "cpu",
@@ -112,3 +155,84 @@ def test_a_policy_whose_every_request_fails_stops_the_comparison_with_the_reason
     err = capsys.readouterr().err
     assert "every request to nobatch failed" in err and "HTTP 400" in err
     assert not (tmp_path / "server_dynamic.log").exists()  # it did not go on to the next policy
+
+
+# ---- stopped: its server goes with it ----
+
+def descendants(pid: int) -> set[int]:
+    children = defaultdict(set)
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        children[parent].add(int(stat.split("/")[2]))
+    found, todo = set(), [pid]
+    while todo:
+        found |= children[todo[-1]]
+        todo = todo[:-1] + list(children[todo[-1]])
+    return found
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_a_comparison_stopped_by_sigterm_stops_its_server_quietly(tiny_model_dir, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_DIR / "client" / "experiment.py"), "--model", tiny_model_dir, "--weights",
+         "pretrained", "--device", "cpu", "--policies", "dynamic", "--numsamples", "100", "--wait", "1",
+         "--out", str(tmp_path)], env={**os.environ, "KV_CACHE_GB": "0.2"}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    server = set()
+    try:
+        log = tmp_path / "server_dynamic.log"
+        wait_until(lambda: log.exists() and "serving" in log.read_text(), timeout=120)
+        server = descendants(proc.pid)
+        assert server  # server.sh's gunicorn and its worker
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in server), timeout=60)
+    finally:
+        for pid in server | descendants(proc.pid):  # what a failed run would leave
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in err and "stopped (SIGTERM)" in err
+
+
+def test_ctrl_c_ends_the_client_in_one_line(tmp_path):
+    with socket.socket() as silent:  # a server that accepts and never answers: the client waits on it
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(60)
+        proc = subprocess.Popen([sys.executable, str(REPO_DIR / "client" / "client.py"), "--port",
+                                 str(silent.getsockname()[1]), "--out", str(tmp_path)],
+                                env={"IP": "127.0.0.1", "KEY": ""}, stderr=subprocess.PIPE, text=True)
+        connection, _ = silent.accept()  # it is waiting for /health
+        with connection:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert err.strip() == "stopped (SIGINT)"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="prctl")
+def test_a_server_process_dies_with_the_process_that_started_it_even_by_sigkill():
+    """server_process starts servers with _terminate_when_parent_dies: a stand-in 'server' (sleep), started the
+    same way by a process that is then SIGKILLed, goes with it."""
+    starter = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time; sys.path.insert(0, sys.argv[1]); import server_process; "
+        "p = subprocess.Popen(['sleep', '600'], preexec_fn=server_process._terminate_when_parent_dies); "
+        "print(p.pid, flush=True); time.sleep(600)"), str(REPO_DIR)], stdout=subprocess.PIPE, text=True)
+    server = int(starter.stdout.readline())
+    starter.kill()
+    starter.wait()
+    wait_until(lambda: gone(server))
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # dead, not yet reaped
+    except FileNotFoundError:
+        return True

@@ -169,21 +169,37 @@ def test_wrong_key_raises_authentication_error(url):
         bad.completions.create(model=MODEL, prompt="x")
 
 
-def test_vllm_extensions_top_k_and_ignore_eos_are_accepted(client):
-    c = complete(client, prompt="x", max_tokens=3, extra_body={"top_k": 5, "ignore_eos": True})
-    assert c.usage.completion_tokens == 3
+def test_vllm_top_k_reaches_the_sampler(client):
+    """top_k=1 leaves one token to draw from: temperature 1 gives the greedy text (ignore_eos: test_stop_and_eos)."""
+    greedy = complete(client, prompt="Once upon", max_tokens=12, temperature=0).choices[0].text
+    for seed in (1, 2):
+        c = complete(client, prompt="Once upon", max_tokens=12, temperature=1.0, seed=seed, extra_body={"top_k": 1})
+        assert c.choices[0].text == greedy
+    assert complete(client, prompt="Once upon", max_tokens=12, temperature=1.0, seed=1).choices[0].text != greedy
+
+
+def test_prompts_times_n_over_the_queue_are_refused_before_anything_runs(url, client):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    before = requests.get(url + "/stats", headers=auth).json()["finish-reasons"]
+    with pytest.raises(openai.BadRequestError) as e:
+        complete(client, prompt=["x"] * 4000, n=128, max_tokens=1)
+    assert e.value.body["code"] == "too_many_sequences" and "512000 sequences" in e.value.message
+    assert requests.get(url + "/stats", headers=auth).json()["finish-reasons"] == before  # no aborts counted
 
 
 def test_every_error_has_one_shape(url):
     auth = {"Authorization": f"Bearer {KEY}"}
+    as_json = {**auth, "Content-Type": "application/json"}
     responses = [
         requests.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": "many"}, headers=auth),  # 400
         requests.post(url + "/v1/completions", json={"prompt": "x"}),  # 401
         requests.get(url + "/v1/nothing-here", headers=auth),  # 404
-        requests.post(url + "/v1/completions", data=b"{" + b" " * (2 << 20) + b"}", headers=auth),  # 413
-        requests.post(url + "/inference", data="not json", headers=auth),  # 400
+        requests.get(url + "/v1/completions", headers=auth),  # 405
+        requests.post(url + "/v1/completions", data=b"{" + b" " * (2 << 20) + b"}", headers=as_json),  # 413
+        requests.post(url + "/inference", data="not json", headers=as_json),  # 400
+        requests.post(url + "/inference", data='{"prompt": "x", "num_tokens": 1}', headers=auth),  # 415
     ]
-    assert [r.status_code for r in responses] == [400, 401, 404, 413, 400]
+    assert [r.status_code for r in responses] == [400, 401, 404, 405, 413, 400, 415]
     for r in responses:
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert responses[0].json()["error"]["param"] == "max_tokens"

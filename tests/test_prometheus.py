@@ -1,7 +1,6 @@
 """GET /metrics (parsed by prometheus_client's parser; counters add up to what was sent, with one worker and with
 two) and GET /health (503 when the engine thread died or is stuck, in-process)."""
 import concurrent.futures
-import contextlib
 import logging
 import os
 import signal
@@ -9,14 +8,14 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import requests
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-import api.server
-import app
-from engine.config import Settings
-from conftest import make_manager, running_server
+from conftest import in_process, running_server
+from telemetry.prometheus import EngineMetrics
 
 MODEL = "tiny-gpt2"
 
@@ -61,7 +60,8 @@ def test_counters_and_histograms_add_up_to_what_was_sent(tiny_model_dir):
         cut = requests.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 12, "temperature": 0,
                                                            "ignore_eos": True, "stop": stop}).json()
         assert cut["choices"][0]["finish_reason"] == "stop"
-        sequences.append((1, cut["usage"]["completion_tokens"], "stop"))
+        assert cut["usage"]["completion_tokens"] < 12  # usage counts the text's tokens, not the stop string's
+        sequences.append((1, 12, "stop"))  # /metrics counts every token generated
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             bodies = pool.map(lambda i: requests.post(url + "/inference", json={"prompt": "a b", "num_tokens": 60}),
                               range(4))
@@ -87,6 +87,25 @@ def test_counters_and_histograms_add_up_to_what_was_sent(tiny_model_dir):
     assert value(m, "vllm:num_preemptions_total") == stats["preemptions"] > 0
     assert value(m, "vllm:num_requests_running") == value(m, "vllm:num_requests_waiting") == 0
     assert value(m, "vllm:kv_cache_usage_perc") == 0
+
+
+def test_histograms_time_each_request_from_its_arrival():
+    """Known timestamps in, known sums out: TTFT and E2E from arrival (not from scheduling), queue time up to
+    scheduling, inter-token gaps between tokens."""
+    metrics = EngineMetrics("known-timestamps", "dynamic")
+    metrics.record(SimpleNamespace(arrival_time=10.0, scheduled_time=10.5, first_token_time=12.0,
+                                   token_times=[12.0, 12.5, 13.5], finish_time=13.5, prompt_ids=[1, 2, 3],
+                                   finish_reason="length"))
+    labels = {"model_name": "known-timestamps", "policy": "dynamic"}
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(f"vllm:{name}", labels)
+
+    assert sample("time_to_first_token_seconds_sum") == 2.0
+    assert sample("e2e_request_latency_seconds_sum") == 3.5
+    assert sample("request_queue_time_seconds_sum") == 0.5
+    assert (sample("inter_token_latency_seconds_sum"), sample("inter_token_latency_seconds_count")) == (1.5, 2)
+    assert sample("request_generation_tokens_sum") == 3 and sample("request_prompt_tokens_sum") == 3
 
 
 def stale_counter(directory: str) -> None:
@@ -122,17 +141,6 @@ def test_two_workers_add_up_and_a_dead_workers_gauges_vanish(tiny_model_dir, tmp
 
 # ---- /health, in-process ----
 
-@contextlib.contextmanager
-def in_process(model_dir: str, **settings):
-    manager = make_manager(model_dir)
-    api.server.serve(Settings(served_model_name=MODEL, **settings), manager, {})
-    try:
-        yield app.app.test_client(), manager
-    finally:
-        manager.stop()
-        api.server.current = None
-
-
 def test_engine_death_is_logged_with_its_traceback_and_surfaced(tiny_model_dir, caplog):
     with in_process(tiny_model_dir) as (client, manager):
         def broken_schedule():  # dies at the first request, so that one is in flight
@@ -149,6 +157,23 @@ def test_engine_death_is_logged_with_its_traceback_and_surfaced(tiny_model_dir, 
         assert after.status_code == 503 and after.json["error"]["code"] == "engine_unhealthy"
     [death] = [r for r in caplog.records if r.getMessage() == "engine thread died"]
     assert death.levelno == logging.ERROR and "scheduler bug" in caplog.text and "Traceback" in caplog.text
+
+
+def test_health_is_503_from_the_moment_the_engine_fails_while_its_thread_is_still_dying(tiny_model_dir):
+    with in_process(tiny_model_dir) as (client, manager):
+        dying, let_go = threading.Event(), threading.Event()
+        manager.on_fatal.append(lambda reason: dying.set() or let_go.wait(30))  # the thread stays alive in here
+
+        def broken_schedule():
+            raise RuntimeError("scheduler bug")
+
+        manager.scheduler.schedule = broken_schedule
+        assert dying.wait(30) and manager.alive
+        try:
+            assert client.get("/health").status_code == 503
+            assert client.post("/inference", json={"prompt": "x", "num_tokens": 2}).status_code == 503
+        finally:
+            let_go.set()
 
 
 def test_health_is_503_while_the_engine_is_stuck_and_200_once_it_moves(tiny_model_dir):

@@ -55,8 +55,26 @@ def test_logprobs_are_log_softmax_of_the_model_and_rank_the_chosen_greedy_token_
         assert tok.top_logprobs[tok.token] == pytest.approx(tok.logprob)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=2.5), dict(top_p=0), dict(top_k=-1),
-                                 dict(max_tokens=0), dict(stop=["a"] * 5), dict(stop=[""]), dict(logprobs=6)])
+def test_logprobs_are_the_models_own_distribution_whatever_the_temperature(tiny_model_dir, tiny_hf_model):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    prompt = [464, 3290, 318]
+    r = manager.enqueue(request(prompt, 6, temperature=0.7, seed=11, logprobs=2))
+    run_until_idle(manager)
+    with torch.no_grad():  # independent: HF's logits for every position of prompt + output
+        logits = tiny_hf_model(torch.tensor([prompt + r.output_ids])).logits[0]
+    expected = torch.log_softmax(logits[len(prompt) - 1:-1], dim=-1)
+    for position, tok in enumerate(r.logprobs):
+        assert tok.logprob == pytest.approx(expected[position, tok.token].item(), abs=1e-4)
+        top = expected[position].topk(2)
+        assert list(tok.top_logprobs) == top.indices.tolist()
+        assert list(tok.top_logprobs.values()) == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert any(tok.token != max(tok.top_logprobs, key=tok.top_logprobs.get) for tok in r.logprobs)  # sampled
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(temperature=2.5), dict(temperature=float("nan")),
+                                 dict(top_p=0), dict(top_p=float("inf")), dict(top_k=-1), dict(top_k=50258),
+                                 dict(top_k=1 << 63), dict(seed=1 << 64), dict(max_tokens=0), dict(stop=["a"] * 5),
+                                 dict(stop=[""]), dict(logprobs=6)])
 def test_out_of_range_sampling_values_are_refused_naming_the_field(bad):
     with pytest.raises(InvalidRequest) as e:
         checked(SamplingParams(**bad))

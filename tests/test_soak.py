@@ -52,13 +52,13 @@ def send(url: str, kind: str, rng: random.Random) -> int:
         assert done == "[DONE]" and json.loads(last)["finish_reason"] == "length"
         return 1
     if kind == "drop_stream":
-        sock = open_request(url, "/v1/completions", {"prompt": "x", "max_tokens": 300, "stream": True,
+        sock = open_request(url, "/v1/completions", {"prompt": "x", "max_tokens": 1000, "stream": True,
                                                      "ignore_eos": True})
         read_until(sock, b"data: ")
         sock.close()
         return 1
-    if kind == "drop_request":
-        sock = open_request(url, "/inference", {"prompt": "x", "num_tokens": 300})
+    if kind == "drop_request":  # long enough that the server sees the client leave (0.5 s poll) before it ends
+        sock = open_request(url, "/inference", {"prompt": "x", "num_tokens": 1000})
         time.sleep(rng.uniform(0, 0.3))
         sock.close()
         return 1

@@ -1,18 +1,13 @@
 """Server-sent events read by a plain HTTP client: framing, tokens arriving while the request still runs, UTF-8,
 and errors mid-stream (those in-process, with a scripted model)."""
-import contextlib
 import json
 
 import pytest
 import requests
 
-import api.server
-import app
 from api import sse
-from engine.config import Settings
-from conftest import fail_step, make_manager, running_server
 from api.errors import ApiError
-from engine.sampler import SampledToken
+from conftest import fail_step, in_process, running_server, scripted
 from engine.tokenizer import encode
 
 
@@ -81,24 +76,6 @@ def test_characters_split_across_tokens_arrive_whole(url):
 
 
 # ---- in-process: a scripted model, and an engine that fails mid-stream ----
-
-@contextlib.contextmanager
-def in_process(model_dir: str):
-    manager = make_manager(model_dir)
-    api.server.serve(Settings(), manager, {})
-    try:
-        yield app.app.test_client(), manager
-    finally:
-        manager.stop()
-        api.server.current = None
-
-
-def scripted(manager, tokens: list[int]) -> None:
-    """The model 'samples' `tokens` in order, whatever the prompt."""
-    script = iter(tokens)
-    manager.runner.run = lambda plan: {seq.id: SampledToken(next(script)) for seq, n in plan
-                                       if seq.num_computed + n == len(seq.token_ids)}
-
 
 def streamed_events(resp) -> list[str]:
     return [frame.removeprefix(b"data: ").decode() for frame in b"".join(resp.response).split(b"\n\n") if frame]
