@@ -46,12 +46,12 @@ case " $STEPS " in *" pytest "*)
   log "pytest: exit $? ($(tail -n 1 "$OUT/pytest_gpu.txt"))" ;;
 esac
 step decode 90 --seconds 2
-step throughput 330 --repeats 3
+step throughput 330 --repeats 3 --peers hf_cb
 step interference 60
 step timeline-overhead 60
 if "$PY" -c "import flask, gunicorn, aiohttp, tiktoken" 2>/dev/null; then
   step http 150
-  step poisson 240 --policies dynamic,static --requests 200 --qps 16,32,64,128,256 --slo-tpot 0.025
+  step poisson 200 --policies dynamic --requests 200 --qps 16,64,128,256 --slo-tpot 0.025
 else
   log "http, poisson: skipped (flask, gunicorn, aiohttp or tiktoken missing)"
 fi

@@ -190,7 +190,7 @@ def write_figures(runs: list[PolicyRun], metrics: dict[str, dict[str, float]], a
     ):
         samples = {p: ok_values(records, metric) for p, records in by_policy.items()}
         paths += plot.plot_distribution(samples, ylabel, title, out / name, caption, log=log)
-    paths += timeline_plot.plot_timelines({run.policy: run.timeline for run in runs}, out / "timeline")
+    paths += timeline_plot.plot_timelines({run.policy: run.timeline for run in runs}, out / "timeline", caption)
     return paths
 
 

@@ -45,9 +45,13 @@ def read_latency_csv(path: Path) -> list[tuple[int, float]]:
 def save_figure(fig: plt.Figure, stem: Path, caption: str = "") -> list[Path]:
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"]
-    if caption:
-        fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.06 if caption else 0, 1, 1))
+    if fig.get_layout_engine() is not None:  # a constrained figure places its own parts, the caption too
+        if caption:
+            fig.supxlabel(caption, fontsize=7)
+    else:
+        if caption:
+            fig.text(0.5, 0.01, caption, ha="center", va="bottom", fontsize=7, wrap=True)
+        fig.tight_layout(rect=(0, 0.06 if caption else 0, 1, 1))
     for path in paths:
         fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+import plot
 from plot import label_and_color, ordered
 
 # the live page's colours (static/live.css)
@@ -91,7 +92,7 @@ def draw_rows(ax: plt.Axes, timeline: dict, t0: float) -> None:
     ax.tick_params(labelsize=8)
 
 
-def plot_timelines(timelines: dict[str, dict], stem: Path) -> list[Path]:
+def plot_timelines(timelines: dict[str, dict], stem: Path, caption: str = "") -> list[Path]:
     """One panel per policy (counts above, rows below), every panel on the same time axis."""
     policies = ordered(timelines)
     fig = plt.figure(figsize=(12, 0.8 + 3.6 * len(policies)), layout="constrained")
@@ -117,17 +118,7 @@ def plot_timelines(timelines: dict[str, dict], stem: Path) -> list[Path]:
                for name, c in (("finished", FINISHED_COLOR), ("preempted", PREEMPTED_COLOR))]
     fig.suptitle("What the scheduler did: a row per request, the batch per step", fontsize=12)
     fig.legend(handles=legend, loc="outside lower center", ncols=5, fontsize=9, frameon=False)
-    return save(fig, stem)
-
-
-def save(fig: plt.Figure, stem: Path) -> list[Path]:
-    """PNG and PDF, laid out by the figure's own (constrained) layout."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.pdf"]
-    for path in paths:
-        fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return paths
+    return plot.save_figure(fig, stem, caption)
 
 
 def main(argv: list[str] | None = None) -> int:
