@@ -129,6 +129,16 @@ class Inference:
         return delta
 
 
+def announce_finished(inf: Inference, on_finish: list) -> None:
+    """Tell whoever waits that a request is finished: the on_finish callbacks (statistics), then its Event."""
+    for callback in on_finish:
+        try:
+            callback(inf)
+        except Exception:
+            log.exception("on_finish callback failed")
+    inf.event.set()
+
+
 def check_fits(inf: Inference, max_context: int, block_size: int, num_blocks: int) -> None:
     """Refuse a request that could never run, however long it waited."""
     total = len(inf.prompt_ids) + inf.params.max_tokens
@@ -417,12 +427,7 @@ class BatchingManager:
         if inf.stream is not None:
             inf.stream.put(inf.stream_delta())
             inf.stream.put(None)  # end of stream
-        for callback in self.on_finish:
-            try:
-                callback(inf)
-            except Exception:
-                log.exception("on_finish callback failed")
-        inf.event.set()
+        announce_finished(inf, self.on_finish)
 
     def load(self) -> dict:
         s, bm = self.scheduler, self.runner.block_manager

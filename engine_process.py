@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from batching import FINISHED, BatchingManager, Inference, Overloaded, check_fits, make_policy
+from batching import FINISHED, BatchingManager, Inference, Overloaded, announce_finished, check_fits, make_policy
 from engine.config import Settings
 from engine.sampler import SamplingParams
 from telemetry.timeline import Timeline
@@ -173,12 +173,7 @@ class EngineProcess:
     def _finished(self, inf: Inference) -> None:
         if inf.stream is not None:
             inf.stream.put(None)  # end of stream, after its fields are set
-        for callback in self.on_finish:
-            try:
-                callback(inf)
-            except Exception:
-                log.exception("on_finish callback failed")
-        inf.event.set()
+        announce_finished(inf, self.on_finish)
 
     def _die(self, error: str) -> None:
         if self.fatal_error is not None:  # stopped on purpose, or already failed
