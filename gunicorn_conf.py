@@ -1,4 +1,5 @@
-"""gunicorn settings for ./server.sh. One worker owns the model; its engine thread starts inside the worker.
+"""gunicorn settings for ./server.sh. One worker owns the model; its engine runs in a child process of the worker
+(engine_process.py).
 
 A gthread worker holds one thread per open request for the request's whole life, so THREADS bounds how many
 requests can be in flight (the original's 8 capped its "dynamic" batch at 8). A thread blocked on a client
@@ -26,7 +27,6 @@ from gunicorn.workers.gthread import ThreadWorker
 
 HOST, PORT = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8500"))
 CLIENT_TIMEOUT_S = float(os.environ.get("CLIENT_TIMEOUT_S", "30"))
-
 
 
 class PromptlyClosingThreadWorker(ThreadWorker):
