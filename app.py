@@ -162,7 +162,7 @@ def health():
     m = server.manager
     stalled = time.monotonic() - m.last_step_time > server.settings.health_stall_s
     if m.fatal_error or not m.alive or stalled:  # fatal_error: the thread is dying, if not yet dead
-        why = m.fatal_error or ("the engine thread is not running" if not m.alive else "the engine is stuck")
+        why = m.fatal_error or ("the engine is not running" if not m.alive else "the engine is stuck")
         raise ApiError(503, why, code="engine_unhealthy")
     return jsonify({"status": "ok", "pid": os.getpid(), **server.info})  # pid: which worker answered
 

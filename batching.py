@@ -4,7 +4,8 @@
 HTTP thread waits on. `BatchingManager` owns one engine thread that runs steps: each step the `Scheduler`
 picks which sequences run and how many tokens each contributes (a prefill chunk or one decode token), the
 model runner does one packed forward and one sampler call, and finished sequences release their KV blocks and
-set their Event.
+set their Event. (The server runs the same steps in a process of their own, engine_process.py, whose loop
+calls `step()`; tests and in-process benchmarks use the thread.)
 
 The three policies of the original project differ only in their admission rule, i.e. when waiting requests
 may join the running ones:
