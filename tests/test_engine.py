@@ -44,6 +44,30 @@ def test_engine_thread_survives_a_failing_step(tiny_model_dir):
         manager.stop()
 
 
+def test_a_request_failing_after_its_step_ends_alone(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    bad, good = manager.enqueue(request([1, 2], 5)), manager.enqueue(request([3, 4], 5))
+
+    def broken_detokeniser(token: int) -> str:
+        raise KeyError(token)
+
+    bad._decoder.push = broken_detokeniser
+    run_until_idle(manager)
+    assert bad.finish_reason == "error" and "KeyError" in bad.error and bad.event.is_set()
+    assert good.finish_reason == "length" and len(good.output_ids) == 5
+    assert_nothing_leaked(manager)
+
+
+def test_stopping_a_running_engine_thread_aborts_what_is_in_flight_on_that_thread(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    manager.start()
+    reqs = [manager.enqueue(request([1, 2], 200)) for _ in range(3)]
+    manager.stop()
+    assert not manager.alive
+    assert all(r.finish_reason == "abort" and r.event.is_set() for r in reqs)
+    assert_nothing_leaked(manager)
+
+
 @pytest.mark.parametrize("steps_before_abort", [0, 1, 4])
 def test_abort_releases_blocks_whether_waiting_prefilling_or_decoding(tiny_model_dir, steps_before_abort):
     manager = make_manager(tiny_model_dir, "dynamic")
