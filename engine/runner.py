@@ -60,12 +60,13 @@ class ModelRunner:
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GB); attention: %s", num_blocks, block_size,
                  num_blocks * block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 1e9, attention)
         self.graphs = self.mixed_graphs = None
+        self.capture: dict = {}  # what capturing the graphs took (count, seconds, MiB)
         if cuda_graphs and device.type == "cuda" and attention == "triton":
             pad_slot, vocab = self.block_manager.pad_slot, self.sampler.vocab_size
             self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, device)
             self.mixed_graphs = MixedGraphs(self.model, max(max_step_tokens, max_batch), max_batch, self.table_width,
                                             pad_slot, vocab, device)
-            capture_all([self.graphs, self.mixed_graphs])
+            self.capture = capture_all([self.graphs, self.mixed_graphs])
 
     def _blocks_that_fit(self, block_size: int, kv_cache_gb: float, gpu_memory_utilization: float) -> int:
         per_block = kv_bytes_per_token(self.model, self.dtype) * block_size

@@ -160,6 +160,8 @@ def test_root_hints_at_the_endpoints_on_get_and_post(server):
 def test_health_reports_the_model(server):
     h = requests.get(server + "/health", timeout=10).json()
     assert h["status"] == "ok" and h["weights"] == "pretrained" and h["device"] == "cpu" and h["dtype"] == "float32"
+    assert h["attention"] == "reference" and h["cuda-graphs"] == 0 and h["startup-s"] > 0
+    assert h["kv-cache-tokens"] > 0 and h["engine-pid"] not in (h["pid"], None)  # the engine has its own process
 
 
 def test_the_server_keeps_serving_after_bad_input(server):
