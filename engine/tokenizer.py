@@ -15,7 +15,7 @@ RANKS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 # GPT-2's pre-tokenizer split pattern, as tiktoken defines it for "gpt2".
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT_TOKEN = 50256
-VOCAB_SIZE = EOT_TOKEN + 1  # a checkpoint may pad its embedding past this (nanoGPT's 50304); those ids decode to nothing
+VOCAB_SIZE = EOT_TOKEN + 1  # a checkpoint may pad its embedding past this (nanoGPT's 50304): no text there
 
 
 @functools.cache

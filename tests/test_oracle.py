@@ -104,6 +104,7 @@ def test_greedy_tokens_equal_hf_when_long_prompts_prefill_in_several_groups(tiny
     work = [([rng.randrange(50257) for _ in range(rng.randint(150, 250))], 4) for _ in range(4)]
     lens = np.array([len(p) for p, _ in work])
     step = pack_step(lens, lens, np.zeros((4, 64), dtype=np.int32), 4)
-    assert len(reference.plan(step, 4, torch.device("cpu")).prefill_groups) > 1  # long prompts are not all multiplied by each other in one mask
+    # long prompts are not all multiplied by each other in one mask
+    assert len(reference.plan(step, 4, torch.device("cpu")).prefill_groups) > 1
     manager = make_manager(tiny_model_dir, "dynamic", max_step_tokens=2048)
     assert generate_all(manager, work) == [hf_greedy(tiny_hf_model, p, n) for p, n in work]

@@ -9,8 +9,6 @@ import torch
 from engine.attention import reference
 from engine.attention.metadata import AttentionMetadata
 
-BACKENDS = ("reference", "triton")
-
 
 @functools.cache
 def _kernels():
