@@ -74,6 +74,7 @@ class EngineProcess:
         self.on_finish: list = []
         self.on_fatal: list = []
         self.fatal_error: str | None = None
+        self._stopping = False
         self.last_step_time = time.monotonic()
         self._lock = threading.Lock()
         self._in_flight: dict[int, Inference] = {}
@@ -126,6 +127,8 @@ class EngineProcess:
         self._receiver.start()
 
     def stop(self) -> None:
+        """Stop the engine: it aborts what is in flight and sends those results before it exits."""
+        self._stopping = True
         with self._lock:
             self._send(("stop",))
         self._process.join(timeout=30)
@@ -133,6 +136,7 @@ class EngineProcess:
             log.warning("the engine process did not stop within 30 s; terminating it")
             self._process.terminate()
         self._receiver.join(timeout=5)
+        self._fail_in_flight("abort", "the server is shutting down")  # what a terminated engine left
 
     # ---- the receiver thread ----
 
@@ -176,18 +180,21 @@ class EngineProcess:
         announce_finished(inf, self.on_finish)
 
     def _die(self, error: str) -> None:
-        if self.fatal_error is not None:  # stopped on purpose, or already failed
+        if self._stopping or self.fatal_error is not None:  # stopped on purpose, or already failed
             return
         self.fatal_error = f"engine process died: {error}"
         log.error("%s", self.fatal_error)
+        self._fail_in_flight("error", self.fatal_error)
+        for callback in self.on_fatal:
+            callback(self.fatal_error)
+
+    def _fail_in_flight(self, reason: str, error: str) -> None:
         with self._lock:
             in_flight, self._in_flight = list(self._in_flight.values()), {}
         for inf in in_flight:
-            inf.finish_reason, inf.error, inf.finish_time = "error", self.fatal_error, time.perf_counter()
+            inf.finish_reason, inf.error, inf.finish_time = reason, error, time.perf_counter()
             inf.state = FINISHED
             self._finished(inf)
-        for callback in self.on_fatal:
-            callback(self.fatal_error)
 
 
 class _RemoteTimeline:
@@ -272,8 +279,8 @@ class _EngineLoop:
             log.exception("the engine died")
             self.conn.send(("dead", f"{e!r}"))
             raise SystemExit(1)
-        finally:
-            self.manager.stop()
+        self.manager.stop()  # asked to stop: abort what is in flight, and say so
+        self._update()
 
     def _read_messages(self) -> bool:
         """Apply what the worker sent; False once it asks to stop."""

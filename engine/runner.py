@@ -103,7 +103,7 @@ class ModelRunner:
         if self.graphs and step.num_decodes == len(seqs) <= self.graphs.max_bucket:
             logits, argmax = self.graphs.run(ids, step)
             if not samples.all():  # a prompt's single-token chunk that is not its last
-                rows = torch.from_numpy(np.flatnonzero(samples)).to(self.device)
+                rows = torch.from_numpy(sample_rows).to(self.device)  # a decode step's rows are its sequences
                 logits, argmax = logits[rows], argmax[rows]
         elif mixed and len(ids) <= mixed.max_bucket and len(seqs) <= mixed.max_batch:
             logits, argmax = mixed.run(ids, step, sample_rows)
@@ -116,7 +116,7 @@ class ModelRunner:
             if seq.seed is None:
                 seq.seed = self.sampler.new_seed()
         tokens = self.sampler(logits, [s.params for s in samplers], [s.seed for s in samplers],
-                              [len(s.token_ids) for s in samplers], argmax)
+                              known[samples].tolist(), argmax)
         return {seq.id: tok for seq, tok in zip(samplers, tokens)}
 
     def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray) -> torch.Tensor:
