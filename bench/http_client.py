@@ -47,6 +47,7 @@ async def _run_load(url: str, requests: list[Request], desc: str | None) -> Load
     async with aiohttp.ClientSession(url, connector=connector, timeout=NO_TIMEOUT) as session:
         streaming = await supports_streaming(session)
         send = _send_streaming if streaming else _send_plain
+        await open_connections(session, sum(r.arrival < 1.0 for r in requests))
         records, errors = [], []
         start = time.perf_counter()
         with tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
@@ -61,6 +62,18 @@ async def _run_load(url: str, requests: list[Request], desc: str | None) -> Load
 
             await asyncio.gather(*(one(r, b) for r, b in zip(requests, bodies)))
     return Load(records, errors, streaming)
+
+
+async def open_connections(session: aiohttp.ClientSession, n: int) -> None:
+    """Open n kept-alive connections before the clock starts, for the requests sent at once: a client that keeps
+    its connections (a proxy, an SDK's pool) pays no connect per request, and a hundred connects in one Python
+    process take tens of milliseconds, which would be timed as the server's. (gunicorn keeps an idle connection
+    for 2 s, so only the first second's requests get one.)"""
+    async def one() -> None:
+        async with session.get("/health") as resp:
+            await resp.read()
+
+    await asyncio.gather(*(one() for _ in range(n)))
 
 
 async def supports_streaming(session: aiohttp.ClientSession) -> bool:
@@ -84,8 +97,9 @@ async def _send_plain(session: aiohttp.ClientSession, body: dict, prompt_tokens:
 
 
 async def _send_streaming(session: aiohttp.ClientSession, body: dict, prompt_tokens: int) -> RequestRecord:
-    """Token times are the arrival times of events with text; an event carries several tokens when the server's
-    writer fell behind its engine (ITL is then per event, as a client sees it). A stream that ends for "length"
+    """Token times are the arrival times of events with text; an event carries several tokens (the server sends a
+    stream's text at most every STREAM_INTERVAL_MS, 20 ms by default, and more when its writer fell behind), so
+    ITL is per event, as a client sees it, and TPOT counts tokens. A stream that ends for "length"
     produced exactly num_tokens."""
     sent = time.perf_counter()
     token_times, finish_reason = [], None

@@ -27,6 +27,7 @@ class Settings:
     data_dir: str = "data"
     max_body_bytes: int = 1 << 20
     health_stall_s: float = 120.0
+    stream_interval_ms: float = 20.0  # a stream's text is sent at most this often (its first token at once)
 
     @classmethod
     def from_env(cls, env: dict = os.environ) -> "Settings":

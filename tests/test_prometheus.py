@@ -190,3 +190,20 @@ def test_health_is_503_while_the_engine_is_stuck_and_200_once_it_moves(tiny_mode
         unstuck.set()
         request.join()
         wait_until(lambda: client.get("/health").status_code == 200, timeout=10)
+
+
+def test_observe_many_counts_as_one_observe_per_value():
+    from prometheus_client import CollectorRegistry, Histogram
+    from telemetry.prometheus import ITL_BUCKETS, observe_many
+    registry = CollectorRegistry()
+    one_by_one = Histogram("one", "", buckets=ITL_BUCKETS, registry=registry)
+    together = Histogram("many", "", buckets=ITL_BUCKETS, registry=registry)
+    values = [0.0, 0.01, 0.0100001, 0.02, 0.3, 0.3, 79.9, 80.0, 500.0]  # bounds, between, above the last
+    for v in values:
+        one_by_one.observe(v)
+    observe_many(together, values)
+    observe_many(together, [])
+    samples = {m.name: {(s.name.split("_", 1)[1], tuple(s.labels.items())): s.value for s in m.samples
+                        if not s.name.endswith("_created")} for m in registry.collect()}
+    assert samples["many"] == samples["one"]
+    assert samples["many"][("count", ())] == len(values)
