@@ -1,37 +1,61 @@
-"""The batching engine in a process of its own, beside the HTTP worker.
+"""The batching engine in a process of its own, shared by the server's HTTP workers.
 
 In one process the engine thread and hundreds of HTTP threads share one GIL: the engine lets go of it at every
 wait for the GPU, then waits its turn behind the request threads, and a server on an H200 delivered a third of
-its engine's tokens/s. Here a child process runs the `BatchingManager`'s steps alone. The worker keeps the
-`Inference` objects its HTTP threads wait on (each with its `threading.Event`) and mirrors the engine's results
-into them: a stream's text as it grows (at most every STREAM_INTERVAL_MS), everything else when the request
-finishes. `EngineProcess` has the interface of `BatchingManager` that the HTTP side uses (enqueue, abort, load,
-alive, on_finish, ...).
+its engine's tokens/s. And one HTTP process takes about a millisecond of Python per request, so a hundred
+requests arriving at once take a tenth of a second to reach any engine. So the engine runs the
+`BatchingManager`'s steps alone in its own process, and any number of gunicorn workers feed it.
 
-Messages, pickled over one pipe:
-  worker -> engine  ("submit", Submitted) | ("abort", id) | ("timeline", since) | ("stop",)
-  engine -> worker  ("ready", info) at start, then ("update", deltas, results, load) after steps that produced
-                    something (and at least every HEARTBEAT_S), ("timeline", snapshot) when asked, ("dead", error)
-                    if the engine cannot go on
-The schedule (telemetry/timeline.py) is recorded where the steps run; GET /timeline asks the engine for it.
-Both processes read time.perf_counter (CLOCK_MONOTONIC), so the engine's timestamps are the worker's too.
+Who does what:
+  gunicorn's master  starts the engine (`EngineProcess`) before it forks the workers, starts a new one before it
+                     forks a worker if the engine died, and stops it last;
+  each worker        connects (`EngineClient`) and keeps the `Inference` objects its HTTP threads wait on (each
+                     with its `threading.Event`); a receiver thread mirrors the engine's results into them: a
+                     stream's text as it grows (at most every STREAM_INTERVAL_MS), everything else when the
+                     request finishes. `EngineClient` has the interface of `BatchingManager` that the HTTP side
+                     uses (enqueue, abort, load, alive, on_finish, timeline, ...);
+  the engine         steps, and answers every worker on that worker's connection.
+
+Connections: multiprocessing.connection over a Unix socket in a directory only this user can enter, with a
+random key that the master hands to the workers it forks (and to the engine on its stdin). Messages, pickled:
+  master -> engine   its connection comes first: ("ready", info) | ("failed", error) once the model is built;
+                     later ("stop",), or the connection's end, stops the engine
+  worker <-> engine  engine: ("ready", info) on connecting, ("update", deltas, results, load) after steps that
+                     produced something for this worker (and at least every HEARTBEAT_S), ("answer", x),
+                     ("dead", error) if it cannot go on;
+                     worker: ("submit", Submitted) | ("abort", id) | ("ask", "timeline" | "stats" | "csv", arg) |
+                     ("bye",): abort mine and close (a connection that just ends is taken the same way)
+The schedule (telemetry/timeline.py) and /stats are kept where the requests of every worker meet: the engine.
+All processes read time.perf_counter (CLOCK_MONOTONIC), so the engine's timestamps are the workers' too.
 """
 import logging
-import multiprocessing
+import os
+import pickle
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection, Listener, wait
 
 from batching import FINISHED, BatchingManager, Inference, Overloaded, announce_finished, check_fits, make_policy
 from engine.config import Settings
 from engine.sampler import SamplingParams
+from telemetry.stats import ServerStats
 from telemetry.timeline import Timeline
 
 log = logging.getLogger("effective-batching")
 
-HEARTBEAT_S = 0.05  # the longest the worker's view of the engine's load is behind while it runs
+ROOT = os.path.dirname(os.path.abspath(__file__))
+HEARTBEAT_S = 0.05  # the longest a worker's view of the engine's load is behind while it runs
 ASK_TIMEOUT_S = 10.0
-IDLE_WAIT_S = 0.01  # the original's polling period; a new request wakes the engine at once anyway
+STOP_TIMEOUT_S = 30.0
+IDLE_WAIT_S = 0.01  # the original's polling period; a message wakes the engine at once anyway
 RESULT_FIELDS = ("state", "finish_reason", "error", "output_ids", "token_ids", "logprobs", "text", "scheduled_time",
                  "first_token_time", "token_times", "finish_time", "num_preemptions", "seed", "streamed_tokens")
 
@@ -43,7 +67,7 @@ class EngineStartFailed(RuntimeError):
 @dataclass
 class Submitted:
     """What the engine needs of a request's sequence."""
-    id: int
+    id: int  # the worker's Inference.id
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
@@ -52,36 +76,86 @@ class Submitted:
 
 
 class EngineProcess:
-    """The worker's handle on the engine process. Threads: HTTP threads call enqueue/abort (a lock orders their
-    writes to the pipe); one receiver thread applies the engine's updates and runs the on_finish callbacks."""
+    """The engine process as the process that started it sees it (gunicorn's master, or a lone worker): start it,
+    wait until its model is built, tell whether it still runs, stop it."""
 
     def __init__(self, settings: Settings):
-        context = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
-        self._conn, child_end = context.Pipe()
-        self._process = context.Process(target=_engine_main, args=(settings, child_end), name="engine", daemon=True)
-        self._process.start()
-        child_end.close()
+        self._directory = tempfile.mkdtemp(prefix="effective-batching-engine-")  # mode 0700
+        self.address = os.path.join(self._directory, "engine.sock")
+        self.authkey = secrets.token_bytes(32)
+        self.owner = os.getpid()  # a process forked from this one inherits the handle, not the engine
+        self.process = subprocess.Popen([sys.executable, "-m", "engine_process", self.address], cwd=ROOT,
+                                        stdin=subprocess.PIPE)
+        self.process.stdin.write(pickle.dumps((settings, self.authkey)))
+        self.process.stdin.close()
         try:
-            kind, answer = self._conn.recv()  # the model loads in the child meanwhile
-        except EOFError:
-            self._process.join(5)
-            raise RuntimeError(f"the engine process exited with code {self._process.exitcode} before it was ready "
+            self._control = self._connect()
+            kind, answer = self._control.recv()  # the model loads meanwhile
+        except (EOFError, OSError):
+            self.stop()
+            raise RuntimeError(f"the engine process exited with code {self.process.returncode} before it was ready "
                                "(the log above says why)") from None
         if kind == "failed":
-            self._process.join(5)
+            self.stop()
             raise EngineStartFailed(answer)
-        self.info = {**answer, "engine-pid": self._process.pid}
-        self.max_context, self.max_waiting = self.info["max-context"], settings.max_waiting
+        self.info = answer
+
+    def _connect(self) -> Connection:
+        while True:
+            try:
+                return Client(self.address, family="AF_UNIX", authkey=self.authkey)
+            except (FileNotFoundError, ConnectionRefusedError):  # not listening yet
+                if self.process.poll() is not None:
+                    raise EOFError from None
+                time.sleep(0.02)
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        """Stop the engine: it aborts what is in flight, sends each worker its results, and exits."""
+        try:
+            self._control.send(("stop",))
+        except (AttributeError, OSError):  # never connected, or already gone
+            pass
+        try:
+            self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("the engine process did not stop within %.0f s; killing it", STOP_TIMEOUT_S)
+            self.process.kill()
+            self.process.wait()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+    def forget(self) -> None:
+        """In a process forked from the one that started the engine: let go of the master's connection (the
+        engine stops when the master's end closes, which this copy would hold open)."""
+        self._control.close()
+
+
+class EngineClient:
+    """A worker's handle on the engine. Threads: HTTP threads call enqueue/abort (a lock orders their writes to
+    the connection); one receiver thread applies the engine's updates and runs the on_finish callbacks."""
+
+    def __init__(self, address: str, authkey: bytes, max_waiting: int):
+        self._conn = Client(address, family="AF_UNIX", authkey=authkey)
+        kind, self.info = self._conn.recv()
+        self.max_context, self.max_waiting = self.info["max-context"], max_waiting
         self.on_finish: list = []
         self.on_fatal: list = []
         self.fatal_error: str | None = None
         self._stopping = False
+        self._closed = False
         self.last_step_time = time.monotonic()
         self._lock = threading.Lock()
         self._in_flight: dict[int, Inference] = {}
         self._submitted = 0
         self._load = dict(running=0, waiting=0, received=0)
-        self.timeline = _RemoteTimeline(self)
+        self._asking = threading.Lock()  # one question at a time, so an answer is the asker's
+        self._answered = threading.Event()
+        self._answer = None
+        self.timeline = _Remote(self, "timeline")
+        self.stats = _Remote(self, "stats")
         self._receiver = threading.Thread(target=self._receive, name="engine-receiver", daemon=True)
 
     # ---- called from HTTP threads ----
@@ -108,12 +182,22 @@ class EngineProcess:
             load["waiting"] = self._waiting()
         return load
 
+    def ask(self, what: str, arg=None):
+        """The engine's answer to a question: its timeline, its /stats figures, or the token CSV's path."""
+        with self._asking:
+            self._answered.clear()
+            with self._lock:
+                self._send(("ask", what, arg))
+            if not self._answered.wait(ASK_TIMEOUT_S):
+                raise TimeoutError(f"the engine did not answer for its {what}")
+            return self._answer
+
     @property
     def alive(self) -> bool:
-        return self.fatal_error is None and self._process.is_alive()
+        return self.fatal_error is None and not self._closed
 
     def _waiting(self) -> int:
-        """The engine's queue as it last said, plus what it has not received yet (lock held)."""
+        """The engine's queue as it last said, plus what it has not received from this worker yet (lock held)."""
         return self._load["waiting"] + self._submitted - self._load["received"]
 
     def _send(self, message: tuple) -> None:
@@ -128,16 +212,13 @@ class EngineProcess:
         self._receiver.start()
 
     def stop(self) -> None:
-        """Stop the engine: it aborts what is in flight and sends those results before it exits."""
+        """Leave the engine: it aborts this worker's requests and sends their results before it lets go."""
         self._stopping = True
         with self._lock:
-            self._send(("stop",))
-        self._process.join(timeout=30)
-        if self._process.is_alive():
-            log.warning("the engine process did not stop within 30 s; terminating it")
-            self._process.terminate()
-        self._receiver.join(timeout=5)
-        self._fail_in_flight("abort", "the server is shutting down")  # what a terminated engine left
+            self._send(("bye",))
+        self._receiver.join(timeout=STOP_TIMEOUT_S)
+        self._conn.close()
+        self._fail_in_flight("abort", "the server is shutting down")  # what an engine that did not answer left
 
     # ---- the receiver thread ----
 
@@ -147,14 +228,17 @@ class EngineProcess:
                 message = self._conn.recv()
                 if message[0] == "dead":
                     raise RuntimeError(message[1])
-                if message[0] == "timeline":
-                    self.timeline.answered(message[1])
+                if message[0] == "answer":
+                    self._answer = message[1]
+                    self._answered.set()
                     continue
                 _, deltas, results, load = message
                 self._apply(deltas, results, load)
-        except EOFError:
+        except (EOFError, OSError):
+            self._closed = True
             self._die("the engine process exited")
         except Exception as e:
+            self._closed = True
             self._die(str(e))
 
     def _apply(self, deltas: list[tuple], results: list[dict], load: dict) -> None:
@@ -181,7 +265,7 @@ class EngineProcess:
         announce_finished(inf, self.on_finish)
 
     def _die(self, error: str) -> None:
-        if self._stopping or self.fatal_error is not None:  # stopped on purpose, or already failed
+        if self._stopping or self.fatal_error is not None:  # left on purpose, or already failed
             return
         self.fatal_error = f"engine process died: {error}"
         log.error("%s", self.fatal_error)
@@ -198,30 +282,32 @@ class EngineProcess:
             self._finished(inf)
 
 
-class _RemoteTimeline:
-    """The engine process's Timeline as the worker sees it: snapshot() asks for it over the pipe."""
+class _Remote:
+    """What the engine keeps for every worker (its Timeline, its ServerStats), as a worker reads it."""
 
-    def __init__(self, engine: EngineProcess):
-        self.engine = engine
-        self._asking = threading.Lock()  # one question at a time, so an answer is the asker's
-        self._answered = threading.Event()
-        self._answer: dict | None = None
+    def __init__(self, engine: EngineClient, what: str):
+        self.engine, self.what = engine, what
 
-    def snapshot(self, since: int = 0) -> dict:
-        with self._asking:
-            self._answered.clear()
-            with self.engine._lock:
-                self.engine._send(("timeline", since))
-            if not self._answered.wait(ASK_TIMEOUT_S):
-                raise TimeoutError("the engine did not answer for its timeline")
-            return self._answer
+    def snapshot(self, since=None) -> dict:
+        return self.engine.ask(self.what, since)
 
-    def answered(self, snapshot: dict) -> None:
-        self._answer = snapshot
-        self._answered.set()
+    def write_token_csv(self) -> str:
+        return self.engine.ask("csv")
 
 
 # ---- the engine process ----
+
+class _Worker:
+    """A connected HTTP worker, in the engine process: its requests (by the worker's ids) and what it is owed."""
+
+    def __init__(self, conn: Connection):
+        self.conn: Connection | None = conn  # None once the worker is gone
+        self.infs: dict[int, Inference] = {}
+        self.deltas: list[tuple] = []
+        self.results: list[dict] = []
+        self.received = 0
+        self.leaving = False
+
 
 class _Collector:
     """A sequence's stream sink in the engine process. Its text goes out with a step's update, with how many of its
@@ -231,8 +317,8 @@ class _Collector:
     worker with a hundred streams cannot keep up with while it also takes new requests; every 20 ms is smooth
     to a reader and ten times less work."""
 
-    def __init__(self, inf: Inference, loop: "_EngineLoop"):
-        self.inf, self.loop = inf, loop
+    def __init__(self, inf: Inference, worker_id: int, worker: _Worker, loop: "_EngineLoop"):
+        self.inf, self.worker_id, self.worker, self.loop = inf, worker_id, worker, loop
         self.text = ""  # not sent yet
         self.sent_logprobs = 0
         self.last_sent = float("-inf")
@@ -249,37 +335,60 @@ class _Collector:
         inf = self.inf
         logprobs = inf.logprobs[self.sent_logprobs:inf.streamed_tokens]
         self.sent_logprobs, self.last_sent = inf.streamed_tokens, now
-        delta, self.text = (inf.id, self.text, inf.streamed_tokens, logprobs), ""
+        delta, self.text = (self.worker_id, self.text, inf.streamed_tokens, logprobs), ""
         return delta
 
 
-def _engine_main(settings: Settings, conn) -> None:
-    from engine.build import build_runner  # torch and the model: in this process only
+def _engine_main(address: str) -> None:
+    """`python -m engine_process ADDRESS`, started by EngineProcess: settings and key come on stdin."""
+    settings, authkey = pickle.loads(sys.stdin.buffer.read())
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C and gunicorn's SIGTERM reach the whole process group: the master stops the engine after its workers
+    # have left, not the signal before them (and a master that dies closes its connection, which stops it too).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    listener = Listener(address, family="AF_UNIX", authkey=authkey)
+    control = listener.accept()  # the master's, first
+    from engine.build import build_runner  # torch and the model: in this process only
     try:
         runner, info = build_runner(settings)
-    except Exception as e:  # the worker says what failed, in one line
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
+    except Exception as e:  # the master says what failed, in one line
+        control.send(("failed", f"{type(e).__name__}: {e}"))
         return
     manager = BatchingManager(runner, make_policy(settings.policy, settings.max_batch), settings.max_step_tokens,
-                              max_waiting=1 << 62)  # the worker refuses what does not fit, before sending
+                              max_waiting=1 << 62)  # the workers refuse what does not fit, before sending
     manager.attach_timeline(Timeline())
+    stats = ServerStats(settings.policy, settings.data_dir)
+    manager.on_finish.append(stats.record)
     bm = runner.block_manager
-    conn.send(("ready", {**info, "block-size": bm.block_size, "kv-blocks-total": bm.num_blocks}))
-    _EngineLoop(manager, conn, settings.stream_interval_ms / 1000).run()
+    info = {**info, "block-size": bm.block_size, "kv-blocks-total": bm.num_blocks, "engine-pid": os.getpid()}
+    control.send(("ready", info))
+    _EngineLoop(manager, stats, listener, control, info, settings.stream_interval_ms / 1000).run()
 
 
 class _EngineLoop:
 
-    def __init__(self, manager: BatchingManager, conn, stream_interval_s: float):
-        self.manager, self.conn, self.stream_interval_s = manager, conn, stream_interval_s
-        self.infs: dict[int, Inference] = {}
+    def __init__(self, manager: BatchingManager, stats: ServerStats, listener: Listener, control: Connection,
+                 info: dict, stream_interval_s: float):
+        self.manager, self.stats, self.listener, self.control = manager, stats, listener, control
+        self.info, self.stream_interval_s = info, stream_interval_s
+        self.workers: list[_Worker] = []
+        self.owners: dict[int, tuple[_Worker, int]] = {}  # engine Inference.id -> (its worker, the worker's id)
         self.pending: dict[int, _Collector] = {}  # streams with text not sent yet
-        self.deltas: list[tuple] = []
-        self.results: list[dict] = []
-        self.received = 0
+        self.connected: queue.SimpleQueue[Connection] = queue.SimpleQueue()
         self.last_update = 0.0
         manager.on_finish.append(self._finished)
+        threading.Thread(target=self._accept, name="accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        """Take workers' connections (the key is checked here), for the loop to greet at its next turn."""
+        while True:
+            try:
+                self.connected.put(self.listener.accept())
+            except OSError:  # the listener closed: the engine is stopping
+                return
+            except Exception as e:  # a client without the key
+                log.warning("refused a connection to the engine: %s", e)
 
     def run(self) -> None:
         try:
@@ -287,37 +396,64 @@ class _EngineLoop:
                 busy = self.manager.step()
                 self._update()
                 if not busy:
-                    self.conn.poll(IDLE_WAIT_S)  # returns as soon as a message arrives
-        except EOFError:  # the worker is gone
-            return
-        except BaseException as e:  # a bug in the engine itself: say so, and let the worker decide
+                    wait([w.conn for w in self.workers if w.conn] + [self.control], IDLE_WAIT_S)
+        except BaseException as e:  # a bug in the engine itself: say so to every worker, which fails its requests
             log.exception("the engine died")
-            self.conn.send(("dead", f"{e!r}"))
-            raise SystemExit(1)
-        self.manager.stop()  # asked to stop: abort what is in flight, and say so
+            for worker in self.workers:
+                self._send(worker, ("dead", f"{e!r}"))
+            raise SystemExit(1) from e
+        self.listener.close()
+        self.manager.stop()  # abort what is in flight, and say so
         self._update()
 
     def _read_messages(self) -> bool:
-        """Apply what the worker sent; False once it asks to stop."""
-        while self.conn.poll(0):
-            kind, *args = self.conn.recv()
-            if kind == "stop":
+        """Greet new workers, apply what the workers sent; False once the master says stop (or is gone)."""
+        while not self.connected.empty():
+            worker = _Worker(self.connected.get())
+            self.workers.append(worker)
+            self._send(worker, ("ready", self.info))
+        try:
+            if self.control.poll(0) and self.control.recv()[0] == "stop":
                 return False
-            if kind == "submit":
-                self._submit(args[0])
-            elif kind == "timeline":
-                self.conn.send(("timeline", self.manager.timeline.snapshot(args[0])))
-            elif kind == "abort" and args[0] in self.infs:
-                self.manager.abort(self.infs[args[0]])
+        except (EOFError, OSError):
+            return False
+        for worker in self.workers:
+            try:
+                while worker.conn and worker.conn.poll(0):
+                    self._handle(worker, *worker.conn.recv())
+            except (EOFError, OSError):  # the worker is gone without a word
+                worker.conn.close()
+                worker.conn = None
+                self._leave(worker)
         return True
 
-    def _submit(self, s: Submitted) -> None:
+    def _handle(self, worker: _Worker, kind: str, *args) -> None:
+        if kind == "submit":
+            self._submit(worker, args[0])
+        elif kind == "abort" and args[0] in worker.infs:
+            self.manager.abort(worker.infs[args[0]])
+        elif kind == "ask":
+            what, arg = args
+            answer = (self.manager.timeline.snapshot(arg) if what == "timeline" else
+                      self.stats.snapshot(arg) if what == "stats" else self.stats.write_token_csv())
+            self._send(worker, ("answer", answer))
+        elif kind == "bye":
+            self._leave(worker)
+
+    def _leave(self, worker: _Worker) -> None:
+        """The worker is going (or gone): abort its requests; it is let go once their results are sent."""
+        worker.leaving = True
+        for inf in worker.infs.values():
+            self.manager.abort(inf)
+
+    def _submit(self, worker: _Worker, s: Submitted) -> None:
         inf = Inference("", s.prompt_ids, s.params, s.request_id)
-        inf.id, inf.arrival_time = s.id, s.arrival_time
+        inf.arrival_time = s.arrival_time
         if s.stream:
-            inf.stream = _Collector(inf, self)
-        self.received += 1
-        self.infs[inf.id] = inf
+            inf.stream = _Collector(inf, s.id, worker, self)
+        worker.received += 1
+        worker.infs[s.id] = inf
+        self.owners[inf.id] = (worker, s.id)
         try:
             self.manager.enqueue(inf)
         except ValueError as e:  # the worker checks first; a limit that differs here fails this request only
@@ -325,19 +461,40 @@ class _EngineLoop:
             self._finished(inf)
 
     def _finished(self, inf: Inference) -> None:
-        self.infs.pop(inf.id, None)
-        self.results.append({"id": inf.id, **{name: getattr(inf, name) for name in RESULT_FIELDS}})
+        worker, worker_id = self.owners.pop(inf.id)
+        worker.infs.pop(worker_id, None)
+        worker.results.append({"id": worker_id, **{name: getattr(inf, name) for name in RESULT_FIELDS}})
 
     def _update(self) -> None:
         now = time.monotonic()
         for inf_id, collector in list(self.pending.items()):
             if collector.due(now):
-                self.deltas.append(collector.take(now))
+                collector.worker.deltas.append(collector.take(now))
                 del self.pending[inf_id]
-        if not (self.deltas or self.results or now - self.last_update > HEARTBEAT_S):
+        heartbeat = now - self.last_update > HEARTBEAT_S
+        if not heartbeat and not any(w.deltas or w.results or w.leaving for w in self.workers):
             return
-        load = {**self.manager.load(), "received": self.received}
-        self.conn.send(("update", self.deltas, self.results, load))
-        self.deltas.clear()
-        self.results.clear()
+        load = self.manager.load()
+        for worker in self.workers:
+            if worker.deltas or worker.results or heartbeat:
+                self._send(worker, ("update", worker.deltas, worker.results, {**load, "received": worker.received}))
+                worker.deltas, worker.results = [], []
+        for worker in [w for w in self.workers if w.leaving and not w.infs]:
+            if worker.conn:
+                worker.conn.close()
+            self.workers.remove(worker)
         self.last_update = now
+
+    def _send(self, worker: _Worker, message: tuple) -> None:
+        if worker.conn is None:
+            return
+        try:
+            worker.conn.send(message)
+        except OSError:  # the worker is gone
+            worker.conn = None
+            self._leave(worker)
+
+
+if __name__ == "__main__":
+    import engine_process  # the module's own classes, not copies under __main__, for what arrives pickled
+    engine_process._engine_main(sys.argv[1])

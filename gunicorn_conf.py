@@ -1,5 +1,5 @@
-"""gunicorn settings for ./server.sh. One worker owns the model; its engine runs in a child process of the worker
-(engine_process.py).
+"""gunicorn settings for ./server.sh. One process owns the model: the engine (engine_process.py), which the master
+starts before it forks the workers; every worker takes HTTP requests and feeds them to it.
 
 A gthread worker holds one thread per open request for the request's whole life, so THREADS bounds how many
 requests can be in flight (the original's 8 capped its "dynamic" batch at 8). A thread blocked on a client
@@ -9,7 +9,7 @@ dropped: the listening sockets carry the kernel's receive and send timeouts, whi
 A client that trickles a byte at a time within that timeout still holds its thread: THREADS bounds those.
 
 Metrics with several workers: each worker writes its Prometheus metrics to files in PROMETHEUS_MULTIPROC_DIR
-(prometheus-client's multiprocess mode) and /metrics adds them up. The directory must be set before a worker
+(prometheus-client's multiprocess mode) and /metrics adds them up. The directory must be set before anything
 imports prometheus_client, so it is set here, in the master, once the server listens, and emptied then:
 numbers left by an earlier server would otherwise count again.
 """
@@ -23,6 +23,7 @@ import struct
 import sys
 import tempfile
 
+from gunicorn.errors import HaltServer
 from gunicorn.workers.gthread import ThreadWorker
 
 HOST, PORT = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8500"))
@@ -54,7 +55,9 @@ def nothing_unread(sock: socket.socket) -> bool:
 
 
 bind = f"{HOST}:{PORT}"
-workers = int(os.environ.get("WORKERS", "1"))  # each worker loads its own copy of the model
+# Workers share the one engine; each takes about a millisecond of Python per request, so a burst of requests
+# reaches the engine sooner when several take them. Half the cores go to the engine process and the rest.
+workers = int(os.environ.get("WORKERS") or min(4, max(1, (os.cpu_count() or 1) // 4)))
 worker_class = PromptlyClosingThreadWorker
 threads = int(os.environ.get("THREADS", "512"))
 worker_connections = threads + 64
@@ -82,12 +85,20 @@ def on_starting(server):
 
 
 def when_ready(server):
-    """Listening: only now make the metrics directory, so that a server that never starts leaves none behind."""
+    """Listening: make the metrics directory (only now, so that a server that never listens leaves none behind;
+    and before anything imports prometheus_client), then start the engine that the workers forked next feed."""
     if OWN_METRICS_DIR:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="effective-batching-metrics-")
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     for f in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(f)
+    from api.server import StartupFailed, start_engine_process
+    try:
+        start_engine_process()
+    except StartupFailed as e:
+        server.log.error("%s", e)
+        on_exit(server)
+        sys.exit(3)  # what gunicorn's own "worker failed to boot" exits with
     timeout = struct.pack("ll", int(CLIENT_TIMEOUT_S), int(CLIENT_TIMEOUT_S % 1 * 1e6))  # struct timeval
     for listener in server.LISTENERS:
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
@@ -106,6 +117,15 @@ class OneLineForDroppedConnections(logging.Filter):
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
+
+
+def pre_fork(server, worker):
+    """The engine a new worker will feed runs: a fresh one if the last died (which is why its workers exit)."""
+    from api.server import StartupFailed, engine_process_running
+    try:
+        engine_process_running()
+    except StartupFailed as e:
+        raise HaltServer(str(e), 3) from e
 
 
 def post_worker_init(worker):
@@ -129,5 +149,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
+    from api.server import stop_engine_process
+    stop_engine_process()  # after the workers: they have left it, their requests answered or aborted
     if OWN_METRICS_DIR and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

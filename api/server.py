@@ -1,11 +1,14 @@
-"""The serving state of one gunicorn worker: settings, the engine (a process of its own, engine_process.py),
-/stats, /metrics and /timeline bookkeeping.
+"""The serving state of a gunicorn worker: settings, its handle on the engine (a process of its own, shared by
+every worker: engine_process.py), /stats, /metrics and /timeline bookkeeping.
 
-`start_engine` runs once per worker (`gunicorn_conf.post_worker_init`), never in the master process: CUDA and
-threads do not survive a fork. The routes read the state through `running()`.
+gunicorn's master starts the engine process (`start_engine_process`, from gunicorn_conf.when_ready) before it
+forks the workers, and starts a new one before it forks a worker if the engine died (`engine_process_running`,
+from pre_fork). Each worker connects to it (`start_engine`, from post_worker_init); a worker never touches CUDA,
+nor does the master: CUDA and threads do not survive a fork. The routes read the worker's state through
+`running()`.
 
-A worker whose engine died cannot serve again (its model and device state are suspect), so it exits a moment
-later and gunicorn starts a fresh one; meanwhile /health answers 503 with the reason.
+A worker whose engine died cannot serve again, so it exits a moment later and gunicorn starts a fresh one, which
+finds a fresh engine; meanwhile /health answers 503 with the reason.
 """
 import logging
 import os
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from api.errors import ApiError
 from batching import BatchingManager, make_policy
 from engine.config import Settings
-from engine_process import EngineProcess, EngineStartFailed
+from engine_process import EngineClient, EngineProcess, EngineStartFailed
 from telemetry.prometheus import EngineMetrics
 from telemetry.stats import ServerStats
 from telemetry.timeline import Timeline
@@ -36,7 +39,7 @@ class StartupFailed(RuntimeError):
 @dataclass
 class Server:
     settings: Settings
-    manager: BatchingManager | EngineProcess
+    manager: BatchingManager | EngineClient
     stats: ServerStats
     metrics: EngineMetrics
     timeline: Timeline
@@ -57,9 +60,39 @@ def running() -> Server:
     return current
 
 
+engine_process: EngineProcess | None = None  # the engine this process started; a forked worker inherits it
+
+
+def start_engine_process(settings: Settings | None = None) -> EngineProcess:
+    """Start the engine process (it loads the model) and wait until it is ready: in gunicorn's master, before the
+    workers are forked, or in a worker that no master gave one."""
+    global engine_process
+    s = settings or Settings.from_env()
+    try:
+        make_policy(s.policy, s.max_batch)  # an unknown policy fails here, before a model loads
+        engine_process = EngineProcess(s)
+    except Exception as e:
+        raise StartupFailed(startup_failure(s, e)) from e
+    return engine_process
+
+
+def engine_process_running() -> None:
+    """Start a new engine process if the last one died (the workers that fed it exit, and gunicorn forks new
+    ones after this)."""
+    if engine_process is not None and not engine_process.alive:
+        log.error("the engine process exited with code %s; starting a new one", engine_process.process.returncode)
+        engine_process.stop()
+        start_engine_process()
+
+
+def stop_engine_process() -> None:
+    if engine_process is not None and engine_process.owner == os.getpid():
+        engine_process.stop()
+
+
 def start_engine(settings: Settings | None = None) -> Server:
-    """Start the engine process (it loads the model) and the thread that takes its results; in a gunicorn worker,
-    which exits if the engine dies."""
+    """Connect this worker to the engine process (started here if no master did) and start the thread that takes
+    its results; the worker exits if the engine dies."""
     if current is not None:
         return current
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -67,9 +100,11 @@ def start_engine(settings: Settings | None = None) -> Server:
     # those runnable it would wait up to the default 5 ms switch interval for the GIL, longer than a whole step.
     sys.setswitchinterval(GIL_SWITCH_S)
     s = settings or Settings.from_env()
+    process = engine_process or start_engine_process(s)
+    if process.owner != os.getpid():
+        process.forget()  # the master's connection: the engine must see it close when the master goes
     try:
-        make_policy(s.policy, s.max_batch)  # an unknown policy fails here, before a model loads
-        engine = EngineProcess(s)
+        engine = EngineClient(process.address, process.authkey, s.max_waiting)
     except Exception as e:
         raise StartupFailed(startup_failure(s, e)) from e
     engine.on_fatal.append(exit_worker_soon)
@@ -96,15 +131,19 @@ def exit_worker_soon(reason: str) -> None:
     threading.Timer(EXIT_GRACE_S, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
 
-def serve(settings: Settings, manager: BatchingManager | EngineProcess, info: dict) -> Server:
+def serve(settings: Settings, manager: BatchingManager | EngineClient, info: dict) -> Server:
     """Attach statistics, metrics and the timeline to an engine (a BatchingManager in this process, or the engine
-    process), start it and route requests to it."""
+    process, which keeps its own statistics and timeline for every worker), start it and route requests to it."""
     global current
-    stats = ServerStats(settings.policy, settings.data_dir)
     metrics = EngineMetrics(settings.served_model_name or settings.model, settings.policy)
-    manager.on_finish += [stats.record, metrics.record]
-    if manager.timeline is None:  # the engine process records its own
-        manager.attach_timeline(Timeline())
+    manager.on_finish.append(metrics.record)
+    if isinstance(manager, BatchingManager):
+        stats = ServerStats(settings.policy, settings.data_dir)
+        manager.on_finish.append(stats.record)
+        if manager.timeline is None:
+            manager.attach_timeline(Timeline())
+    else:
+        stats = manager.stats
     timeline = manager.timeline
     manager.start()
     metrics.start_publisher(manager)
@@ -113,5 +152,8 @@ def serve(settings: Settings, manager: BatchingManager | EngineProcess, info: di
 
 
 def stop_engine() -> None:
+    """This worker leaves the engine (its requests still in flight are aborted); a worker that started the
+    engine process itself stops it too."""
     if current is not None:
         current.manager.stop()
+    stop_engine_process()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU tests and the benchmark suite on one GPU, in one go (about 10 minutes): gpt2-medium, bf16, random weights.
+# The GPU tests and the benchmark suite on one GPU, in one go (about 12 minutes): gpt2-medium, bf16, random weights.
 #   OUT=/some/dir bench/run_gpu.sh          (default OUT: bench/results/gpu; BUDGET_S: total seconds, 600;
 #                                            STEPS: which steps, default pytest and all six sub-commands)
 # decode and throughput run in-process (torch + transformers; our engine's requests also need tiktoken), then
@@ -50,7 +50,7 @@ step throughput 330 --repeats 3 --peers hf_cb
 step interference 60
 step timeline-overhead 60
 if "$PY" -c "import flask, gunicorn, aiohttp, tiktoken" 2>/dev/null; then
-  step http 150 --policies dynamic,static,nobatch  # dynamic first: the one the targets are about
+  step http 250 --policies dynamic,static,nobatch  # dynamic first: the one the targets are about
   step poisson 200 --policies dynamic --requests 200 --qps 16,64,128,256 --slo-tpot 0.025
 else
   log "http, poisson: skipped (flask, gunicorn, aiohttp or tiktoken missing)"

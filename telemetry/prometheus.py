@@ -1,14 +1,14 @@
 """Prometheus metrics for GET /metrics, named as vLLM names them (`vllm:` prefix, `model_name` label), so vLLM's
 Grafana dashboards and alerts work unchanged; our extra `policy` label says which batching policy served.
 
-Requests are accounted when they finish (an `on_finish` callback on the engine thread): tokens, success by
-finish reason (stop, length, abort, error), and the latency and length histograms of completed (stop or
-length) requests. Gauges (running, waiting, KV-cache usage) and the preemption counter are sampled from the
-engine's load once a second, and again when this worker serves a scrape.
+Requests are accounted when they finish (an `on_finish` callback: the thread that hands a worker its results):
+tokens, preemptions, success by finish reason (stop, length, abort, error), and the latency and length
+histograms of completed (stop or length) requests. Gauges (running, waiting, KV-cache usage) are sampled from
+the engine's load once a second, and again when this worker serves a scrape.
 
 Several gunicorn workers: prometheus-client's multiprocess mode (gunicorn_conf.py sets PROMETHEUS_MULTIPROC_DIR
-before the workers start). Counters and histograms add up over workers; running and waiting add up over live
-workers (livesum); KV-cache usage is the fullest live worker's (livemax), the one that preempts first.
+before the workers start). Counters and histograms add up over workers (each accounts its own requests); the
+gauges are the one engine's, which every live worker publishes, so they are shown once (livemax).
 """
 import bisect
 import collections
@@ -31,9 +31,9 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                80.0]
 TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
 
-RUNNING = Gauge("vllm:num_requests_running", "Requests in the running batch", LABELS, multiprocess_mode="livesum")
+RUNNING = Gauge("vllm:num_requests_running", "Requests in the running batch", LABELS, multiprocess_mode="livemax")
 WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting to run (new or preempted)", LABELS,
-                multiprocess_mode="livesum")
+                multiprocess_mode="livemax")
 KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 0-1 (1 = every block in use)", LABELS,
                  multiprocess_mode="livemax")
 PREEMPTIONS = Counter("vllm:num_preemptions", "Sequences preempted (blocks freed, recomputed later)", LABELS)
@@ -64,11 +64,11 @@ class EngineMetrics:
         self.ttft, self.itl, self.e2e, self.queue = (h.labels(**labels) for h in (TTFT, ITL, E2E, QUEUE))
         self.prompt_len, self.generation_len = PROMPT_LEN.labels(**labels), GENERATION_LEN.labels(**labels)
         self._lock = threading.Lock()
-        self._preemptions_seen = 0
 
     def record(self, inf) -> None:
-        """Account one finished Inference (an on_finish callback: engine thread)."""
+        """Account one finished Inference (an on_finish callback)."""
         self.success[inf.finish_reason].inc()
+        self.preemptions.inc(inf.num_preemptions)  # counted when the request ends, by the worker that served it
         if inf.first_token_time is not None:
             self.prompt_tokens.inc(len(inf.prompt_ids))
         self.generation_tokens.inc(len(inf.token_times))
@@ -82,13 +82,11 @@ class EngineMetrics:
         self.generation_len.observe(len(inf.token_times))
 
     def publish_load(self, load: dict) -> None:
-        """Set the gauges from `BatchingManager.load()`; count preemptions since the last call."""
+        """Set the gauges from `BatchingManager.load()`."""
         with self._lock:
             self.running.set(load["running"])
             self.waiting.set(load["waiting"])
             self.kv_usage.set(load["kv-cache-usage"])
-            self.preemptions.inc(load["preemptions"] - self._preemptions_seen)
-            self._preemptions_seen = load["preemptions"]
 
     def start_publisher(self, manager, period_s: float = 1.0) -> None:
         """Publish the engine's load every period_s seconds for as long as its thread runs."""

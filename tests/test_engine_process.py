@@ -1,23 +1,82 @@
-"""The engine in its own process, driven through the worker's handle as the HTTP threads drive it."""
+"""The engine in its own process, driven through workers' handles as their HTTP threads drive it."""
+import contextlib
+import multiprocessing
+
+import pytest
+
 from conftest import request, wait_until
 from engine.config import Settings
-from engine_process import EngineProcess
+from engine_process import EngineClient, EngineProcess
 
 
-def test_stopping_the_engine_process_aborts_what_is_in_flight_without_calling_it_a_death(tiny_model_dir):
-    engine = EngineProcess(Settings(model=tiny_model_dir, weights="pretrained", device="cpu", kv_blocks=64,
-                                    block_size=4))
-    deaths, finished = [], []
-    engine.on_fatal.append(deaths.append)
-    engine.on_finish.append(finished.append)
-    engine.start()
-    done = engine.enqueue(request([1, 2, 3], 3))
-    assert done.event.wait(60) and done.finish_reason == "length" and len(done.output_ids) == 3
-    running = engine.enqueue(request([1, 2, 3], 200))
-    wait_until(lambda: engine.load()["running"] == 1)
-    engine.stop()
-    assert running.event.is_set() and running.finish_reason == "abort"
-    assert finished == [done, running] and deaths == [] and engine.fatal_error is None
+@contextlib.contextmanager
+def engine(tiny_model_dir: str, **settings):
+    """An engine process and a function that connects a worker's handle to it (stopped, and stopped, after)."""
+    settings = dict(model=tiny_model_dir, weights="pretrained", device="cpu", kv_blocks=256, block_size=4) | settings
+    process = EngineProcess(Settings(**settings))
+    clients = []
+
+    def connect() -> EngineClient:
+        client = EngineClient(process.address, process.authkey, max_waiting=1024)
+        client.start()
+        clients.append(client)
+        return client
+
+    try:
+        yield process, connect
+    finally:
+        for client in clients:
+            client.stop()
+        process.stop()
+
+
+def test_two_workers_share_one_engine_and_each_gets_only_its_own_results(tiny_model_dir):
+    with engine(tiny_model_dir) as (process, connect):
+        first, second = connect(), connect()
+        assert first.info["engine-pid"] == second.info["engine-pid"] == process.process.pid
+        mine, theirs = request([1, 2, 3], 5), request([4, 5], 7)
+        finished = []
+        first.on_finish.append(finished.append)
+        first.enqueue(mine)
+        second.enqueue(theirs)
+        assert mine.event.wait(60) and theirs.event.wait(60)
+        assert (len(mine.output_ids), len(theirs.output_ids)) == (5, 7) and finished == [mine]
+        assert first.ask("stats")["requests-finished"] == 2  # the engine counts every worker's
+
+
+def test_a_worker_that_leaves_has_its_requests_aborted_and_the_others_go_on(tiny_model_dir):
+    with engine(tiny_model_dir) as (process, connect):
+        leaving, staying = connect(), connect()
+        deaths = []
+        leaving.on_fatal.append(deaths.append)
+        abandoned, kept = request([1, 2, 3], 200), request([1, 2, 3], 30)
+        leaving.enqueue(abandoned)
+        staying.enqueue(kept)
+        wait_until(lambda: staying.load()["running"] == 2)
+        leaving.stop()
+        assert abandoned.event.is_set() and abandoned.finish_reason == "abort" and deaths == []
+        assert kept.event.wait(60) and kept.finish_reason == "length" and len(kept.output_ids) == 30
+        wait_until(lambda: staying.load()["running"] == 0)
+
+
+def test_stopping_the_engine_aborts_what_is_in_flight_and_says_so(tiny_model_dir):
+    with engine(tiny_model_dir) as (process, connect):
+        client = connect()
+        deaths = []
+        client.on_fatal.append(deaths.append)
+        running = client.enqueue(request([1, 2, 3], 1000))
+        wait_until(lambda: client.load()["running"] == 1)
+        process.stop()
+        assert running.event.wait(10) and running.finish_reason == "abort"
+        wait_until(lambda: not client.alive)  # and then the worker knows its engine is gone
+        assert deaths and "engine process died" in deaths[0]
+
+
+def test_a_connection_without_the_key_is_refused(tiny_model_dir):
+    with engine(tiny_model_dir) as (process, connect):
+        with pytest.raises(multiprocessing.AuthenticationError):
+            EngineClient(process.address, b"not the key", max_waiting=1024)
+        assert connect().enqueue(request([1], 2)).event.wait(60)  # the engine still serves
 
 
 class Recorded:
@@ -32,16 +91,11 @@ class Recorded:
 
 
 def streamed(tiny_model_dir, stream_interval_ms: float, tokens: int = 24):
-    engine = EngineProcess(Settings(model=tiny_model_dir, weights="pretrained", device="cpu", kv_blocks=64,
-                                    block_size=4, stream_interval_ms=stream_interval_ms))
-    engine.start()
-    try:
+    with engine(tiny_model_dir, stream_interval_ms=stream_interval_ms) as (process, connect):
         inf = request([1, 2, 3], tokens, logprobs=1)
         inf.stream = Recorded(inf)
-        engine.enqueue(inf)
+        connect().enqueue(inf)
         assert inf.event.wait(60) and inf.finish_reason == "length"
-    finally:
-        engine.stop()
     return inf, inf.stream.deltas
 
 

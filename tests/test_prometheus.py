@@ -95,7 +95,7 @@ def test_histograms_time_each_request_from_its_arrival():
     metrics = EngineMetrics("known-timestamps", "dynamic")
     metrics.record(SimpleNamespace(arrival_time=10.0, scheduled_time=10.5, first_token_time=12.0,
                                    token_times=[12.0, 12.5, 13.5], finish_time=13.5, prompt_ids=[1, 2, 3],
-                                   finish_reason="length"))
+                                   num_preemptions=0, finish_reason="length"))
     labels = {"model_name": "known-timestamps", "policy": "dynamic"}
 
     def sample(name: str) -> float:
@@ -116,12 +116,13 @@ def stale_counter(directory: str) -> None:
         env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": directory}, check=True)
 
 
-def test_two_workers_add_up_and_a_dead_workers_gauges_vanish(tiny_model_dir, tmp_path):
+def test_two_workers_feed_one_engine_add_up_and_a_dead_workers_gauges_vanish(tiny_model_dir, tmp_path):
     directory = str(tmp_path)
     stale_counter(directory)
     with running_server("dynamic", tiny_model_dir, SERVED_MODEL_NAME=MODEL, WORKERS=2,
                         PROMETHEUS_MULTIPROC_DIR=directory) as url:
         wait_until(lambda: len({requests.get(url + "/health").json()["pid"] for _ in range(10)}) == 2)
+        assert len({requests.get(url + "/health").json()["engine-pid"] for _ in range(10)}) == 1
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(lambda i: requests.post(url + "/inference", json={"prompt": "hi", "num_tokens": 3})
                                   .status_code, range(16)))
@@ -130,11 +131,12 @@ def test_two_workers_add_up_and_a_dead_workers_gauges_vanish(tiny_model_dir, tmp
             m = scrape(url)
             assert value(m, "vllm:request_success_total", finished_reason="length") == 16
             assert value(m, "vllm:generation_tokens_total") == 48
+            assert requests.get(url + "/stats").json()["requests-finished"] == 16  # the engine's: every worker's
 
         victim = requests.get(url + "/health").json()["pid"]
-        assert os.path.exists(os.path.join(directory, f"gauge_livesum_{victim}.db"))
+        assert os.path.exists(os.path.join(directory, f"gauge_livemax_{victim}.db"))
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: not os.path.exists(os.path.join(directory, f"gauge_livesum_{victim}.db")))
+        wait_until(lambda: not os.path.exists(os.path.join(directory, f"gauge_livemax_{victim}.db")))
         wait_until(lambda: requests.get(url + "/health").status_code == 200)
         assert value(scrape(url), "vllm:request_success_total", finished_reason="length") == 16  # counters stay
 
