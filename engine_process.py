@@ -20,7 +20,7 @@ Connections: multiprocessing.connection over a Unix socket in a directory only t
 random key that the master hands to the workers it forks (and to the engine on its stdin). Messages, pickled:
   master -> engine   its connection comes first: ("ready", info) | ("failed", error) once the model is built;
                      later ("stop",), or the connection's end, stops the engine
-  worker <-> engine  engine: ("ready", info) on connecting, ("update", deltas, results, load) after steps that
+  worker <-> engine  engine: ("ready", info, load) on connecting, ("update", deltas, results, load) after steps that
                      produced something for this worker (and at least every HEARTBEAT_S), ("answer", x),
                      ("dead", error) if it cannot go on;
                      worker: ("submit", Submitted) | ("abort", id) | ("ask", "timeline" | "stats" | "csv", arg) |
@@ -139,7 +139,7 @@ class EngineClient:
 
     def __init__(self, address: str, authkey: bytes, max_waiting: int):
         self._conn = Client(address, family="AF_UNIX", authkey=authkey)
-        kind, self.info = self._conn.recv()
+        kind, self.info, self._load = self._conn.recv()
         self.max_context, self.max_waiting = self.info["max-context"], max_waiting
         self.on_finish: list = []
         self.on_fatal: list = []
@@ -150,7 +150,6 @@ class EngineClient:
         self._lock = threading.Lock()
         self._in_flight: dict[int, Inference] = {}
         self._submitted = 0
-        self._load = dict(running=0, waiting=0, received=0)
         self._asking = threading.Lock()  # one question at a time, so an answer is the asker's
         self._answered = threading.Event()
         self._answer = None
@@ -411,7 +410,7 @@ class _EngineLoop:
         while not self.connected.empty():
             worker = _Worker(self.connected.get())
             self.workers.append(worker)
-            self._send(worker, ("ready", self.info))
+            self._send(worker, ("ready", self.info, {**self.manager.load(), "received": 0}))
         try:
             if self.control.poll(0) and self.control.recv()[0] == "stop":
                 return False

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from api.errors import ApiError
 from batching import BatchingManager, make_policy
 from engine.config import Settings
+from engine.tokenizer import get_tokenizer
 from engine_process import EngineClient, EngineProcess, EngineStartFailed
 from telemetry.prometheus import EngineMetrics
 from telemetry.stats import ServerStats
@@ -108,6 +109,7 @@ def start_engine(settings: Settings | None = None) -> Server:
     except Exception as e:
         raise StartupFailed(startup_failure(s, e)) from e
     engine.on_fatal.append(exit_worker_soon)
+    get_tokenizer()  # a second or two: before this worker takes requests, not during its first burst
     serve(s, engine, {k: v for k, v in engine.info.items() if k not in ("block-size", "kv-blocks-total")})
     log.info("serving %s with policy %s", s.model, s.policy)
     return current

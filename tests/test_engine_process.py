@@ -34,6 +34,7 @@ def test_two_workers_share_one_engine_and_each_gets_only_its_own_results(tiny_mo
     with engine(tiny_model_dir) as (process, connect):
         first, second = connect(), connect()
         assert first.info["engine-pid"] == second.info["engine-pid"] == process.process.pid
+        assert {"running", "waiting", "kv-cache-usage", "preemptions"} <= set(first.load())  # before any update
         mine, theirs = request([1, 2, 3], 5), request([4, 5], 7)
         finished = []
         first.on_finish.append(finished.append)
