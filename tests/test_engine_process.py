@@ -50,13 +50,13 @@ def test_a_worker_that_leaves_has_its_requests_aborted_and_the_others_go_on(tiny
         leaving, staying = connect(), connect()
         deaths = []
         leaving.on_fatal.append(deaths.append)
-        abandoned, kept = request([1, 2, 3], 200), request([1, 2, 3], 30)
+        abandoned, kept = request([1, 2, 3], 600), request([1, 2, 3], 300)
         leaving.enqueue(abandoned)
         staying.enqueue(kept)
         wait_until(lambda: staying.load()["running"] == 2)
         leaving.stop()
         assert abandoned.event.is_set() and abandoned.finish_reason == "abort" and deaths == []
-        assert kept.event.wait(60) and kept.finish_reason == "length" and len(kept.output_ids) == 30
+        assert kept.event.wait(60) and kept.finish_reason == "length" and len(kept.output_ids) == 300
         wait_until(lambda: staying.load()["running"] == 0)
 
 
