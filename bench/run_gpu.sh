@@ -50,7 +50,7 @@ step throughput 330 --repeats 3 --peers hf_cb
 step interference 60
 step timeline-overhead 60
 if "$PY" -c "import flask, gunicorn, aiohttp, tiktoken" 2>/dev/null; then
-  step http 250 --policies dynamic,static,nobatch  # dynamic first: the one the targets are about
+  step http 250 --policies dynamic,static,nobatch --repeats 3  # dynamic first: the one the targets are about
   step poisson 200 --policies dynamic --requests 200 --qps 16,64,128,256 --slo-tpot 0.025
 else
   log "http, poisson: skipped (flask, gunicorn, aiohttp or tiktoken missing)"
