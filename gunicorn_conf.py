@@ -1,8 +1,8 @@
 """gunicorn settings for ./server.sh. One process owns the model: the engine (engine_process.py), which the master
 starts before it forks the workers; every worker takes HTTP requests and feeds them to it.
 
-A gthread worker holds one thread per open request for the request's whole life, so THREADS bounds how many
-requests can be in flight (the original's 8 capped its "dynamic" batch at 8). A thread blocked on a client
+A gthread worker holds one thread per open request for the request's whole life, so THREADS (per worker) bounds
+how many requests can be in flight (the original's 8 capped its "dynamic" batch at 8). A thread blocked on a client
 that stopped sending its request (or stopped reading its stream) is one fewer for everyone else, so every read
 and write on a client's connection gives up after CLIENT_TIMEOUT_S without progress and the connection is
 dropped: the listening sockets carry the kernel's receive and send timeouts, which accepted sockets inherit.
