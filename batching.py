@@ -33,6 +33,8 @@ WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
 class StreamSink(Protocol):
+    def due(self) -> bool: ...  # take the text now? (a sink may send at most every so often: it then says no)
+
     def put(self, item: str | None) -> None: ...
 
 
@@ -72,7 +74,7 @@ class Inference:
         self._token_starts: list[int] = []  # where each output token's text starts in `text`
         self._streamed = 0  # characters of `text` handed to the stream so far
         self.streamed_tokens = 0  # output tokens whose text is in the stream so far
-        self.stream: StreamSink | None = None  # set by a streaming reader: put(delta) each step, put(None) at the end
+        self.stream: StreamSink | None = None  # a streaming reader's: put(delta) at steps it is due, put(None) at the end
         self.num_preemptions = 0
         self.arrival_time = time.perf_counter()
         self.scheduled_time: float | None = None  # first admission: arrival -> here is queue time
@@ -393,7 +395,7 @@ class BatchingManager:
                 seq.append(sampled[seq.id], now)
                 if seq.finish_reason:
                     self._finish(seq, seq.finish_reason)
-                elif seq.stream is not None:
+                elif seq.stream is not None and seq.stream.due():
                     seq.stream.put(seq.stream_delta())
             except Exception as e:
                 log.exception("request %s failed after its step", seq.request_id)

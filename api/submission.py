@@ -43,6 +43,9 @@ class _Tagged:
     def __init__(self, shared: queue.SimpleQueue, index: int, inf: Inference):
         self.shared, self.index, self.inf = shared, index, inf
 
+    def due(self) -> bool:
+        return True  # every step: the reader takes whatever has come when it gets to it
+
     def put(self, item: str | None) -> None:
         self.shared.put((self.index, item, self.inf.streamed_tokens))
 
