@@ -179,6 +179,24 @@ def test_greedy_text_is_the_reference_models_greedy_text(server, tiny_hf_model):
         decode(ids.tolist())
 
 
+def test_two_workers_batch_their_requests_in_one_engine_and_each_gets_the_reference_text(tiny_model_dir,
+                                                                                          tiny_hf_model):
+    prompts = [f"Request {i}" for i in range(8)]
+    expected = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = encode(prompt)
+            out = tiny_hf_model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+            expected.append(decode(out[0, len(ids):].tolist()))
+    with running_server("dynamic", tiny_model_dir, WORKERS=2) as url:
+        wait_until(lambda: len({requests.get(url + "/health").json()["pid"] for _ in range(10)}) == 2)
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda p: post(url, {"prompt": p, "num_tokens": 12, "temperature": 0}), prompts))
+        stats = requests.get(url + "/stats").json()
+    assert [a.json()["text"] for a in answers] == expected
+    assert stats["requests-finished"] == 8  # whichever worker answers /stats: the engine counted every request
+
+
 # ---- /stats ----
 
 def test_stats_over_a_window_count_only_the_requests_since_its_start(server):
