@@ -405,14 +405,17 @@ class _EngineLoop:
             worker = _Worker(self.connected.get())
             self.workers.append(worker)
             self._send(worker, ("ready", self.info, {**self.manager.load(), "received": 0}))
+        by_conn = {w.conn: w for w in self.workers if w.conn}
+        ready = wait([*by_conn, self.control], 0)  # one poll for every connection, each step
         try:
-            if self.control.poll(0) and self.control.recv()[0] == "stop":
+            if self.control in ready and self.control.recv()[0] == "stop":
                 return False
         except (EOFError, OSError):
             return False
-        for worker in self.workers:
+        for conn in ready:
+            worker = by_conn.get(conn)
             try:
-                while worker.conn and worker.conn.poll(0):
+                while worker and worker.conn and worker.conn.poll(0):
                     self._handle(worker, *worker.conn.recv())
             except (EOFError, OSError):  # the worker is gone without a word
                 worker.conn.close()
