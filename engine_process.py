@@ -306,6 +306,7 @@ class _Worker:
         self.results: list[dict] = []
         self.received = 0
         self.leaving = False
+        self.last_update = 0.0  # when it was last sent an update
 
 
 class _Collector:
@@ -369,7 +370,6 @@ class _EngineLoop:
         self.workers: list[_Worker] = []
         self.owners: dict[int, tuple[_Worker, int]] = {}  # engine Inference.id -> (its worker, the worker's id)
         self.connected: queue.SimpleQueue[Connection] = queue.SimpleQueue()
-        self.last_update = 0.0
         manager.on_finish.append(self._finished)
         threading.Thread(target=self._accept, name="accept", daemon=True).start()
 
@@ -462,20 +462,18 @@ class _EngineLoop:
         worker.results.append({"id": worker_id, **{name: getattr(inf, name) for name in RESULT_FIELDS}})
 
     def _update(self) -> None:
+        """Send each worker what it is owed, or at least the load every HEARTBEAT_S; let go of workers that left."""
         now = time.monotonic()
-        heartbeat = now - self.last_update > HEARTBEAT_S
-        if not heartbeat and not any(w.deltas or w.results or w.leaving for w in self.workers):
-            return
-        load = self.manager.load()
+        load = None
         for worker in self.workers:
-            if worker.deltas or worker.results or heartbeat:
+            if worker.deltas or worker.results or now - worker.last_update > HEARTBEAT_S:
+                load = load or self.manager.load()
                 self._send(worker, ("update", worker.deltas, worker.results, {**load, "received": worker.received}))
-                worker.deltas, worker.results = [], []
+                worker.deltas, worker.results, worker.last_update = [], [], now
         for worker in [w for w in self.workers if w.leaving and not w.infs]:
             if worker.conn:
                 worker.conn.close()
             self.workers.remove(worker)
-        self.last_update = now
 
     def _send(self, worker: _Worker, message: tuple) -> None:
         if worker.conn is None:

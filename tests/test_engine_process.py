@@ -60,6 +60,15 @@ def test_a_worker_that_leaves_has_its_requests_aborted_and_the_others_go_on(tiny
         wait_until(lambda: staying.load()["running"] == 0)
 
 
+def test_an_idle_worker_still_learns_the_engines_load(tiny_model_dir):
+    with engine(tiny_model_dir) as (process, connect):
+        idle, busy = connect(), connect()
+        running = busy.enqueue(request([1, 2, 3], 600))
+        wait_until(lambda: idle.load()["running"] == 1)  # from the heartbeats: it has nothing of its own
+        busy.abort(running)
+        wait_until(lambda: idle.load()["running"] == 0)
+
+
 def test_stopping_the_engine_aborts_what_is_in_flight_and_says_so(tiny_model_dir):
     with engine(tiny_model_dir) as (process, connect):
         client = connect()
