@@ -139,7 +139,7 @@ class EngineClient:
 
     def __init__(self, address: str, authkey: bytes, max_waiting: int):
         self._conn = Client(address, family="AF_UNIX", authkey=authkey)
-        kind, self.info, self._load = self._conn.recv()
+        _, self.info, self._load = self._conn.recv()  # ("ready", info, load)
         self.max_context, self.max_waiting = self.info["max-context"], max_waiting
         self.on_finish: list = []
         self.on_fatal: list = []
