@@ -412,10 +412,9 @@ class _EngineLoop:
                 return False
         except (EOFError, OSError):
             return False
-        for conn in ready:
-            worker = by_conn.get(conn)
+        for worker in (by_conn[conn] for conn in ready if conn is not self.control):
             try:
-                while worker and worker.conn and worker.conn.poll(0):
+                while worker.conn and worker.conn.poll(0):
                     self._handle(worker, *worker.conn.recv())
             except (EOFError, OSError):  # the worker is gone without a word
                 worker.conn.close()

@@ -34,7 +34,8 @@ EXIT_GRACE_S = 2.0  # between the engine's death and the worker's exit: /health 
 
 
 class StartupFailed(RuntimeError):
-    """The worker cannot start serving; the message says what failed and what to do, in one line."""
+    """The server cannot start serving (the master its engine, or a worker its connection to it); the message
+    says what failed and what to do, in one line."""
 
 
 @dataclass
