@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -369,20 +370,24 @@ class BatchingManager:
         for inf in self._in_flight():
             self._finish(inf, "abort", error="the server is shutting down")
 
-    def step(self) -> bool:
-        """Run one step; False when there was nothing to run."""
+    def step(self, meanwhile: Callable[[], None] | None = None) -> bool:
+        """Run one step; False when there was nothing to run. `meanwhile` runs while the device computes the
+        step (the engine process answers its workers then), outside the step's own error handling."""
         started = time.perf_counter()
         self._take_inbox()
         plan = self.scheduler.schedule()
         if not plan:
             return False
         try:
-            sampled = self.runner.run(plan)
-        except Exception as e:  # fail this step's requests, keep serving the rest
-            log.exception("step failed for requests %s", [seq.id for seq, _ in plan])
-            for seq, _ in plan:
-                self._finish(seq, "error", error=f"inference failed: {e!r}")
-            return True
+            launched = self.runner.launch(plan)
+        except Exception as e:
+            return self._step_failed(plan, e)
+        if meanwhile is not None:
+            meanwhile()
+        try:
+            sampled = launched.wait()
+        except Exception as e:
+            return self._step_failed(plan, e)
         self.steps += 1
         now = time.perf_counter()
         if self.timeline:
@@ -401,6 +406,13 @@ class BatchingManager:
                 log.exception("request %s failed after its step", seq.request_id)
                 if not seq.done:
                     self._finish(seq, "error", error=f"inference failed: {e!r}")
+        return True
+
+    def _step_failed(self, plan: list[tuple[Inference, int]], e: Exception) -> bool:
+        """Fail this step's requests and keep serving the rest."""
+        log.exception("step failed for requests %s", [seq.id for seq, _ in plan])
+        for seq, _ in plan:
+            self._finish(seq, "error", error=f"inference failed: {e!r}")
         return True
 
     def _take_inbox(self) -> None:

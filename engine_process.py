@@ -28,6 +28,7 @@ random key that the master hands to the workers it forks (and to the engine on i
 The schedule (telemetry/timeline.py) and /stats are kept where the requests of every worker meet: the engine.
 All processes read time.perf_counter (CLOCK_MONOTONIC), so the engine's timestamps are the workers' too.
 """
+import gc
 import logging
 import os
 import pickle
@@ -358,6 +359,8 @@ def _engine_main(address: str) -> None:
     bm = runner.block_manager
     info = {**info, "block-size": bm.block_size, "kv-blocks-total": bm.num_blocks, "engine-pid": os.getpid()}
     control.send(("ready", info))
+    gc.freeze()  # the model, torch and the graphs live as long as the engine: a full collection (tens of ms with
+    # them in it, a gap in the steps) need not walk them
     _EngineLoop(manager, stats, listener, control, info, settings.stream_interval_ms / 1000).run()
 
 
@@ -370,6 +373,7 @@ class _EngineLoop:
         self.workers: list[_Worker] = []
         self.owners: dict[int, tuple[_Worker, int]] = {}  # engine Inference.id -> (its worker, the worker's id)
         self.connected: queue.SimpleQueue[Connection] = queue.SimpleQueue()
+        self.stopping = False
         manager.on_finish.append(self._finished)
         threading.Thread(target=self._accept, name="accept", daemon=True).start()
 
@@ -385,10 +389,12 @@ class _EngineLoop:
 
     def run(self) -> None:
         try:
-            while self._read_messages():
-                busy = self.manager.step()
-                self._update()
-                if not busy:
+            while not self.stopping:
+                # the exchange with the workers runs while the device computes the step: what the last step
+                # produced goes out, and new requests come in, without adding host time to the step
+                if self.manager.step(meanwhile=self._exchange):
+                    continue
+                if not self._exchange() and not self.stopping:  # nothing to run and nothing came in: wait
                     wait([w.conn for w in self.workers if w.conn] + [self.control], IDLE_WAIT_S)
         except BaseException as e:  # a bug in the engine itself: say so to every worker, which fails its requests
             log.exception("the engine died")
@@ -399,28 +405,32 @@ class _EngineLoop:
         self.manager.stop()  # abort what is in flight, and say so
         self._update()
 
-    def _read_messages(self) -> bool:
-        """Greet new workers, apply what the workers sent; False once the master says stop (or is gone)."""
+    def _exchange(self) -> int:
+        """Send every worker what it is owed, then greet new workers and apply what the workers sent (stopping
+        once the master says so, or is gone). Returns how many messages came in."""
+        self._update()
         while not self.connected.empty():
             worker = _Worker(self.connected.get())
             self.workers.append(worker)
             self._send(worker, ("ready", self.info, {**self.manager.load(), "received": 0}))
         by_conn = {w.conn: w for w in self.workers if w.conn}
-        ready = wait([*by_conn, self.control], 0)  # one poll for every connection, each step
+        ready = wait([*by_conn, self.control], 0)  # one poll for every connection
         try:
             if self.control in ready and self.control.recv()[0] == "stop":
-                return False
+                self.stopping = True
         except (EOFError, OSError):
-            return False
+            self.stopping = True
+        taken = 0
         for worker in (by_conn[conn] for conn in ready if conn is not self.control):
             try:
                 while worker.conn and worker.conn.poll(0):
                     self._handle(worker, *worker.conn.recv())
+                    taken += 1
             except (EOFError, OSError):  # the worker is gone without a word
                 worker.conn.close()
                 worker.conn = None
                 self._leave(worker)
-        return True
+        return taken
 
     def _handle(self, worker: _Worker, kind: str, *args) -> None:
         if kind == "submit":

@@ -10,6 +10,7 @@ nor does the master: CUDA and threads do not survive a fork. The routes read the
 A worker whose engine died cannot serve again, so it exits a moment later and gunicorn starts a fresh one, which
 finds a fresh engine; meanwhile /health answers 503 with the reason.
 """
+import gc
 import logging
 import os
 import signal
@@ -112,6 +113,8 @@ def start_engine(settings: Settings | None = None) -> Server:
     engine.on_fatal.append(exit_worker_soon)
     get_tokenizer()  # a second or two: before this worker takes requests, not during its first burst
     serve(s, engine, {k: v for k, v in engine.info.items() if k not in ("block-size", "kv-blocks-total")})
+    gc.freeze()  # what is loaded now lives as long as the worker: a full collection need not walk it (tens of ms
+    # with torch's modules in it, during which none of the worker's requests moves)
     log.info("serving %s with policy %s", s.model, s.policy)
     return current
 

@@ -4,6 +4,7 @@ import argparse
 
 from bench import throughput
 from bench.common import ResultFile, resolve, run_info
+from bench.http_client import run_load
 from bench.server import policy_server
 from bench.workloads import Request
 
@@ -17,7 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> str:
-    from bench.http_client import run_load  # aiohttp: needed only where HTTP runs
     device, dtype = resolve(args, throughput.CPU, throughput.FULL)
     works = throughput.workloads(args)
     result = ResultFile(args, "http", run_info(device, dtype, args.model))

@@ -8,6 +8,7 @@ with the rate, so its higher rates are recorded as skipped instead of being wait
 import argparse
 
 from bench.common import ResultFile, resolve, run_info
+from bench.http_client import run_load
 from bench.http_throughput import WARM_UP
 from bench.server import policy_server
 from bench.workloads import long_tailed, poisson_arrivals
@@ -32,7 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> str:
-    from bench.http_client import run_load  # aiohttp: needed only where HTTP runs
     device, dtype = resolve(args, CPU, FULL)
     rates = [float(q) for q in args.qps.split(",")]
     requests = long_tailed(args.requests, args.prompt_median, args.output_median, args.sigma, context=1024,

@@ -3,7 +3,7 @@
 #   OUT=/some/dir bench/run_gpu.sh          (default OUT: bench/results/gpu; BUDGET_S: total seconds, 600;
 #                                            STEPS: which steps, default pytest and all six sub-commands)
 # decode and throughput run in-process (torch + transformers; our engine's requests also need tiktoken), then
-# interference and timeline-overhead, then http and poisson if flask, gunicorn, aiohttp and tiktoken import. Each sub-command runs in
+# interference and timeline-overhead, then http and poisson if flask, gunicorn and tiktoken import. Each sub-command runs in
 # its own process with a share of the time left: one that fails or runs out of time keeps the rows it already
 # wrote (the JSON is rewritten after every row) and the next still runs. results.md and the plots are redrawn
 # from the JSON at the end (`python -m bench report --out DIR` redraws them elsewhere if matplotlib is missing).
@@ -49,11 +49,11 @@ step decode 90 --seconds 2
 step throughput 330 --repeats 3 --peers hf_cb
 step interference 60
 step timeline-overhead 60
-if "$PY" -c "import flask, gunicorn, aiohttp, tiktoken" 2>/dev/null; then
+if "$PY" -c "import flask, gunicorn, tiktoken" 2>/dev/null; then
   step http 250 --policies dynamic,static,nobatch --repeats 3  # dynamic first: the one the targets are about
   step poisson 200 --policies dynamic --requests 200 --qps 16,64,128,256 --slo-tpot 0.025
 else
-  log "http, poisson: skipped (flask, gunicorn, aiohttp or tiktoken missing)"
+  log "http, poisson: skipped (flask, gunicorn or tiktoken missing)"
 fi
 "$PY" -m bench report --out "$OUT" || log "report failed"
 log "done in ${SECONDS} s"

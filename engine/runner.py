@@ -15,7 +15,7 @@ import torch
 from engine.attention import metadata as attention_metadata, reference
 from engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_all
 from engine.kv_cache import BlockManager
-from engine.sampler import SampledToken, Sampler, SamplingParams
+from engine.sampler import Drawn, SampledToken, Sampler, SamplingParams
 from model import GPT
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,17 @@ class Sequence(Protocol):
 def kv_bytes_per_token(model: GPT, dtype: torch.dtype) -> int:
     c = model.config
     return 2 * c.n_layer * c.n_embd * torch.empty((), dtype=dtype).element_size()
+
+
+class LaunchedStep:
+    """A step queued on the device; `wait()` returns its sampled tokens by sequence id."""
+
+    def __init__(self, ids: list[int], drawn: Drawn | None):
+        self.ids, self.drawn = ids, drawn
+
+    @torch.inference_mode()
+    def wait(self) -> dict[int, SampledToken]:
+        return dict(zip(self.ids, self.drawn.collect())) if self.drawn else {}
 
 
 class ModelRunner:
@@ -79,10 +90,14 @@ class ModelRunner:
             raise RuntimeError(f"no memory left for the KV cache on {self.device}")
         return int(budget // per_block) - 1  # the spare block
 
-    @torch.inference_mode()
     def run(self, plan: list[tuple[Sequence, int]]) -> dict[int, SampledToken]:
         """One forward for the whole plan; returns the sampled token of each sequence (by id) whose known tokens
         are all in the cache after this step."""
+        return self.launch(plan).wait()
+
+    @torch.inference_mode()
+    def launch(self, plan: list[tuple[Sequence, int]]) -> "LaunchedStep":
+        """`run`, queued on the device: the host is free until it waits for the sampled tokens."""
         plan = sorted(plan, key=lambda item: item[1] != 1)  # decodes first (a stable sort keeps the rest)
         seqs = [seq for seq, _ in plan]
         query_lens, computed, known = np.array([(n, seq.num_computed, len(seq.token_ids)) for seq, n in plan],
@@ -111,13 +126,13 @@ class ModelRunner:
             logits = self._forward(ids, step, sample_rows)
         samplers = [seq for seq, sample in zip(seqs, samples) if sample]
         if not samplers:
-            return {}
+            return LaunchedStep([], None)
         for seq in samplers:
             if seq.seed is None:
                 seq.seed = self.sampler.new_seed()
-        tokens = self.sampler(logits, [s.params for s in samplers], [s.seed for s in samplers],
-                              known[samples].tolist(), argmax)
-        return {seq.id: tok for seq, tok in zip(samplers, tokens)}
+        drawn = self.sampler.draw(logits, [s.params for s in samplers], [s.seed for s in samplers],
+                                  known[samples].tolist(), argmax)
+        return LaunchedStep([seq.id for seq in samplers], drawn)
 
     def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray) -> torch.Tensor:
         meta = attention_metadata.build_metadata(step, self.device)

@@ -67,18 +67,20 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
                  argmax: torch.Tensor | None = None) -> list[SampledToken]:
+        return self.draw(logits, params, seeds, counters, argmax).collect()
+
+    def draw(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
+             argmax: torch.Tensor | None = None) -> "Drawn":
         """logits: (B, model vocab) fp32; row b draws with uniforms(seeds[b], counters[b]). argmax: the greedy
-        ids if the caller has them already (a decode graph computes them)."""
+        ids if the caller has them already (a decode graph computes them). The draw is queued on the device;
+        `collect()` waits for it."""
         logits = logits[:, :self.vocab_size]
         tokens = logits.argmax(dim=-1) if argmax is None else argmax
         if not all(p.greedy for p in params):
             u = torch.from_numpy(uniforms(seeds, counters)).to(self.device, non_blocking=True)
             greedy = torch.tensor([p.greedy for p in params]).to(self.device, non_blocking=True)
             tokens = torch.where(greedy, tokens, self._draw(logits, params, u))
-        result = [SampledToken(t) for t in tokens.tolist()]  # the step's one wait for the device
-        if any(p.logprobs is not None for p in params):
-            self._add_logprobs(logits, tokens, params, result)
-        return result
+        return Drawn(logits, tokens, params)
 
     def _draw(self, logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
         """Inverse-CDF sampling from the filtered softmax: the first token whose cumulative probability exceeds
@@ -93,12 +95,25 @@ class Sampler:
         cdf = torch.softmax(scaled, dim=-1).double().cumsum(dim=-1)
         return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
 
-    def _add_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams],
-                      result: list[SampledToken]) -> None:
+class Drawn:
+    """A step's draw, queued on the device."""
+
+    def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
+        self.logits, self.tokens, self.params = logits, tokens, params
+
+    def collect(self) -> list[SampledToken]:
+        """The sampled tokens (and logprobs where asked for): the step's one wait for the device."""
+        result = [SampledToken(t) for t in self.tokens.tolist()]
+        if any(p.logprobs is not None for p in self.params):
+            self._add_logprobs(result)
+        return result
+
+    def _add_logprobs(self, result: list[SampledToken]) -> None:
+        params = self.params
         rows = [b for b, p in enumerate(params) if p.logprobs is not None]
         k = max(params[b].logprobs for b in rows)
-        logp = torch.log_softmax(logits[rows], dim=-1)
-        chosen = logp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
+        logp = torch.log_softmax(self.logits[rows], dim=-1)
+        chosen = logp.gather(1, self.tokens[rows][:, None]).squeeze(1).tolist()
         top = logp.topk(max(k, 1))
         top_ids, top_values = top.indices.tolist(), top.values.tolist()
         for j, b in enumerate(rows):

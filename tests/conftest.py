@@ -123,15 +123,15 @@ def run_until_idle(manager: BatchingManager, max_steps: int = 10_000) -> int:
 
 def fail_step(manager: BatchingManager, step: int, message: str) -> None:
     """Make the manager's `step`-th forward (1-based) from now on raise RuntimeError(message), once."""
-    run, calls = manager.runner.run, []
+    launch, calls = manager.runner.launch, []
 
-    def failing_run(plan):
+    def failing_launch(plan):
         calls.append(plan)
         if len(calls) == step:
             raise RuntimeError(message)
-        return run(plan)
+        return launch(plan)
 
-    manager.runner.run = failing_run
+    manager.runner.launch = failing_launch
 
 
 def assert_nothing_leaked(manager: BatchingManager) -> None:
@@ -157,8 +157,17 @@ def in_process(model_dir: str, **settings):
 def scripted(manager: BatchingManager, tokens: list[int]) -> None:
     """The model 'samples' `tokens` in order, whatever the prompt."""
     script = iter(tokens)
-    manager.runner.run = lambda plan: {seq.id: SampledToken(next(script)) for seq, n in plan
-                                       if seq.num_computed + n == len(seq.token_ids)}
+    manager.runner.launch = lambda plan: Sampled({seq.id: SampledToken(next(script)) for seq, n in plan
+                                                  if seq.num_computed + n == len(seq.token_ids)})
+
+
+@dataclasses.dataclass
+class Sampled:
+    """A launched step whose tokens are known already (a scripted model's)."""
+    tokens: dict[int, SampledToken]
+
+    def wait(self) -> dict[int, SampledToken]:
+        return self.tokens
 
 
 # ---- real servers ----

@@ -159,3 +159,41 @@ def test_client_falls_back_to_plain_responses_without_streaming():
     assert sorted(r.output_tokens for r in load.records) == [5, 7]
     assert {r.prompt_tokens for r in load.records} == {1, 3}  # the workload's own count
     assert all(r.ttft == pytest.approx(0.25) and r.token_times == [] for r in load.records)
+
+
+class ChunkedStreamServer(BaseHTTPRequestHandler):
+    """Streams each request's tokens as server-sent events in chunks that cut events apart, then drops the
+    connection without saying so (as a server does with a connection it kept idle too long)."""
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        events = [{"text": "x", "finish_reason": None}] * (body["num_tokens"] - 1) + [
+            {"text": "y", "finish_reason": "length"}]
+        stream = "".join(f"data: {json.dumps(e)}\n\n" for e in events).encode() + b"data: [DONE]\n\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for start in range(0, len(stream), 7):  # 7 bytes a chunk: events and lines split across chunks
+            chunk = stream[start:start + 7]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
+
+    def log_message(self, *_):
+        pass
+
+
+def test_client_reads_chunked_event_streams_and_replaces_connections_the_server_dropped():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ChunkedStreamServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:  # three requests, each on a connection the last one's response left for dead
+        load = run_load(f"http://127.0.0.1:{server.server_port}",
+                        [Request([1, 2, 3], 5), Request([4], 3), Request([5], 4, arrival=1.5)])
+    finally:
+        server.shutdown()
+    assert load.streaming and not load.errors
+    assert sorted(r.output_tokens for r in load.records) == [3, 4, 5]
+    assert sorted(len(r.token_times) for r in load.records) == [3, 4, 5]  # one per event with text
+    assert all(r.first_token == r.token_times[0] <= r.finish for r in load.records)

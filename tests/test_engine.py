@@ -44,6 +44,37 @@ def test_engine_thread_survives_a_failing_step(tiny_model_dir):
         manager.stop()
 
 
+def test_meanwhile_runs_between_launch_and_wait_and_its_errors_are_not_the_steps(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic")
+    events = []
+    launch = manager.runner.launch
+
+    def logged_launch(plan):
+        launched = launch(plan)
+        wait = launched.wait
+        events.append("launch")
+        launched.wait = lambda: events.append("wait") or wait()
+        return launched
+
+    manager.runner.launch = logged_launch
+    req = manager.enqueue(request([1, 2], 3))
+    while manager.step(meanwhile=lambda: events.append("meanwhile")):
+        pass
+    assert req.finish_reason == "length"
+    assert events == ["launch", "meanwhile", "wait"] * 3
+    broken = manager.enqueue(request([1, 2], 3))
+
+    def broken_meanwhile():
+        raise ConnectionError("a worker's socket")
+
+    with pytest.raises(ConnectionError):  # the caller's failure, raised to the caller
+        manager.step(meanwhile=broken_meanwhile)
+    assert broken.error is None and not broken.done  # the step's request did not fail for it
+    run_until_idle(manager)
+    assert broken.finish_reason == "length"
+    assert_nothing_leaked(manager)
+
+
 def test_a_request_failing_after_its_step_ends_alone(tiny_model_dir):
     manager = make_manager(tiny_model_dir, "dynamic")
     bad, good = manager.enqueue(request([1, 2], 5)), manager.enqueue(request([3, 4], 5))

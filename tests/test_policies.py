@@ -8,13 +8,13 @@ from conftest import assert_nothing_leaked, make_manager, request, run_until_idl
 def record_steps(manager) -> list[set[int]]:
     """Make the manager log, for every step, the ids of the requests in that step's forward."""
     steps: list[set[int]] = []
-    run = manager.runner.run
+    launch = manager.runner.launch
 
-    def logged_run(plan):
+    def logged_launch(plan):
         steps.append({seq.id for seq, _ in plan})
-        return run(plan)
+        return launch(plan)
 
-    manager.runner.run = logged_run
+    manager.runner.launch = logged_launch
     return steps
 
 

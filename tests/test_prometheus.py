@@ -182,8 +182,8 @@ def test_health_is_503_while_the_engine_is_stuck_and_200_once_it_moves(tiny_mode
     with in_process(tiny_model_dir, health_stall_s=0.3) as (client, manager):
         assert client.get("/health").status_code == 200
         unstuck = threading.Event()
-        working = manager.runner.run
-        manager.runner.run = lambda plan: unstuck.wait() and working(plan)
+        working = manager.runner.launch
+        manager.runner.launch = lambda plan: unstuck.wait() and working(plan)
         request = threading.Thread(target=client.post, args=("/inference",),
                                    kwargs={"json": {"prompt": "x", "num_tokens": 2}})
         request.start()
