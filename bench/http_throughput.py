@@ -1,13 +1,21 @@
 """`http`: the throughput workloads (seed burst, offline) over HTTP, one `./server.sh POLICY` per policy, all
-requests sent at once by the async client. Beside `throughput` it shows what the HTTP layer costs."""
+requests sent at once by the async client. Beside `throughput` it shows what the HTTP layer costs, and where:
+each row also says, from the server's /timeline, when the last request reached the server and how the engine's
+steps went (how many, how long, and the gaps between them, where the engine process sends results and takes
+requests; in-process those gaps are 0.1-0.2 ms)."""
 import argparse
+import time
+
+import numpy as np
+import requests as http
 
 from bench import throughput
 from bench.common import ResultFile, resolve, run_info
-from bench.http_client import run_load
+from bench.http_client import Load, run_load
 from bench.server import policy_server
 from bench.workloads import Request
 
+NO_STEPS = 10 ** 17  # a step number no engine reaches: /timeline answers with its current step and nothing else
 WARM_UP = [Request(list(range(1, 33)), 4), Request([1, 2, 3], 8)]
 
 
@@ -29,11 +37,32 @@ def main(args: argparse.Namespace) -> str:
                 for workload, requests in works.items():
                     requests = throughput.policy_requests(args, policy, requests)
                     for _ in range(args.repeats):
+                        since = timeline(url, NO_STEPS)["step"]
                         load = run_load(url, requests, desc=f"{policy} {workload}")
                         row = dict(policy=policy, workload=workload, requests=len(requests), **load.outcome())
+                        if load.records:
+                            row["engine"] = engine_side(timeline(url, since), load)
                         print(f"{policy} {workload}: {row.get('metrics', {}).get('output_tokens_per_s')} tok/s, "
-                              f"{row['failed']} failed", flush=True)
+                              f"{row['failed']} failed; {row.get('engine')}", flush=True)
                         result.add(row)
         except Exception as e:  # a server that does not start is a finding; the other policies still run
             result.add(dict(policy=policy, workload=args.workloads, requests=0, error=repr(e)[:1000]))
     return result.finish()
+
+
+def timeline(url: str, since: int) -> dict:
+    return http.get(f"{url}/timeline", params={"since": since}, timeout=30).json()
+
+
+def engine_side(snapshot: dict, load: Load) -> dict:
+    """The run as the engine saw it (a /timeline snapshot of its steps and requests): the last request's arrival
+    at the server after the client's first send, the engine's steps and the gaps between them."""
+    origin = snapshot["origin_unix"] - (time.time() - time.perf_counter())  # on this process's perf_counter
+    first_send = min(r.arrival for r in load.records)
+    arrivals = [origin + r["arrival"] - first_send for r in snapshot["requests"]]
+    starts, durations = (np.array([s[k] for s in snapshot["steps"]]) for k in ("start", "duration"))
+    gaps = np.append(starts[1:] - starts[:-1] - durations[:-1], 0.0)  # (one step: no gap)
+    ms = lambda x: round(float(x) * 1e3, 2)
+    return dict(last_arrival_ms=ms(max(a for a in arrivals if a > -0.001)), steps=len(starts),
+                step_ms=ms(durations.mean()), gap_ms_p50=ms(np.percentile(gaps, 50)),
+                gap_ms_p99=ms(np.percentile(gaps, 99)), gap_ms_max=ms(gaps.max()))

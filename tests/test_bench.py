@@ -66,6 +66,11 @@ def test_http_measures_each_policy_through_a_real_server(out, tiny_model_dir):
         assert row["metrics"]["output_tokens"] == sum(r.output_len for r in seed_burst(2))
         if row["streaming"]:
             assert row["metrics"]["itl_s"]["p50"] > 0
+        engine = row["engine"]  # the run as the server's /timeline saw it: this run's steps only
+        longest = max(r.output_len for r in seed_burst(2))
+        assert longest <= engine["steps"] <= 2 * longest
+        assert 0 <= engine["last_arrival_ms"] <= row["metrics"]["duration_s"] * 1e3
+        assert engine["step_ms"] > 0 and 0 <= engine["gap_ms_p50"] <= engine["gap_ms_p99"] <= engine["gap_ms_max"]
     assert data["server"]["policy"] == "dynamic"
 
 
