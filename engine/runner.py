@@ -40,7 +40,6 @@ class LaunchedStep:
     def __init__(self, ids: list[int], drawn: Drawn | None):
         self.ids, self.drawn = ids, drawn
 
-    @torch.inference_mode()
     def wait(self) -> dict[int, SampledToken]:
         return dict(zip(self.ids, self.drawn.collect())) if self.drawn else {}
 

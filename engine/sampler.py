@@ -108,6 +108,7 @@ class Drawn:
             self._add_logprobs(result)
         return result
 
+    @torch.inference_mode()
     def _add_logprobs(self, result: list[SampledToken]) -> None:
         params = self.params
         rows = [b for b, p in enumerate(params) if p.logprobs is not None]
