@@ -2,7 +2,8 @@
 requests sent at once by the async client. Beside `throughput` it shows what the HTTP layer costs, and where:
 each row also says, from the server's /timeline, when the last request reached the server and how the engine's
 steps went (how many, how long, and the gaps between them, where the engine process sends results and takes
-requests; in-process those gaps are 0.1-0.2 ms)."""
+requests; in-process, with nothing but the step's own bookkeeping between steps, they averaged 0.1-0.2 ms on an
+H200)."""
 import argparse
 import time
 
