@@ -95,7 +95,7 @@ class ModelRunner:
         return self.launch(plan).wait()
 
     @torch.inference_mode()
-    def launch(self, plan: list[tuple[Sequence, int]]) -> "LaunchedStep":
+    def launch(self, plan: list[tuple[Sequence, int]]) -> LaunchedStep:
         """`run`, queued on the device: the host is free until it waits for the sampled tokens."""
         plan = sorted(plan, key=lambda item: item[1] != 1)  # decodes first (a stable sort keeps the rest)
         seqs = [seq for seq, _ in plan]

@@ -67,6 +67,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
                  argmax: torch.Tensor | None = None) -> list[SampledToken]:
+        """`draw`, then `collect`: the tokens, once the device has them."""
         return self.draw(logits, params, seeds, counters, argmax).collect()
 
     def draw(self, logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], counters: list[int],
@@ -94,6 +95,7 @@ class Sampler:
             scaled = _apply_top_p(scaled, top_p)
         cdf = torch.softmax(scaled, dim=-1).double().cumsum(dim=-1)
         return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+
 
 class Drawn:
     """A step's draw, queued on the device."""
