@@ -4,6 +4,8 @@ BatchingManager stepped on this thread, and each finished request turned into a 
 `batching` is imported where it is used: it needs tiktoken (streamed detokenisation), and the decode
 microbenchmark, which drives the runner alone, must run where tiktoken is not installed.
 """
+from typing import NamedTuple
+
 import torch
 from tqdm import tqdm
 
@@ -45,8 +47,13 @@ def record(inf) -> RequestRecord:
                          requested_tokens=inf.params.max_tokens, token_times=list(inf.token_times))
 
 
+class Burst(NamedTuple):
+    records: list[RequestRecord]
+    steps: int  # the engine's steps, back to back from the first arrival to the last finish
+
+
 def run_burst(runner: ModelRunner, policy: str, requests: list[Request], max_batch: int, max_step_tokens: int,
-              desc: str | None = None) -> list[RequestRecord]:
+              desc: str | None = None) -> Burst:
     """All requests arrive at once; the engine steps on this thread until every one has finished."""
     manager = make_manager(runner, policy, max_batch, max_step_tokens)
     with tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
@@ -54,7 +61,7 @@ def run_burst(runner: ModelRunner, policy: str, requests: list[Request], max_bat
         inferences = [manager.enqueue(make_inference(r)) for r in requests]
         while manager.step():
             pass
-    return [record(inf) for inf in inferences]
+    return Burst([record(inf) for inf in inferences], manager.steps)
 
 
 def warm_up(runner: ModelRunner) -> None:

@@ -43,7 +43,7 @@ def main() -> None:
 
     runner.launch = timed_launch
     start = time.perf_counter()
-    records = engine.run_burst(runner, "dynamic", requests, 128, 2048)
+    records = engine.run_burst(runner, "dynamic", requests, 128, 2048).records
     total = time.perf_counter() - start
     tokens = sum(r.output_tokens for r in records)
     print(f"{args.workload}: {tokens} tokens in {total:.2f} s = {tokens / total:.0f} tok/s")

@@ -111,10 +111,12 @@ def run(result: ResultFile, system: str, workload: str, n: int, measure) -> None
 
 
 def ours(runner, policy: str, requests: list[Request], args: argparse.Namespace, workload: str) -> dict:
-    summary = summarize(engine.run_burst(runner, policy, requests, args.max_batch, args.max_step_tokens,
-                                         desc=f"{policy} {workload}"))
+    burst = engine.run_burst(runner, policy, requests, args.max_batch, args.max_step_tokens,
+                             desc=f"{policy} {workload}")
+    summary = summarize(burst.records)
     return dict(seconds=summary["duration_s"], output_tokens=summary["output_tokens"],
-                output_tokens_per_s=summary["output_tokens_per_s"], metrics=summary)
+                output_tokens_per_s=summary["output_tokens_per_s"], steps=burst.steps,
+                ms_per_step=summary["duration_s"] / burst.steps * 1e3, metrics=summary)
 
 
 def spread(rows: list[dict]) -> list[dict]:

@@ -43,6 +43,9 @@ def test_throughput_runs_our_policies_and_the_peers_on_one_workload(out, tiny_mo
             assert "error" not in row, row
             assert row["output_tokens"] == sum(r.output_len for r in row_requests(workload, row["requests"]))
             assert row["metrics"]["ttft_s"]["p50"] > 0
+            longest = max(r.output_len for r in row_requests(workload, row["requests"]))
+            assert row["steps"] >= longest  # at least one step per token of the longest request
+            assert row["ms_per_step"] == pytest.approx(row["seconds"] * 1e3 / row["steps"])
         assert rows[("ours-nobatch", workload)]["requests"] == 2
         for peer in ("hf-continuous", "hf-static16"):  # a peer that failed is a failed benchmark, not a row
             row = rows[(peer, workload)]
@@ -71,6 +74,7 @@ def test_http_measures_each_policy_through_a_real_server(out, tiny_model_dir):
         assert longest <= engine["steps"] <= 2 * longest
         assert 0 <= engine["last_arrival_ms"] <= row["metrics"]["duration_s"] * 1e3
         assert engine["step_ms"] > 0 and 0 <= engine["gap_ms_p50"] <= engine["gap_ms_p99"] <= engine["gap_ms_max"]
+        assert engine["ms_per_step"] >= engine["step_ms"] - 0.01  # steps and the gaps between them
     assert data["server"]["policy"] == "dynamic"
 
 
