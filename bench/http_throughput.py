@@ -62,9 +62,9 @@ def engine_side(snapshot: dict, load: Load) -> dict:
     first_send = min(r.arrival for r in load.records)
     arrivals = [origin + r["arrival"] - first_send for r in snapshot["requests"]]
     starts, durations = (np.array([s[k] for s in snapshot["steps"]]) for k in ("start", "duration"))
-    gaps = np.append(starts[1:] - starts[:-1] - durations[:-1], 0.0)  # (one step: no gap)
+    gaps = starts[1:] - starts[:-1] - durations[:-1] if len(starts) > 1 else np.zeros(1)  # one step: no gap
     ms = lambda x: round(float(x) * 1e3, 2)
     return dict(last_arrival_ms=ms(max(a for a in arrivals if a > -0.001)), steps=len(starts),
-                ms_per_step=ms((starts[-1] + durations[-1] - starts[0]) / len(starts)),  # as `throughput` counts
+                ms_per_step=ms((starts[-1] + durations[-1] - starts[0]) / len(starts)),  # steps and their gaps
                 step_ms=ms(durations.mean()), gap_ms_p50=ms(np.percentile(gaps, 50)),
                 gap_ms_p99=ms(np.percentile(gaps, 99)), gap_ms_max=ms(gaps.max()))
