@@ -56,7 +56,7 @@ from engine.config import Settings  # noqa: E402
 # included) reads one, for this process and every server it starts.
 SERVER_VARIABLES = {f.name.upper() for f in dataclasses.fields(Settings)} | {
     "HOST", "PORT", "THREADS", "WORKERS", "WORKER_TIMEOUT", "LOG_LEVEL", "ACCESS_LOG", "PROMETHEUS_MULTIPROC_DIR",
-    "CLIENT_TIMEOUT_S", "GUNICORN_CONF"}
+    "CLIENT_TIMEOUT_S", "GUNICORN_CONF", "PIN_WORKERS"}
 for name in SERVER_VARIABLES:
     os.environ.pop(name, None)
 
