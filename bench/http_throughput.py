@@ -57,11 +57,13 @@ def timeline(url: str, since: int) -> dict:
 
 def engine_side(snapshot: dict, load: Load) -> dict:
     """The run as the engine saw it (a /timeline snapshot of its steps and requests): the last request's arrival
-    at the server after the client's first send, the engine's steps and the gaps between them."""
+    at the server after the client's first send, the engine's steps from that send on and the gaps between them
+    (the snapshot also holds the steps of the client's probe for streaming, made before the clock started)."""
     origin = snapshot["origin_unix"] - (time.time() - time.perf_counter())  # on this process's perf_counter
     first_send = min(r.arrival for r in load.records)
     arrivals = [origin + r["arrival"] - first_send for r in snapshot["requests"]]
-    starts, durations = (np.array([s[k] for s in snapshot["steps"]]) for k in ("start", "duration"))
+    steps = [s for s in snapshot["steps"] if origin + s["start"] >= first_send]
+    starts, durations = (np.array([s[k] for s in steps]) for k in ("start", "duration"))
     gaps = starts[1:] - starts[:-1] - durations[:-1] if len(starts) > 1 else np.zeros(1)  # one step: no gap
     ms = lambda x: round(float(x) * 1e3, 2)
     return dict(last_arrival_ms=ms(max(a for a in arrivals if a > -0.001)), steps=len(starts),

@@ -4,14 +4,17 @@ client's fallback for a server that does not stream."""
 import json
 import os
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from bench.__main__ import parser
-from bench.http_client import run_load
+from bench.http_client import Load, run_load
+from bench.http_throughput import engine_side
 from bench.workloads import Request, as_text, long_tailed, offline, poisson_arrivals, seed_burst
 from engine.tokenizer import encode
+from telemetry.latency import RequestRecord
 
 INFO_KEYS = {"device", "torch", "dtype", "model", "weights", "git_commit", "date"}
 
@@ -58,6 +61,23 @@ def test_throughput_runs_our_policies_and_the_peers_on_one_workload(out, tiny_mo
 
 def row_requests(workload: str, n: int) -> list[Request]:
     return seed_burst(n) if workload == "burst" else offline(n, 8, 16)
+
+
+def test_http_engine_columns_count_the_run_from_its_first_send_not_the_probe_before_it():
+    """The client's probe for streaming runs a step before the clock starts; its step and the idle time after it
+    are no part of the run (they showed as a single gap of tens of ms)."""
+    origin_unix = time.time() - time.perf_counter()  # a snapshot whose times are this process's perf_counter
+    sent = 100.0
+    snapshot = dict(origin_unix=origin_unix,
+                    requests=[dict(arrival=99.9), dict(arrival=sent + 0.0005), dict(arrival=sent + 0.002)],
+                    steps=[dict(start=99.9, duration=0.002)] + [dict(start=sent + 0.001 + 0.003 * i, duration=0.002)
+                                                              for i in range(3)])
+    load = Load([RequestRecord(arrival=sent + d, first_token=sent + 0.01, finish=sent + 0.02, prompt_tokens=3,
+                               output_tokens=2) for d in (0, 0.0001)], [], True)
+    engine = engine_side(snapshot, load)
+    assert engine["steps"] == 3 and engine["last_arrival_ms"] == pytest.approx(2, abs=0.01)
+    assert engine["gap_ms_max"] == pytest.approx(1, abs=0.01)
+    assert engine["ms_per_step"] == pytest.approx(8 / 3, abs=0.01)  # 3 steps of 2 ms, 2 gaps of 1 ms
 
 
 def test_http_measures_each_policy_through_a_real_server(out, tiny_model_dir):
