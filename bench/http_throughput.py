@@ -56,17 +56,19 @@ def timeline(url: str, since: int) -> dict:
 
 
 def engine_side(snapshot: dict, load: Load) -> dict:
-    """The run as the engine saw it (a /timeline snapshot of its steps and requests): the last request's arrival
-    at the server after the client's first send, the engine's steps from that send on and the gaps between them
-    (the snapshot also holds the steps of the client's probe for streaming, made before the clock started)."""
+    """The run as the engine saw it (a /timeline snapshot of its steps and requests): when half of the requests,
+    and the last, reached the server after the client's first send; the engine's steps from that send on and the
+    gaps between them (the snapshot also holds the step of the client's probe for streaming, made before)."""
     origin = snapshot["origin_unix"] - (time.time() - time.perf_counter())  # on this process's perf_counter
     first_send = min(r.arrival for r in load.records)
-    arrivals = [origin + r["arrival"] - first_send for r in snapshot["requests"]]
+    arrivals = np.array([origin + r["arrival"] - first_send for r in snapshot["requests"]])
+    arrivals = arrivals[arrivals > -0.001]  # this run's requests
     steps = [s for s in snapshot["steps"] if origin + s["start"] >= first_send]
     starts, durations = (np.array([s[k] for s in steps]) for k in ("start", "duration"))
     gaps = starts[1:] - starts[:-1] - durations[:-1] if len(starts) > 1 else np.zeros(1)  # one step: no gap
     ms = lambda x: round(float(x) * 1e3, 2)
-    return dict(last_arrival_ms=ms(max(a for a in arrivals if a > -0.001)), steps=len(starts),
+    return dict(arrival_p50_ms=ms(np.percentile(arrivals, 50)), last_arrival_ms=ms(arrivals.max()),
+                steps=len(starts),
                 ms_per_step=ms((starts[-1] + durations[-1] - starts[0]) / len(starts)),  # steps and their gaps
                 step_ms=ms(durations.mean()), gap_ms_p50=ms(np.percentile(gaps, 50)),
                 gap_ms_p99=ms(np.percentile(gaps, 99)), gap_ms_max=ms(gaps.max()))

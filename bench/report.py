@@ -80,16 +80,17 @@ def http_table(data: dict) -> str:
     rows = []
     for r in data["results"]:
         if "error" in r:
-            rows.append([r["workload"], r["policy"], str(r["requests"]), "failed: " + r["error"][:80]] + ["–"] * 8)
+            rows.append([r["workload"], r["policy"], str(r["requests"]), "failed: " + r["error"][:80]] + ["–"] * 9)
             continue
         m, engine = r["metrics"], r.get("engine", {})
         rows.append([r["workload"], r["policy"], str(r["requests"]), fmt(m["output_tokens_per_s"]),
                      fmt(m["ttft_s"]["p50"], 1e3, 0), fmt(m["ttft_s"]["p99"], 1e3, 0), fmt(m["e2e_s"]["p99"], digits=2),
-                     "yes" if r["streaming"] else "no", fmt(engine.get("last_arrival_ms"), digits=0),
+                     "yes" if r["streaming"] else "no", fmt(engine.get("arrival_p50_ms"), digits=0),
+                     fmt(engine.get("last_arrival_ms"), digits=0),
                      str(engine.get("steps", "–")), fmt(engine.get("ms_per_step"), digits=2),
                      fmt(engine.get("gap_ms_p99"), digits=2)])
     return table(["workload", "policy", "requests", "tok/s", "TTFT p50 ms", "TTFT p99 ms", "E2E p99 s", "streamed",
-                  "all in by ms", "steps", "ms/step", "step gap p99 ms"], rows)
+                  "half in by ms", "all in by ms", "steps", "ms/step", "step gap p99 ms"], rows)
 
 
 def decode_table(data: dict) -> str:

@@ -76,6 +76,7 @@ def test_http_engine_columns_count_the_run_from_its_first_send_not_the_probe_bef
                                output_tokens=2) for d in (0, 0.0001)], [], True)
     engine = engine_side(snapshot, load)
     assert engine["steps"] == 3 and engine["last_arrival_ms"] == pytest.approx(2, abs=0.01)
+    assert engine["arrival_p50_ms"] == pytest.approx(1.25, abs=0.01)  # of this run's two requests
     assert engine["gap_ms_max"] == pytest.approx(1, abs=0.01)
     assert engine["ms_per_step"] == pytest.approx(8 / 3, abs=0.01)  # 3 steps of 2 ms, 2 gaps of 1 ms
 
@@ -92,7 +93,7 @@ def test_http_measures_each_policy_through_a_real_server(out, tiny_model_dir):
         engine = row["engine"]  # the run as the server's /timeline saw it: this run's steps only
         longest = max(r.output_len for r in seed_burst(2))
         assert longest <= engine["steps"] <= 2 * longest
-        assert 0 <= engine["last_arrival_ms"] <= row["metrics"]["duration_s"] * 1e3
+        assert 0 <= engine["arrival_p50_ms"] <= engine["last_arrival_ms"] <= row["metrics"]["duration_s"] * 1e3
         assert engine["step_ms"] > 0 and 0 <= engine["gap_ms_p50"] <= engine["gap_ms_p99"] <= engine["gap_ms_max"]
         assert engine["ms_per_step"] >= engine["step_ms"] - 0.01  # steps and the gaps between them
     assert data["server"]["policy"] == "dynamic"
