@@ -20,18 +20,25 @@ def draw(data: dict, path: str) -> None:
 
 
 def _bars(plt, rows: list[dict], group: str, label: str, ylabel: str):
-    """Output tokens/s as grouped bars: one group per workload, one bar per system."""
+    """Output tokens/s as grouped bars: one group per workload, one bar per system at the mean of its repeats,
+    with their range as an error bar; a system that ran fewer of the workload's requests says how many."""
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
     for ax, workload in zip(axes[0], workloads):
         done = [r for r in rows if r["workload"] == workload and group(r) is not None]
-        names = [r[label] for r in done]
-        values = [group(r) for r in done]
-        bars = ax.bar(names, values, color=["C0" if n.startswith(("ours", "nobatch", "static", "dynamic")) else "C7"
-                                            for n in names])
-        ax.bar_label(bars, fmt="%.0f")
-        ax.margins(y=0.12)
-        ax.set_title(f"{workload} ({done[0]['requests'] if done else 0} requests)")
+        requests = max((r["requests"] for r in done), default=0)
+        runs: dict[str, list[float]] = {}
+        for r in done:
+            name = r[label] if r["requests"] == requests else f"{r[label]}\n(first {r['requests']})"
+            runs.setdefault(name, []).append(group(r))
+        means = [sum(v) / len(v) for v in runs.values()]
+        spread = [[m - min(v) for m, v in zip(means, runs.values())],
+                  [max(v) - m for m, v in zip(means, runs.values())]]
+        bars = ax.bar(list(runs), means, yerr=spread, capsize=4,
+                      color=["C0" if n.startswith(("ours", "nobatch", "static", "dynamic")) else "C7" for n in runs])
+        ax.bar_label(bars, fmt="%.0f", padding=3)
+        ax.margins(y=0.15)
+        ax.set_title(f"{workload} ({requests} requests)")
         ax.set_ylabel(ylabel)
         ax.tick_params(axis="x", rotation=30)
     return fig
