@@ -208,12 +208,22 @@ def test_ctrl_c_ends_the_client_in_one_line(tmp_path):
         proc = subprocess.Popen([sys.executable, str(REPO_DIR / "client" / "client.py"), "--port",
                                  str(silent.getsockname()[1]), "--out", str(tmp_path)],
                                 env={"IP": "127.0.0.1", "KEY": ""}, stderr=subprocess.PIPE, text=True)
-        connection, _ = silent.accept()  # it is waiting for /health
-        with connection:
+        with client_asking_for_health(silent):  # it waits for the answer now: past its start-up
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT
     assert err.strip() == "stopped (SIGINT)"
+
+
+def client_asking_for_health(listener: socket.socket) -> socket.socket:
+    """The first accepted connection that asks for /health: a connection from anything else (a process of an
+    earlier test trying a port that this listener now has) is closed, not taken for the client's."""
+    while True:
+        connection, _ = listener.accept()
+        connection.settimeout(60)
+        if connection.recv(64).startswith(b"GET /health"):
+            return connection
+        connection.close()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="prctl")
