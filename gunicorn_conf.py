@@ -61,7 +61,8 @@ bind = f"{HOST}:{PORT}"
 workers = int(os.environ.get("WORKERS") or min(4, max(1, (os.cpu_count() or 1) // 4)))
 # A worker's threads share one GIL, and a burst of requests passes it between them hundreds of times: each pass
 # wakes a thread, on another core unless the worker has a core of its own, where a pass is a switch on one core
-# (H200 host, 16 cores, four workers, 100 requests at once: half of them in after 5-6 ms pinned, 9-13 ms not).
+# (H200 host, 16 cores, four workers, 100 requests at once: half of them in after 6-11 ms pinned, 9-17 ms not;
+# bench/results/h200/pinning).
 PIN_WORKERS = os.environ.get("PIN_WORKERS", "auto")
 if PIN_WORKERS not in ("auto", "true", "false"):
     sys.exit(f"PIN_WORKERS must be auto, true or false; got {PIN_WORKERS!r}")
@@ -134,7 +135,7 @@ def pre_fork(server, worker):
         engine_process_running()
     except StartupFailed as e:
         raise HaltServer(str(e), 3) from e
-    taken = {getattr(w, "cpu", None) for w in server.WORKERS.values()}
+    taken = {w.cpu for w in server.WORKERS.values()}  # None: a worker left free
     worker.cpu = worker_cpu(os.sched_getaffinity(0), server.num_workers, taken, PIN_WORKERS)
 
 

@@ -1,9 +1,9 @@
 """`http`: the throughput workloads (seed burst, offline) over HTTP, one `./server.sh POLICY` per policy, all
 requests sent at once by the async client. Beside `throughput` it shows what the HTTP layer costs, and where:
-each row also says, from the server's /timeline, when the last request reached the server and how the engine's
-steps went (how many, how long, and the gaps between them, where the engine process sends results and takes
-requests; in-process, with nothing but the step's own bookkeeping between steps, they averaged 0.1-0.2 ms on an
-H200)."""
+each row also says, from the server's /timeline, when half of the requests and the last reached the server and
+how the engine's steps went (how many, how long, and the gaps between them, where the engine process sends
+results and takes requests; in-process, with nothing but the step's own bookkeeping between steps, they averaged
+0.1-0.2 ms on an H200)."""
 import argparse
 import time
 

@@ -1,6 +1,7 @@
 """One PNG per benchmark, drawn from its JSON alone (matplotlib, Agg). Where matplotlib is missing (a bare GPU
 machine) the plot is skipped with a note; `python -m bench report` draws it later from the JSON."""
 from collections import defaultdict
+from collections.abc import Callable
 
 
 def draw(data: dict, path: str) -> None:
@@ -19,7 +20,7 @@ def draw(data: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _bars(plt, rows: list[dict], group: str, label: str, ylabel: str):
+def _bars(plt, rows: list[dict], group: Callable[[dict], float | None], label: str, ylabel: str):
     """Output tokens/s as grouped bars: one group per workload, one bar per system at the mean of its repeats,
     with their range as an error bar; a system that ran fewer of the workload's requests says how many."""
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
