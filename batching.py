@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from engine.runner import ModelRunner
+from engine.runner import LaunchedStep, ModelRunner
 from engine.sampler import SampledToken, SamplingParams
 from engine.tokenizer import EOT_TOKEN, StreamDecoder
 from telemetry.timeline import Timeline
@@ -64,6 +64,7 @@ class Inference:
         self.params = params
         self.token_ids = list(prompt_ids)  # prompt + generated; the model runner reads it
         self.num_computed = 0  # tokens whose K/V are in the cache
+        self.num_pending = 0  # sampled by a step in flight, not appended yet (see BatchingManager.step)
         self.seed = params.seed  # the sampler's key for this request's draws; the runner sets one if None
         self.state = WAITING
         self.finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
@@ -91,6 +92,14 @@ class Inference:
     @property
     def done(self) -> bool:
         return self.state == FINISHED
+
+    @property
+    def num_unscheduled(self) -> int:
+        """Tokens the next step could feed: the rest of a prompt (or of a recompute), else the one last sampled;
+        none once the tokens sampled reach max_tokens (the request finishes when the last of them is read)."""
+        if len(self.output_ids) + self.num_pending >= self.params.max_tokens:
+            return 0
+        return len(self.token_ids) + self.num_pending - self.num_computed
 
     def append(self, sampled: SampledToken, now: float) -> None:
         """Record a sampled token and decide whether the request is finished."""
@@ -211,13 +220,13 @@ class Scheduler:
         budget = self.max_step_tokens
         plan: list[tuple[Inference, int]] = []
         preemptions_before = self.num_preemptions
-        decodes_first = sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed > 1)
+        decodes_first = sorted(self.running, key=lambda s: s.num_unscheduled > 1)
         for seq in decodes_first:
             if budget == 0:
                 break
-            if seq.state != RUNNING:  # preempted earlier in this loop
+            n = min(seq.num_unscheduled, budget)
+            if seq.state != RUNNING or n == 0:  # preempted earlier in this loop, or has all its tokens
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
             if self._make_room(seq, seq.num_computed + n):
                 plan.append((seq, n))
                 budget -= n
@@ -243,8 +252,8 @@ class Scheduler:
         stop at the first that does not fit in the pool) and give each a first chunk from the budget."""
         for _ in range(min(limit, len(source))):
             seq = source[0]
-            if not self.blocks.can_allocate(len(seq.token_ids)):
-                break
+            if seq.num_pending or not self.blocks.can_allocate(len(seq.token_ids)):
+                break  # (preempted while a step in flight samples its next token: resumed once it is read)
             source.popleft()
             self.blocks.allocate(seq.id, len(seq.token_ids))
             seq.state = RUNNING
@@ -283,6 +292,13 @@ class Scheduler:
         return len(self.waiting) + len(self.preempted)
 
 
+@dataclass
+class _Launched:
+    plan: list[tuple[Inference, int]]
+    launched: LaunchedStep
+    started: float  # when the engine began to schedule it
+
+
 class BatchingManager:
     """Owns the engine thread. HTTP threads call `enqueue` and wait on the Inference's Event (or read its
     stream); only the engine thread touches the scheduler, the model and the device."""
@@ -290,8 +306,10 @@ class BatchingManager:
     IDLE_SLEEP = 0.01  # seconds, the original's polling period; slept only when there is nothing to run
 
     def __init__(self, runner: ModelRunner, policy: Policy, max_step_tokens: int = 2048, max_waiting: int = 1024,
-                 on_finish: list | None = None):
+                 on_finish: list | None = None, overlap: bool | None = None):
         self.runner = runner
+        self.overlap = runner.device.type == "cuda" if overlap is None else overlap  # a CPU step is done at launch
+        self._unread: _Launched | None = None  # the step in flight, launched but not read yet
         self.policy = policy
         self.scheduler = Scheduler(policy, runner, max(max_step_tokens, policy.max_batch))
         self.max_waiting = max_waiting
@@ -304,6 +322,7 @@ class BatchingManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_step_time = time.monotonic()
+        self._last_read = 0.0  # when the last step's results were read
         self.steps = 0
         self.fatal_error: str | None = None
         self.timeline: Timeline | None = None  # set when the schedule is recorded (attach_timeline)
@@ -371,30 +390,61 @@ class BatchingManager:
             self._finish(inf, "abort", error="the server is shutting down")
 
     def step(self, meanwhile: Callable[[], None] | None = None) -> bool:
-        """Run one step; False when there was nothing to run. `meanwhile` runs while the device computes the
-        step (the engine process answers its workers then), outside the step's own error handling."""
+        """Launch the next step, then read the results of the one before it; False when there was nothing to run
+        or read. With `overlap` the host schedules and launches step N+1 while the device still computes step N,
+        whose sampled tokens step N+1's decodes take on the device; without, each step is read as soon as it is
+        launched. `meanwhile` runs after the results are read, while the device computes the step just launched
+        (the engine process answers its workers then), outside the steps' own error handling."""
         started = time.perf_counter()
         self._take_inbox()
         plan = self.scheduler.schedule()
-        if not plan:
+        launched = self._launch(plan, started) if plan else None
+        if self.overlap:
+            previous, self._unread = self._unread, launched
+            if previous is None and launched is None:
+                return False
+            if previous is not None:
+                self._read(previous)
+        elif launched is None:
             return False
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            if not self.overlap:
+                self._read(launched)
+        return True
+
+    def _launch(self, plan: list[tuple[Inference, int]], started: float) -> _Launched | None:
         try:
             launched = self.runner.launch(plan)
         except Exception as e:
-            return self._step_failed(plan, e)
-        if meanwhile is not None:
-            meanwhile()
-        try:
-            sampled = launched.wait()
-        except Exception as e:
-            return self._step_failed(plan, e)
-        self.steps += 1
-        now = time.perf_counter()
-        if self.timeline:
-            self.timeline.stepped(plan, sampled, started, now, self.scheduler, self.runner.block_manager)
+            self._step_failed(plan, e)
+            return None
+        sampling = set(launched.ids)
         for seq, n in plan:
             seq.num_computed += n
+            seq.num_pending += seq.id in sampling
+        return _Launched(plan, launched, started)
+
+    def _read(self, step: _Launched) -> None:
+        """Wait for a launched step's sampled tokens and hand them to their sequences."""
+        try:
+            sampled = step.launched.wait()
+        except Exception as e:
+            self._step_failed(step.plan, e)
+            return
+        self.steps += 1
+        now = time.perf_counter()
+        start = max(step.started, self._last_read)  # steps in flight overlap: each owns the time since the last
+        self._last_read = now
+        if self.timeline:
+            self.timeline.stepped(step.plan, sampled, start, now, self.scheduler, self.runner.block_manager)
+        for seq, _ in step.plan:
             if seq.id not in sampled:
+                continue
+            seq.num_pending -= 1
+            if seq.done:  # finished (a stop, an abort) while this step was in flight: its token is not wanted
                 continue
             try:  # one sequence's failure (detokenising, stop strings, its stream) ends that sequence only
                 seq.append(sampled[seq.id], now)
@@ -406,7 +456,6 @@ class BatchingManager:
                 log.exception("request %s failed after its step", seq.request_id)
                 if not seq.done:
                     self._finish(seq, "error", error=f"inference failed: {e!r}")
-        return True
 
     def _step_failed(self, plan: list[tuple[Inference, int]], e: Exception) -> bool:
         """Fail this step's requests and keep serving the rest."""

@@ -352,7 +352,8 @@ def _engine_main(address: str) -> None:
         control.send(("failed", f"{type(e).__name__}: {e}"))
         return
     manager = BatchingManager(runner, make_policy(settings.policy, settings.max_batch), settings.max_step_tokens,
-                              max_waiting=1 << 62)  # the workers refuse what does not fit, before sending
+                              max_waiting=1 << 62,  # the workers refuse what does not fit, before sending
+                              overlap=settings.overlap_steps and runner.device.type == "cuda")
     manager.attach_timeline(Timeline())
     stats = ServerStats(settings.policy, settings.data_dir)
     manager.on_finish.append(stats.record)
@@ -390,7 +391,7 @@ class _EngineLoop:
     def run(self) -> None:
         try:
             while not self.stopping:
-                # the exchange with the workers runs while the device computes the step: what the last step
+                # the exchange with the workers runs while the device computes a step: what the last step read
                 # produced goes out, and new requests come in, without adding host time to the step
                 if self.manager.step(meanwhile=self._exchange):
                     continue

@@ -1,26 +1,27 @@
 """`decode`: milliseconds per decode step of our engine at fixed batch sizes and context, beside the roofline.
 
-Each batch is `batch` sequences whose first ctx-1 tokens are already "in" the KV cache (blocks allocated, the
-step writes and attends over ctx slots; what the slots hold does not change the work), each adding one token:
-exactly what a decode step of the server does, host-side packing and sampling included. The model's forward
-alone is timed too, so the host's share shows. Reference lines from the same process: HF transformers' decode
-step at the same batch and context, and on a GPU an idealised step (contiguous cache, SDPA, one
-CUDA graph).
+Each batch is `batch` requests decoding in our engine (a BatchingManager stepped on this thread, as the server
+steps it), timed between the ends of consecutive steps once every prompt is in the cache: what a decode step of
+the server costs, host side included (packing, sampling, reading the tokens back, the requests' bookkeeping). On
+a GPU the engine prepares and launches each step while the one before still runs, so the host's work hides
+behind the GPU's where it is shorter. The context grows by a token a step; the prompts are sized so that the
+timed steps attend over `ctx` tokens on average. The model's forward alone is timed too (on a GPU the decode
+graph replayed back to back). Reference lines from the same process: HF transformers' decode step at the same
+batch and context, and on a GPU an idealised step (contiguous cache, SDPA, one CUDA graph, replayed back to back).
 """
 import argparse
 import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from bench import engine, ideal_step, peers, roofline
 from bench.common import ResultFile, resolve, run_info, sync
+from bench.workloads import Request
 from engine.runner import ModelRunner, kv_bytes_per_token
-from engine.sampler import SamplingParams
 
 CPU = dict(batches="1,8,32,64")
 FULL = dict(batches="1,8,32,128,256")
@@ -33,16 +34,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="time budget per batch size (at least 3 steps)")
     p.add_argument("--peers", default="hf", help="hf: time HF transformers' decode step at the same sizes "
                                                  "(empty: none)")
-
-
-@dataclass
-class DecodingSequence:
-    """What the model runner reads of a sequence (runner.Sequence)."""
-    id: int
-    token_ids: list[int]
-    num_computed: int
-    params: SamplingParams
-    seed: int | None = None
 
 
 def timed(step: Callable[[], object], device: torch.device, iters: int, seconds: float) -> list[float]:
@@ -60,14 +51,37 @@ def timed(step: Callable[[], object], device: torch.device, iters: int, seconds:
     return times
 
 
-def time_our_step(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds: float) -> dict:
-    """Median ms of the whole step (runner.run) and of the model's forward inside it (a graph's replay)."""
+def engine_step_times(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds: float) -> list[float]:
+    """Seconds between the ends of consecutive decode steps of `batch` requests in the engine, after every
+    prompt is in the cache and two more steps: at most `iters` steps, fewer if `seconds` run out, at least 3."""
     rng = random.Random(batch)
     vocab = runner.model.config.vocab_size
-    seqs = [DecodingSequence(i, [rng.randrange(vocab) for _ in range(ctx)], ctx - 1, SamplingParams(temperature=0))
-            for i in range(batch)]
-    for s in seqs:
-        runner.block_manager.allocate(s.id, ctx)
+    prompt_len = max(1, ctx - 1 - iters // 2)
+    manager = engine.make_manager(runner, "dynamic", batch, max(2048, batch))
+    requests = [manager.enqueue(engine.make_inference(Request([rng.randrange(vocab) for _ in range(prompt_len)],
+                                                              iters + 8))) for _ in range(batch)]
+    while not all(r.output_ids for r in requests):  # prefill (and the first token)
+        manager.step()
+    for _ in range(2):
+        manager.step()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    last = time.perf_counter()
+    while len(times) < iters and (len(times) < 3 or time.perf_counter() < deadline):
+        manager.step()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
+    for r in requests:
+        manager.abort(r)
+    while manager.step():  # the aborts, and the step still in flight
+        pass
+    assert runner.block_manager.num_free == runner.block_manager.num_blocks, "the benchmark leaked KV blocks"
+    return times
+
+
+def time_our_step(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds: float) -> dict:
+    """Median ms of the engine's decode step and of the model's forward alone (on a GPU a graph's replay)."""
     forward_times: list[float] = []
 
     def before_forward(*_):
@@ -80,17 +94,16 @@ def time_our_step(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds
 
     hooks = [runner.model.register_forward_pre_hook(before_forward), runner.model.register_forward_hook(after_forward)]
     try:
-        step_times = timed(lambda: runner.run([(s, 1) for s in seqs]), runner.device, iters, seconds)
-        if not forward_times and runner.graphs:  # a replayed graph runs no Python forward: time its replay alone
-            graph = runner.graphs.graphs[next(b for b in runner.graphs.buckets if b >= batch)]
-            forward_times = [0.0, 0.0] + timed(lambda: (graph.replay(), sync(runner.device)), runner.device, iters,
-                                               seconds)
+        step_times = engine_step_times(runner, batch, ctx, iters, seconds)
     finally:
         for h in hooks:
             h.remove()
-        for s in seqs:
-            runner.block_manager.free(s.id)
-    return dict(step_ms=statistics.median(step_times) * 1e3, forward_ms=statistics.median(forward_times[2:]) * 1e3,
+    if runner.graphs:  # a replayed graph runs no Python forward: time the decode graph's replay alone
+        graph = runner.graphs.graphs[next(b for b in runner.graphs.buckets if b >= batch)]
+        forward_times = timed(lambda: (graph.replay(), sync(runner.device)), runner.device, iters, seconds)
+    else:  # the eager forwards of the timed steps
+        forward_times = forward_times[-len(step_times):]
+    return dict(step_ms=statistics.median(step_times) * 1e3, forward_ms=statistics.median(forward_times) * 1e3,
                 steps=len(step_times), graphs=runner.graphs is not None)
 
 
@@ -98,8 +111,8 @@ def main(args: argparse.Namespace) -> str:
     device, dtype = resolve(args, CPU, FULL)
     batches = [int(b) for b in args.batches.split(",")]
     result = ResultFile(args, "decode", run_info(device, dtype, args.model))
-    runner = engine.build_runner(args.model, device, dtype, num_blocks=max(batches) * -(-args.ctx // 16),
-                                 max_batch=max(batches))
+    runner = engine.build_runner(args.model, device, dtype,
+                                 num_blocks=max(batches) * -(-(args.ctx + args.iters + 16) // 16), max_batch=max(batches))
     bandwidth = roofline.copy_bandwidth(device)
     weights = roofline.weight_bytes(runner.model)
     kv_per_token = kv_bytes_per_token(runner.model, dtype)

@@ -23,8 +23,11 @@ def main() -> None:
     engine.run_burst(runner, "dynamic", requests[:32], 128, 2048)
     stats = collections.defaultdict(lambda: [0, 0.0, 0, 0])  # kind -> steps, seconds, decode rows, prefill tokens
     launch = runner.launch
+    last_read = [0.0]
 
-    def timed_launch(plan):  # a step is timed from its launch to the end of its wait for the sampled tokens
+    def timed_launch(plan):
+        """A step is timed from its launch, or from the end of the wait of the step before when the engine
+        launched it while that one ran, to the end of its own wait for the sampled tokens."""
         start, launched = time.perf_counter(), launch(plan)
         wait = launched.wait
 
@@ -33,7 +36,9 @@ def main() -> None:
             decodes = sum(1 for _, n in plan if n == 1)
             s = stats["decode" if decodes == len(plan) else "mixed"]
             s[0] += 1
-            s[1] += time.perf_counter() - start
+            now = time.perf_counter()
+            s[1] += now - max(start, last_read[0])
+            last_read[0] = now
             s[2] += decodes
             s[3] += sum(n for _, n in plan if n > 1)
             return out

@@ -15,6 +15,7 @@ class Settings:
     dtype: str = "auto"
     attention: str = "auto"  # reference | triton; auto: triton on a GPU, reference on a CPU
     cuda_graphs: bool = True  # decode steps replay captured graphs on a GPU
+    overlap_steps: bool = True  # on a GPU, each step is prepared and launched while the one before runs
     max_batch: int = 128
     max_step_tokens: int = 2048
     max_waiting: int = 1024

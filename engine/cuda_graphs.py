@@ -5,7 +5,9 @@ Two families share one memory pool. Decode graphs, one per batch-size bucket, ru
 one token, through the split-context decode kernel. Mixed graphs, one per token-count bucket, run any other step
 (prefill chunks, with or without decodes) with max_batch sequence slots, every sequence through the prefill
 kernel's work list. A step replays the smallest bucket that fits; its inputs (token ids, positions, slots, context
-lengths, block tables, ...) are written into one pinned host buffer and reach the device in one copy. Padding
+lengths, block tables, ...) are written into one pinned host buffer and reach the device in one copy. Two host
+buffers take turns: the engine writes step N+1's inputs while step N's copy may still be queued. A token the host
+does not know yet (sampled by the step before) is taken on the device from the runner's `sampled` ids. Padding
 rows write their K/V into the pool's spare block (`BlockManager.pad_slot`) and belong to no sequence, so a padded
 step never writes into a block that belongs to a sequence, whatever the buffers held before. Each graph also
 takes the argmax of its logits, so a greedy step reads back token ids and nothing else.
@@ -33,21 +35,33 @@ def token_buckets(max_tokens: int) -> list[int]:
     return [n for n in (32, 64, 128, 256, 512, 1024, 2048, 4096) if n < max_tokens] + [max_tokens]
 
 
+def step_token_ids(ids: torch.Tensor, from_device: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """Each row's token id: the host's, or where from_device >= 0 the id the previous step sampled in that row of
+    `sampled` (a row of -1 reads sampled[-1] and drops it)."""
+    return torch.where(from_device >= 0, sampled[from_device], ids)
+
+
 class StepGraphs:
-    """Graphs of one family over one int64 input buffer made of named sections, pinned on the host."""
+    """Graphs of one family over one int64 input buffer made of named sections: two pinned host copies that take
+    turns, one on the device."""
 
     def __init__(self, model: GPT, buckets: list[int], sections: dict[str, tuple[int, ...]], vocab_size: int,
-                 device: torch.device):
-        self.model, self.buckets, self.vocab_size = model, buckets, vocab_size
+                 sampled: torch.Tensor):
+        self.model, self.buckets, self.vocab_size, self.sampled = model, buckets, vocab_size, sampled
+        sections = dict(sections, from_device=sections["ids"])
         size = sum(int(np.prod(shape)) for shape in sections.values())
-        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
-        self.device_buffer = torch.zeros_like(self.host, device=device)
-        self.h, self.d, start = {}, {}, 0  # section name -> host (numpy) and device views
+        self.hosts = [torch.zeros(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self.device_buffer = torch.zeros_like(self.hosts[0], device=sampled.device)
+        self.staging: list[dict[str, np.ndarray]] = [{}, {}]  # per host buffer: section name -> numpy view
+        self.d, start = {}, 0  # section name -> device view
         for name, shape in sections.items():
             n = int(np.prod(shape))
-            self.h[name] = self.host.numpy()[start:start + n].reshape(shape)
+            for host, views in zip(self.hosts, self.staging):
+                views[name] = host.numpy()[start:start + n].reshape(shape)
+                views[name][:] = -1 if name == "from_device" else 0
             self.d[name] = self.device_buffer[start:start + n].view(shape)
             start += n
+        self.turn = 0  # the host buffer the last step was written into
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # each graph's (logits, argmax ids)
 
@@ -58,9 +72,15 @@ class StepGraphs:
     def _forward(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _next_host(self) -> dict[str, np.ndarray]:
+        """The host buffer to write the next step into: the one the step before last used, whose copy to the
+        device is done (the engine has read that step's results, which came after it on the stream)."""
+        self.turn ^= 1
+        return self.staging[self.turn]
+
     def capture(self, pool=None):
         """Capture every bucket, largest first; returns the memory pool, for the next family to share."""
-        self.device_buffer.copy_(self.host)
+        self.device_buffer.copy_(self.hosts[self.turn])
         for bucket in reversed(self.buckets):
             side = torch.cuda.Stream()  # warm up (compile kernels, pick algorithms) off the capture
             side.wait_stream(torch.cuda.current_stream())
@@ -75,61 +95,65 @@ class StepGraphs:
         return pool
 
     def _replay(self, bucket: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Send the host buffer (rewritten only after the previous step's results were read back, which waited
-        for its copy) and replay; the first `rows` rows of the logits and their argmax."""
-        self.device_buffer.copy_(self.host, non_blocking=True)
+        """Send the host buffer of this turn and replay; the first `rows` rows of the logits and their argmax."""
+        self.device_buffer.copy_(self.hosts[self.turn], non_blocking=True)
         self.graphs[bucket].replay()
         logits, argmax = self.outputs[bucket]
         return logits[:rows], argmax[:rows]
 
-    def _logits(self, ids, positions, meta, sample_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(ids, positions, meta, sample_rows)
+    def _logits(self, n: int, meta: AttentionMetadata, sample_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.d
+        ids = step_token_ids(d["ids"][:n], d["from_device"][:n], self.sampled)
+        logits = self.model(ids, d["positions"][:n], meta, sample_rows)
         return logits, logits[:, :self.vocab_size].argmax(dim=-1)
 
 
 class DecodeGraphs(StepGraphs):
 
     def __init__(self, model: GPT, max_batch: int, table_width: int, pad_slot: int, vocab_size: int,
-                 device: torch.device):
+                 sampled: torch.Tensor):
         n = max_batch
         super().__init__(model, batch_buckets(max_batch), dict(ids=(n,), positions=(n,), slots=(n,),
-                         context_lens=(n,), block_tables=(n, table_width)), vocab_size, device)
+                         context_lens=(n,), block_tables=(n, table_width)), vocab_size, sampled)
         self.pad_slot = pad_slot
-        self._pad(0, n)
+        for h in self.staging:
+            self._pad(h, 0, n)
 
     def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.d
         meta = AttentionMetadata(slot_mapping=d["slots"][:b], block_tables=d["block_tables"][:b],
                                  context_lens=d["context_lens"][:b], num_decodes=b, query_start=d["ids"][:1],
                                  prefill_work=d["ids"][:0], block_m=BLOCK_M)
-        return self._logits(d["ids"][:b], d["positions"][:b], meta)
+        return self._logits(b, meta)
 
-    def _pad(self, lo: int, hi: int) -> None:
-        h = self.h
-        h["ids"][lo:hi], h["positions"][lo:hi], h["slots"][lo:hi], h["context_lens"][lo:hi] = 0, 0, self.pad_slot, 1
+    def _pad(self, h: dict[str, np.ndarray], lo: int, hi: int) -> None:
+        h["ids"][lo:hi], h["from_device"][lo:hi], h["positions"][lo:hi] = 0, -1, 0
+        h["slots"][lo:hi], h["context_lens"][lo:hi] = self.pad_slot, 1
 
-    def run(self, ids: np.ndarray, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, ids: np.ndarray, from_device: np.ndarray, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step of B sequences: (B, vocab) fp32 logits and (B,) argmax ids."""
         B = len(ids)
         b = next(bucket for bucket in self.buckets if bucket >= B)
-        h = self.h
-        h["ids"][:B], h["positions"][:B], h["slots"][:B] = ids, step.positions, step.slots
+        h = self._next_host()
+        h["ids"][:B], h["from_device"][:B], h["positions"][:B], h["slots"][:B] = ids, from_device, step.positions, \
+            step.slots
         h["context_lens"][:B], h["block_tables"][:B] = step.context_lens, step.block_tables
-        self._pad(B, b)
+        self._pad(h, B, b)
         return self._replay(b, B)
 
 
 class MixedGraphs(StepGraphs):
 
     def __init__(self, model: GPT, max_tokens: int, max_batch: int, table_width: int, pad_slot: int,
-                 vocab_size: int, device: torch.device):
+                 vocab_size: int, sampled: torch.Tensor):
         n, s = max_tokens, max_batch
         self.max_items = -(-n // BLOCK_M) + s  # query tiles of any packing of n tokens into s sequences
         super().__init__(model, token_buckets(max_tokens), dict(
             ids=(n,), positions=(n,), slots=(n,), sample_rows=(s,), context_lens=(s,), query_start=(s + 1,),
-            block_tables=(s, table_width), work=(self.max_items, 2)), vocab_size, device)
+            block_tables=(s, table_width), work=(self.max_items, 2)), vocab_size, sampled)
         self.pad_slot, self.max_batch = pad_slot, max_batch
-        self.h["slots"][:], self.h["context_lens"][:], self.h["work"][:] = pad_slot, 1, -1
+        for h in self.staging:
+            h["slots"][:], h["context_lens"][:], h["work"][:] = pad_slot, 1, -1
 
     def _items(self, n: int) -> int:
         return -(-n // BLOCK_M) + self.max_batch
@@ -139,15 +163,17 @@ class MixedGraphs(StepGraphs):
         meta = AttentionMetadata(slot_mapping=d["slots"][:n], block_tables=d["block_tables"],
                                  context_lens=d["context_lens"], num_decodes=0, query_start=d["query_start"],
                                  prefill_work=d["work"][:self._items(n)], block_m=BLOCK_M)
-        return self._logits(d["ids"][:n], d["positions"][:n], meta, d["sample_rows"])
+        return self._logits(n, meta, d["sample_rows"])
 
-    def run(self, ids: np.ndarray, step: StepInputs, sample_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, ids: np.ndarray, from_device: np.ndarray, step: StepInputs,
+            sample_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Any step of at most max_batch sequences and max_tokens tokens: logits and argmax of sample_rows."""
         N, B, k = len(ids), len(step.query_lens), len(sample_rows)
         n = next(bucket for bucket in self.buckets if bucket >= N)
-        h = self.h
-        h["ids"][:N], h["positions"][:N], h["slots"][:N] = ids, step.positions, step.slots
-        h["ids"][N:n], h["positions"][N:n], h["slots"][N:n] = 0, 0, self.pad_slot  # rows of no sequence
+        h = self._next_host()
+        h["ids"][:N], h["from_device"][:N], h["positions"][:N], h["slots"][:N] = ids, from_device, step.positions, \
+            step.slots
+        h["ids"][N:n], h["from_device"][N:n], h["positions"][N:n], h["slots"][N:n] = 0, -1, 0, self.pad_slot
         h["sample_rows"][:k], h["sample_rows"][k:] = sample_rows, 0
         h["context_lens"][:B], h["context_lens"][B:] = step.context_lens, 1
         h["query_start"][0], h["query_start"][1:B + 1], h["query_start"][B + 1:] = 0, np.cumsum(step.query_lens), N

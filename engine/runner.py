@@ -2,8 +2,13 @@
 
 `run(plan)` turns the sequences the scheduler picked (each with how many new tokens it contributes) into one
 packed forward, decodes first: flat token ids, positions and slot mapping built with numpy, block tables and
-context lengths; then one sampler call for every sequence that has reached the end of its known tokens. A
-decode-only step on a GPU replays a captured graph; any other step runs eagerly.
+context lengths; then one sampler call for every sequence that has reached the end of its tokens. On a GPU a
+step replays a captured graph (decode-only or mixed) when one fits, else it runs eagerly.
+
+`launch(plan)` queues the step and returns at once, so the engine can prepare the next step while the device
+computes this one. The next step's decodes then feed tokens the host does not know yet: a sequence's
+`num_pending` token was sampled by the step launched last, and the device takes it from that step's sampled ids
+(`sampled`, in the runner's memory) by row, in place of an id from the host.
 """
 import itertools
 import logging
@@ -13,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.attention import metadata as attention_metadata, reference
-from engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_all
+from engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_all, step_token_ids
 from engine.kv_cache import BlockManager
 from engine.sampler import Drawn, SampledToken, Sampler, SamplingParams
 from model import GPT
@@ -25,6 +30,7 @@ class Sequence(Protocol):
     id: int
     token_ids: list[int]  # prompt + generated so far
     num_computed: int  # tokens whose K/V are already in the cache
+    num_pending: int  # 1 when the step launched last sampled a token the host has not read yet (it follows token_ids)
     params: SamplingParams
     seed: int | None  # set by the runner at the first draw when the request gave none
 
@@ -67,15 +73,18 @@ class ModelRunner:
         self.table_width = -(-c.block_size // block_size)  # blocks of the longest context
         self.block_manager = BlockManager(num_blocks, block_size, self.table_width)
         self.sampler = Sampler(device, min(vocab_size or c.vocab_size, c.vocab_size), seed)
+        self.max_batch = max_batch
+        self.sampled = torch.zeros(max_batch, dtype=torch.int64, device=device)  # the last step's ids, by row
+        self._sampled_rows: dict[int, int] = {}  # sequence id -> its row in `sampled`
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GB); attention: %s", num_blocks, block_size,
                  num_blocks * block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 1e9, attention)
         self.graphs = self.mixed_graphs = None
         self.capture: dict = {}  # what capturing the graphs took (count, seconds, MiB)
         if cuda_graphs and device.type == "cuda" and attention == "triton":
             pad_slot, vocab = self.block_manager.pad_slot, self.sampler.vocab_size
-            self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, device)
+            self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled)
             self.mixed_graphs = MixedGraphs(self.model, max(max_step_tokens, max_batch), max_batch, self.table_width,
-                                            pad_slot, vocab, device)
+                                            pad_slot, vocab, self.sampled)
             self.capture = capture_all([self.graphs, self.mixed_graphs])
 
     def _blocks_that_fit(self, block_size: int, kv_cache_gb: float, gpu_memory_utilization: float) -> int:
@@ -97,16 +106,14 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: list[tuple[Sequence, int]]) -> LaunchedStep:
         """`run`, queued on the device: the host is free until it waits for the sampled tokens."""
+        if len(plan) > self.max_batch:
+            raise ValueError(f"a step of {len(plan)} sequences, more than max_batch={self.max_batch}")
         plan = sorted(plan, key=lambda item: item[1] != 1)  # decodes first (a stable sort keeps the rest)
         seqs = [seq for seq, _ in plan]
-        query_lens, computed, known = np.array([(n, seq.num_computed, len(seq.token_ids)) for seq, n in plan],
-                                               dtype=np.int64).T
+        query_lens, computed, known = np.array([(n, seq.num_computed, len(seq.token_ids) + seq.num_pending)
+                                                for seq, n in plan], dtype=np.int64).T
         context_lens = computed + query_lens
-        if len(plan) == query_lens.sum():  # one token each: no slices to build
-            ids = np.array([seq.token_ids[seq.num_computed] for seq in seqs], dtype=np.int64)
-        else:
-            ids = np.array(list(itertools.chain.from_iterable(
-                seq.token_ids[seq.num_computed:seq.num_computed + n] for seq, n in plan)), dtype=np.int64)
+        ids, from_device = self._token_ids(plan)
         samples = context_lens == known  # the rest are mid-prompt chunks
         sample_rows = (np.cumsum(query_lens) - 1)[samples]
         bm = self.block_manager
@@ -115,15 +122,16 @@ class ModelRunner:
         argmax = None
         mixed = self.mixed_graphs
         if self.graphs and step.num_decodes == len(seqs) <= self.graphs.max_bucket:
-            logits, argmax = self.graphs.run(ids, step)
+            logits, argmax = self.graphs.run(ids, from_device, step)
             if not samples.all():  # a prompt's single-token chunk that is not its last
                 rows = torch.from_numpy(sample_rows).to(self.device)  # a decode step's rows are its sequences
                 logits, argmax = logits[rows], argmax[rows]
         elif mixed and len(ids) <= mixed.max_bucket and len(seqs) <= mixed.max_batch:
-            logits, argmax = mixed.run(ids, step, sample_rows)
+            logits, argmax = mixed.run(ids, from_device, step, sample_rows)
         else:
-            logits = self._forward(ids, step, sample_rows)
+            logits = self._forward(ids, step, sample_rows, from_device)
         samplers = [seq for seq, sample in zip(seqs, samples) if sample]
+        self._sampled_rows = {seq.id: row for row, seq in enumerate(samplers)}
         if not samplers:
             return LaunchedStep([], None)
         for seq in samplers:
@@ -131,11 +139,34 @@ class ModelRunner:
                 seq.seed = self.sampler.new_seed()
         drawn = self.sampler.draw(logits, [s.params for s in samplers], [s.seed for s in samplers],
                                   known[samples].tolist(), argmax)
+        self.sampled[:len(samplers)].copy_(drawn.tokens)
         return LaunchedStep([seq.id for seq in samplers], drawn)
 
-    def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray) -> torch.Tensor:
+    def _token_ids(self, plan: list[tuple[Sequence, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The step's token ids as far as the host knows them, and for each the row of `sampled` to take it from
+        instead (-1: the host's id). Only a decode can feed a pending token: the step that sampled it was the
+        sequence's last, and the one before this."""
+        if all(n == 1 for _, n in plan):  # one token each: no slices to build
+            ids = np.array([seq.token_ids[seq.num_computed] if seq.num_computed < len(seq.token_ids) else 0
+                            for seq, _ in plan], dtype=np.int64)
+        else:
+            ids = np.array(list(itertools.chain.from_iterable(  # a pending token's slice is empty: 0 holds its row
+                seq.token_ids[seq.num_computed:seq.num_computed + n] or [0] for seq, n in plan)), dtype=np.int64)
+        from_device = np.full(len(ids), -1, dtype=np.int64)
+        for row, (seq, n) in enumerate(plan):  # decodes come first, a row each
+            if n != 1:
+                break
+            if seq.num_computed == len(seq.token_ids):  # its token is the pending one
+                from_device[row] = self._sampled_rows[seq.id]
+        return ids, from_device
+
+    def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray,
+                 from_device: np.ndarray | None = None) -> torch.Tensor:
         meta = attention_metadata.build_metadata(step, self.device)
         if self.attention == "reference":
             meta.reference = reference.plan(step, self.block_manager.block_size, self.device)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
-        return self.model(as_tensor(ids), as_tensor(step.positions), meta, as_tensor(sample_rows))
+        tokens = as_tensor(ids)
+        if from_device is not None and (from_device >= 0).any():
+            tokens = step_token_ids(tokens, as_tensor(from_device), self.sampled)
+        return self.model(tokens, as_tensor(step.positions), meta, as_tensor(sample_rows))

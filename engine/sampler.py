@@ -98,32 +98,43 @@ class Sampler:
 
 
 class Drawn:
-    """A step's draw, queued on the device."""
+    """A step's draw, queued on the device with its copy to the host: the tokens, and the log-probabilities where
+    asked for (computed now, before a later step overwrites the logits)."""
 
     def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]):
-        self.logits, self.tokens, self.params = logits, tokens, params
+        self.logits, self.tokens, self.params = logits, tokens, params  # a graph's: valid until it replays again
+        self.logprob_rows = [b for b, p in enumerate(params) if p.logprobs is not None]
+        on_device = [tokens]
+        if self.logprob_rows:
+            on_device += self._logprobs(logits, tokens)
+        self._host = [t.to("cpu", non_blocking=True) for t in on_device]  # pinned: the copies do not block
+        self._copied = None
+        if tokens.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    @torch.inference_mode()
+    def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The chosen tokens' logprobs and the top alternatives of the rows that asked for them."""
+        rows = self.logprob_rows
+        k = max(self.params[b].logprobs for b in rows)
+        logp = torch.log_softmax(logits[rows], dim=-1)
+        top = logp.topk(max(k, 1))
+        return [logp.gather(1, tokens[rows][:, None]).squeeze(1), top.indices, top.values]
 
     def collect(self) -> list[SampledToken]:
         """The sampled tokens (and logprobs where asked for): the step's one wait for the device."""
-        result = [SampledToken(t) for t in self.tokens.tolist()]
-        if any(p.logprobs is not None for p in self.params):
-            self._add_logprobs(result)
+        if self._copied is not None:
+            self._copied.synchronize()
+        result = [SampledToken(t) for t in self._host[0].tolist()]
+        if self.logprob_rows:
+            chosen, top_ids, top_values = (t.tolist() for t in self._host[1:])
+            for j, b in enumerate(self.logprob_rows):
+                result[b].logprob = chosen[j]
+                n = self.params[b].logprobs
+                if n:
+                    result[b].top_logprobs = dict(zip(top_ids[j][:n], top_values[j][:n]))
         return result
-
-    @torch.inference_mode()
-    def _add_logprobs(self, result: list[SampledToken]) -> None:
-        params = self.params
-        rows = [b for b, p in enumerate(params) if p.logprobs is not None]
-        k = max(params[b].logprobs for b in rows)
-        logp = torch.log_softmax(self.logits[rows], dim=-1)
-        chosen = logp.gather(1, self.tokens[rows][:, None]).squeeze(1).tolist()
-        top = logp.topk(max(k, 1))
-        top_ids, top_values = top.indices.tolist(), top.values.tolist()
-        for j, b in enumerate(rows):
-            result[b].logprob = chosen[j]
-            n = params[b].logprobs
-            if n:
-                result[b].top_logprobs = dict(zip(top_ids[j][:n], top_values[j][:n]))
 
 
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:

@@ -158,13 +158,17 @@ def scripted(manager: BatchingManager, tokens: list[int]) -> None:
     """The model 'samples' `tokens` in order, whatever the prompt."""
     script = iter(tokens)
     manager.runner.launch = lambda plan: Sampled({seq.id: SampledToken(next(script)) for seq, n in plan
-                                                  if seq.num_computed + n == len(seq.token_ids)})
+                                                  if seq.num_computed + n == len(seq.token_ids) + seq.num_pending})
 
 
 @dataclasses.dataclass
 class Sampled:
     """A launched step whose tokens are known already (a scripted model's)."""
     tokens: dict[int, SampledToken]
+
+    @property
+    def ids(self) -> list[int]:
+        return list(self.tokens)
 
     def wait(self) -> dict[int, SampledToken]:
         return self.tokens

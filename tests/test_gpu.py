@@ -1,6 +1,7 @@
 """The GPU path against the CPU fp32 reference (skipped without CUDA; run on the device machine): Triton attention,
 decode CUDA graphs, bf16."""
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from conftest import assert_nothing_leaked, request, run_until_idle
 from batching import BatchingManager, make_policy
 from engine.loader import from_pretrained
 from engine.runner import ModelRunner
+from engine.sampler import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -58,9 +60,18 @@ def test_the_reference_attention_on_gpu_gives_the_cpu_tokens(tiny_model_dir):
     assert greedy(ref, w) == greedy(cpu_runner(tiny_model_dir), w)
 
 
+@dataclass
+class DecodingSequence:
+    """What the model runner reads of a sequence (runner.Sequence)."""
+    id: int
+    token_ids: list[int]
+    num_computed: int
+    params: SamplingParams
+    seed: int | None = None
+    num_pending: int = 0
+
+
 def decode_plan(runner: ModelRunner, n: int, ctx: int, seed: int = 0):
-    from bench.decode import DecodingSequence
-    from engine.sampler import SamplingParams
     rng = random.Random(seed)
     seqs = [DecodingSequence(i, [rng.randrange(50257) for _ in range(ctx + i)], ctx + i - 1,
                              SamplingParams(temperature=0)) for i in range(n)]
@@ -84,7 +95,8 @@ def test_graph_replay_gives_the_eager_logits_of_the_same_step(tiny_model_dir):
     ctx = np.array([len(s.token_ids) for s in seqs])
     ids = np.array([s.token_ids[-1] for s in seqs])
     step = pack_step(q, ctx, bm.table_array([s.id for s in seqs], runner.table_width), bm.block_size)
-    replayed = runner.graphs.run(ids, step)[0].clone()
+    host = np.full(5, -1)
+    replayed = runner.graphs.run(ids, host, step)[0].clone()
     eager = runner._forward(ids, step, np.arange(5))
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
 
@@ -103,9 +115,33 @@ def test_a_mixed_step_on_a_graph_gives_the_eager_logits(tiny_model_dir):
     ids = np.concatenate([s.token_ids[-n:] for s, n in zip(seqs, chunks)])
     step = pack_step(q, ctx, bm.table_array([s.id for s in seqs], runner.table_width), bm.block_size)
     rows = np.cumsum(q) - 1
-    replayed = runner.mixed_graphs.run(ids, step, rows)[0].clone()
+    host = np.full(len(ids), -1)
+    replayed = runner.mixed_graphs.run(ids, host, step, rows)[0].clone()
     eager = runner._forward(ids, step, rows)
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", ["decode graph", "mixed graph", "eager"])
+@torch.inference_mode()
+def test_decodes_fed_on_the_device_with_the_last_steps_tokens_give_the_logits_of_host_fed_ones(tiny_model_dir, path):
+    runner = gpu_runner(tiny_model_dir)
+    seqs = decode_plan(runner, 5, 40)
+    prompt = seqs[4]  # the mixed graph's and the eager step's prefill beside the decodes
+    for s in seqs[:4]:
+        runner.block_manager.grow(s.id, len(s.token_ids) + 1)
+    first = runner.launch([(s, 1) for s in seqs[:4]])  # samples each decode's next token, on the device
+    for s in seqs[:4]:
+        s.num_computed, s.num_pending = len(s.token_ids), 1
+    plan = [(s, 1) for s in seqs[:4]] + ([(prompt, len(prompt.token_ids))] if path != "decode graph" else [])
+    prompt.num_computed = 0
+    if path == "eager":
+        runner.graphs = runner.mixed_graphs = None
+    on_device = runner.launch(plan).drawn.logits.clone()
+    for s, token in zip(seqs[:4], first.wait().values()):  # the same step, its tokens from the host
+        s.token_ids.append(token.token)
+        s.num_pending = 0
+    want = runner.launch(plan).drawn.logits
+    torch.testing.assert_close(on_device, want, atol=1e-4, rtol=1e-4)
 
 
 @torch.inference_mode()

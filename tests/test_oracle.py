@@ -1,6 +1,7 @@
 """The floor under every speed-up: greedy tokens equal HF transformers' GPT2LMHeadModel (fp32, CPU, same weights),
 for every policy, with concurrent requests of different prompt and output lengths, chunked prefill and
-preemption."""
+preemption; with steps read as soon as they run, and overlapped (the next step launched before the last is read,
+its decodes fed on the device with tokens the host has not seen yet)."""
 import random
 
 import numpy as np
@@ -39,40 +40,49 @@ def generate_all(manager, work):
     return [r.output_ids for r in reqs]
 
 
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["read-at-once", "overlapped"])
+
+
+@OVERLAP
 @pytest.mark.parametrize("policy", ["nobatch", "static", "dynamic"])
-def test_greedy_tokens_equal_hf_for_each_policy(tiny_model_dir, expected, policy):
+def test_greedy_tokens_equal_hf_for_each_policy(tiny_model_dir, expected, policy, overlap):
     work, want = expected
-    manager = make_manager(tiny_model_dir, policy)
+    manager = make_manager(tiny_model_dir, policy, overlap=overlap)
     assert generate_all(manager, work) == want
 
 
-def test_greedy_tokens_equal_hf_with_chunked_prefill(tiny_model_dir, expected):
+@OVERLAP
+def test_greedy_tokens_equal_hf_with_chunked_prefill(tiny_model_dir, expected, overlap):
     work, want = expected
-    manager = make_manager(tiny_model_dir, "dynamic", max_batch=4, max_step_tokens=7)
+    manager = make_manager(tiny_model_dir, "dynamic", max_batch=4, max_step_tokens=7, overlap=overlap)
     assert generate_all(manager, work) == want
 
 
+@OVERLAP
 @pytest.mark.parametrize("policy", ["static", "dynamic"])
-def test_greedy_tokens_equal_hf_under_preemption(tiny_model_dir, expected, policy):
+def test_greedy_tokens_equal_hf_under_preemption(tiny_model_dir, expected, policy, overlap):
     work, want = expected
     # 16 blocks of 4 tokens hold any one request (<= 64 tokens) but not all of them at once
-    manager = make_manager(tiny_model_dir, policy, num_blocks=16, block_size=4)
+    manager = make_manager(tiny_model_dir, policy, num_blocks=16, block_size=4, overlap=overlap)
     assert generate_all(manager, work) == want
     assert manager.scheduler.num_preemptions > 0
 
 
-def test_greedy_tokens_equal_hf_with_the_triton_kernels(tiny_model_dir, expected):
+@OVERLAP
+def test_greedy_tokens_equal_hf_with_the_triton_kernels(tiny_model_dir, expected, overlap):
     """The GPU path's attention (interpreted on a CPU): decodes, chunked prefill with prior context, preemption."""
     pytest.importorskip("triton")
     work, want = expected
-    manager = make_manager(tiny_model_dir, "dynamic", num_blocks=16, max_step_tokens=7, attention="triton")
+    manager = make_manager(tiny_model_dir, "dynamic", num_blocks=16, max_step_tokens=7, attention="triton",
+                           overlap=overlap)
     assert generate_all(manager, work) == want
     assert manager.scheduler.num_preemptions > 0
 
 
-def test_requests_joining_mid_generation_do_not_change_tokens(tiny_model_dir, expected):
+@OVERLAP
+def test_requests_joining_mid_generation_do_not_change_tokens(tiny_model_dir, expected, overlap):
     work, want = expected
-    manager = make_manager(tiny_model_dir, "dynamic")
+    manager = make_manager(tiny_model_dir, "dynamic", overlap=overlap)
     reqs = []
     for p, n in work:  # one new request every three steps, while the others decode
         reqs.append(manager.enqueue(request(p, n)))

@@ -1,0 +1,94 @@
+"""Overlapped steps: the engine launches step N+1 before it reads step N's tokens, and step N+1's decodes take
+those tokens on the device. What that must not change: tokens (test_oracle.py runs the HF oracle both ways),
+sampled draws and logprobs, where a request ends, and what is freed. On a CPU a step is done at launch, so these
+tests switch the overlap on by hand; on a GPU it is the default (test_gpu.py)."""
+from conftest import assert_nothing_leaked, make_manager, request, run_until_idle, scripted
+from engine.tokenizer import EOT_TOKEN, encode
+
+SCRIPT = encode("Say hello world now")  # "Say", " hello", " world", " now"
+
+
+def count_launches(manager) -> list[int]:
+    launches, launch = [], manager.runner.launch
+
+    def counted(plan):
+        launches.append(len(plan))
+        return launch(plan)
+
+    manager.runner.launch = counted
+    return launches
+
+
+def test_sampled_tokens_and_logprobs_are_the_same_overlapped(tiny_model_dir):
+    work = [([1, 2, 3], 12, dict(temperature=0.8, top_k=50, seed=1, logprobs=2)),
+            ([4, 5], 9, dict(temperature=1.0, top_p=0.9, logprobs=0)),
+            ([6], 15, dict(temperature=0, logprobs=1))]
+
+    def generate(overlap: bool) -> list:
+        manager = make_manager(tiny_model_dir, "dynamic", overlap=overlap)
+        reqs = [manager.enqueue(request(p, n, **kw)) for p, n, kw in work]
+        run_until_idle(manager)
+        assert_nothing_leaked(manager)
+        return [(r.output_ids, [(t.token, t.logprob, t.top_logprobs) for t in r.logprobs]) for r in reqs]
+
+    overlapped = generate(True)
+    assert overlapped == generate(False)
+    assert [len(ids) for ids, _ in overlapped] == [12, 9, 15]
+
+
+def test_a_request_at_max_tokens_is_not_scheduled_again_while_its_last_token_is_in_flight(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic", overlap=True)
+    launches = count_launches(manager)
+    req = manager.enqueue(request([1, 2, 3], 5))
+    run_until_idle(manager)
+    assert len(req.output_ids) == 5 and len(launches) == 5  # one step per token, none wasted
+    assert_nothing_leaked(manager)
+
+
+def test_a_stop_string_found_a_step_late_drops_the_token_sampled_after_it(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic", overlap=True)
+    scripted(manager, SCRIPT)
+    launches = count_launches(manager)
+    req = manager.enqueue(request([1], 10, stop=["lo wo"]))
+    run_until_idle(manager)
+    assert req.finish_reason == "stop" and req.text == "Say hel" and req.output_ids == SCRIPT[:2]
+    assert len(launches) == 4  # " now" was sampled while " world" was being read: it is dropped
+    assert req.num_pending == 0
+    assert_nothing_leaked(manager)
+
+
+def test_an_eos_found_a_step_late_drops_the_token_sampled_after_it(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic", overlap=True)
+    scripted(manager, [SCRIPT[0], EOT_TOKEN, SCRIPT[1], SCRIPT[2]])
+    req = manager.enqueue(request([1], 10, ignore_eos=False))
+    run_until_idle(manager)
+    assert req.finish_reason == "stop" and req.output_ids == SCRIPT[:1] and req.text == "Say"
+    assert_nothing_leaked(manager)
+
+
+def test_an_abort_while_the_next_step_is_in_flight_frees_everything_and_spares_the_others(tiny_model_dir):
+    alone = make_manager(tiny_model_dir, "dynamic")
+    other_alone = alone.enqueue(request([4, 5, 6], 12))
+    run_until_idle(alone)
+    manager = make_manager(tiny_model_dir, "dynamic", overlap=True)
+    aborted, other = manager.enqueue(request([1, 2, 3], 30)), manager.enqueue(request([4, 5, 6], 12))
+    for _ in range(4):
+        manager.step()
+    assert aborted.num_pending == 1  # its next token is being sampled
+    manager.abort(aborted)
+    run_until_idle(manager)
+    assert aborted.finish_reason == "abort" and len(aborted.output_ids) < 30
+    assert other.output_ids == other_alone.output_ids
+    assert_nothing_leaked(manager)
+
+
+def test_the_engine_thread_overlapped_serves_concurrent_requests(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic", overlap=True)
+    manager.start()
+    try:
+        reqs = [manager.enqueue(request([i + 1, i + 2], 6 + i)) for i in range(5)]
+        assert all(r.event.wait(timeout=60) for r in reqs)
+    finally:
+        manager.stop()
+    assert [len(r.output_ids) for r in reqs] == [6, 7, 8, 9, 10]
+    assert_nothing_leaked(manager)
