@@ -4,8 +4,9 @@
 HTTP thread waits on. `BatchingManager` owns one engine thread that runs steps: each step the `Scheduler`
 picks which sequences run and how many tokens each contributes (a prefill chunk or one decode token), the
 model runner does one packed forward and one sampler call, and finished sequences release their KV blocks and
-set their Event. (The server runs the same steps in a process of their own, engine_process.py, whose loop
-calls `step()`; tests and in-process benchmarks use the thread.)
+set their Event. On a GPU the steps overlap: step N+1 is scheduled and launched before step N's tokens are read
+(`BatchingManager.step`), so the host's work hides behind the GPU's. (The server runs the same steps in a process
+of their own, engine_process.py, whose loop calls `step()`; tests and in-process benchmarks use the thread.)
 
 The three policies of the original project differ only in their admission rule, i.e. when waiting requests
 may join the running ones:
@@ -457,12 +458,11 @@ class BatchingManager:
                 if not seq.done:
                     self._finish(seq, "error", error=f"inference failed: {e!r}")
 
-    def _step_failed(self, plan: list[tuple[Inference, int]], e: Exception) -> bool:
+    def _step_failed(self, plan: list[tuple[Inference, int]], e: Exception) -> None:
         """Fail this step's requests and keep serving the rest."""
         log.exception("step failed for requests %s", [seq.id for seq, _ in plan])
         for seq, _ in plan:
             self._finish(seq, "error", error=f"inference failed: {e!r}")
-        return True
 
     def _take_inbox(self) -> None:
         with self._lock:

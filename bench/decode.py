@@ -51,17 +51,23 @@ def timed(step: Callable[[], object], device: torch.device, iters: int, seconds:
     return times
 
 
-def engine_step_times(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds: float) -> list[float]:
-    """Seconds between the ends of consecutive decode steps of `batch` requests in the engine, after every
-    prompt is in the cache and two more steps: at most `iters` steps, fewer if `seconds` run out, at least 3."""
+def decoding_engine(runner: ModelRunner, batch: int, ctx: int, iters: int):
+    """An engine whose `batch` requests all decode, `iters` steps from the end of their prompts' prefill (done in
+    one step, so that every request starts decoding at once); returns the manager and the requests."""
     rng = random.Random(batch)
     vocab = runner.model.config.vocab_size
-    prompt_len = max(1, ctx - 1 - iters // 2)
-    manager = engine.make_manager(runner, "dynamic", batch, max(2048, batch))
+    prompt_len = max(1, ctx - 2 - (iters + 1) // 2)  # two warm-up steps, then iters steps around ctx
+    manager = engine.make_manager(runner, "dynamic", batch, batch * prompt_len)
     requests = [manager.enqueue(engine.make_inference(Request([rng.randrange(vocab) for _ in range(prompt_len)],
                                                               iters + 8))) for _ in range(batch)]
-    while not all(r.output_ids for r in requests):  # prefill (and the first token)
+    while not all(r.output_ids for r in requests):
         manager.step()
+    return manager, requests
+
+
+def time_steps(manager, iters: int, seconds: float) -> list[float]:
+    """Seconds between the ends of consecutive engine steps after two warm-up steps: at most `iters` steps, fewer
+    if `seconds` run out, at least 3."""
     for _ in range(2):
         manager.step()
     times: list[float] = []
@@ -72,16 +78,13 @@ def engine_step_times(runner: ModelRunner, batch: int, ctx: int, iters: int, sec
         now = time.perf_counter()
         times.append(now - last)
         last = now
-    for r in requests:
-        manager.abort(r)
-    while manager.step():  # the aborts, and the step still in flight
-        pass
-    assert runner.block_manager.num_free == runner.block_manager.num_blocks, "the benchmark leaked KV blocks"
     return times
 
 
 def time_our_step(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds: float) -> dict:
-    """Median ms of the engine's decode step and of the model's forward alone (on a GPU a graph's replay)."""
+    """Median ms of the engine's decode step and of the model's forward alone (on a GPU the decode graph's
+    replay, over the inputs of the batch's last step)."""
+    manager, requests = decoding_engine(runner, batch, ctx, iters)
     forward_times: list[float] = []
 
     def before_forward(*_):
@@ -94,15 +97,21 @@ def time_our_step(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds
 
     hooks = [runner.model.register_forward_pre_hook(before_forward), runner.model.register_forward_hook(after_forward)]
     try:
-        step_times = engine_step_times(runner, batch, ctx, iters, seconds)
+        step_times = time_steps(manager, iters, seconds)
     finally:
         for h in hooks:
             h.remove()
+    assert all(len(r.token_ids) < r.params.max_tokens + len(r.prompt_ids) for r in requests), "a request finished"
     if runner.graphs:  # a replayed graph runs no Python forward: time the decode graph's replay alone
         graph = runner.graphs.graphs[next(b for b in runner.graphs.buckets if b >= batch)]
         forward_times = timed(lambda: (graph.replay(), sync(runner.device)), runner.device, iters, seconds)
-    else:  # the eager forwards of the timed steps
+    else:  # the timed steps' eager forwards
         forward_times = forward_times[-len(step_times):]
+    for r in requests:
+        manager.abort(r)
+    while manager.step():  # the aborts, and the step still in flight
+        pass
+    assert runner.block_manager.num_free == runner.block_manager.num_blocks, "the benchmark leaked KV blocks"
     return dict(step_ms=statistics.median(step_times) * 1e3, forward_ms=statistics.median(forward_times) * 1e3,
                 steps=len(step_times), graphs=runner.graphs is not None)
 
@@ -111,8 +120,9 @@ def main(args: argparse.Namespace) -> str:
     device, dtype = resolve(args, CPU, FULL)
     batches = [int(b) for b in args.batches.split(",")]
     result = ResultFile(args, "decode", run_info(device, dtype, args.model))
-    runner = engine.build_runner(args.model, device, dtype,
-                                 num_blocks=max(batches) * -(-(args.ctx + args.iters + 16) // 16), max_batch=max(batches))
+    blocks_per_request = -(-(args.ctx + args.iters + 16) // 16)
+    runner = engine.build_runner(args.model, device, dtype, num_blocks=max(batches) * blocks_per_request,
+                                 max_batch=max(batches))
     bandwidth = roofline.copy_bandwidth(device)
     weights = roofline.weight_bytes(runner.model)
     kv_per_token = kv_bytes_per_token(runner.model, dtype)

@@ -28,9 +28,11 @@ def build_runner(model: str, device: torch.device, dtype: torch.dtype, num_block
                        max_step_tokens=max_step_tokens)
 
 
-def make_manager(runner: ModelRunner, policy: str, max_batch: int, max_step_tokens: int):
+def make_manager(runner: ModelRunner, policy: str, max_batch: int, max_step_tokens: int, overlap: bool = True):
+    """The server's engine; `overlap` as its OVERLAP_STEPS (steps overlap on a GPU only)."""
     from batching import BatchingManager, make_policy
-    return BatchingManager(runner, make_policy(policy, max_batch), max_step_tokens, max_waiting=1 << 20)
+    return BatchingManager(runner, make_policy(policy, max_batch), max_step_tokens, max_waiting=1 << 20,
+                           overlap=overlap and runner.device.type == "cuda")
 
 
 def make_inference(request: Request):
@@ -53,9 +55,9 @@ class Burst(NamedTuple):
 
 
 def run_burst(runner: ModelRunner, policy: str, requests: list[Request], max_batch: int, max_step_tokens: int,
-              desc: str | None = None) -> Burst:
+              desc: str | None = None, overlap: bool = True) -> Burst:
     """All requests arrive at once; the engine steps on this thread until every one has finished."""
-    manager = make_manager(runner, policy, max_batch, max_step_tokens)
+    manager = make_manager(runner, policy, max_batch, max_step_tokens, overlap)
     with tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
         manager.on_finish.append(lambda inf: bar.update())
         inferences = [manager.enqueue(make_inference(r)) for r in requests]

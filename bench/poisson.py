@@ -7,6 +7,7 @@ with the rate, so its higher rates are recorded as skipped instead of being wait
 """
 import argparse
 
+from bench import throughput
 from bench.common import ResultFile, resolve, run_info
 from bench.http_client import run_load
 from bench.http_throughput import WARM_UP
@@ -28,8 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot", type=float, help="goodput SLO on TPOT, seconds (cpu 0.25, full 0.05)")
     p.add_argument("--saturation", type=float, default=5.0,
                    help="skip a policy's higher rates once its median TTFT passes this x the TTFT SLO")
-    p.add_argument("--max-batch", type=int, default=128, help="the server's MAX_BATCH")
-    p.add_argument("--max-step-tokens", type=int, default=2048, help="the server's MAX_STEP_TOKENS")
+    throughput.add_engine_arguments(p)
 
 
 def main(args: argparse.Namespace) -> str:

@@ -31,8 +31,16 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline-max", type=int, help="offline prompt/output length upper bound (cpu 128, full 512)")
     p.add_argument("--nobatch-requests", type=int, help="run nobatch on the first N requests only (0: all; "
                                                         "cpu 10, full 8)")
+    add_engine_arguments(p)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The server's engine settings, for the in-process engine and the server alike."""
     p.add_argument("--max-batch", type=int, default=128, help="the server's MAX_BATCH")
     p.add_argument("--max-step-tokens", type=int, default=2048, help="the server's MAX_STEP_TOKENS")
+    p.add_argument("--overlap-steps", choices=("on", "off"), default="on",
+                   help="the server's OVERLAP_STEPS: on a GPU, launch each step while the one before runs (off: "
+                        "one step at a time, for comparison)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,7 +120,7 @@ def run(result: ResultFile, system: str, workload: str, n: int, measure) -> None
 
 def ours(runner, policy: str, requests: list[Request], args: argparse.Namespace, workload: str) -> dict:
     burst = engine.run_burst(runner, policy, requests, args.max_batch, args.max_step_tokens,
-                             desc=f"{policy} {workload}")
+                             desc=f"{policy} {workload}", overlap=args.overlap_steps == "on")
     summary = summarize(burst.records)
     return dict(seconds=summary["duration_s"], output_tokens=summary["output_tokens"],
                 output_tokens_per_s=summary["output_tokens_per_s"], steps=burst.steps,
