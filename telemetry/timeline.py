@@ -1,10 +1,11 @@
 """The engine's schedule, recorded for GET /timeline, the comparison's timeline figure and the live page.
 
-Per step: when it started, how long it took (scheduling, forward and sampling), its prefill and decode tokens,
-the tokens it sampled, and the running and waiting counts and KV-cache usage it ran with. Per request: the
-phases it went through, each with the time it began -- waiting, prefill, decoding, preempted (waiting again,
-its blocks freed), prefill (recomputing), decoding, finished -- and its prefill chunks (step, tokens). Its
-admission is its first prefill, its first token its first decoding.
+Per step: when it started, how long it took (scheduling, forward and sampling; steps launched while the one before
+runs count from the end of that one), its prefill and decode tokens, the tokens it sampled, and the running and
+waiting counts and KV-cache usage it ran with. Per request: the phases it went through, each with the time it
+began -- waiting, prefill, decoding, preempted (waiting again, its blocks freed), prefill (recomputing), decoding,
+finished -- and its prefill chunks (step, tokens). Its admission is its first prefill, its first token its first
+decoding.
 
 Bounded: ring buffers of the last STEPS_KEPT steps and of the REQUESTS_KEPT requests that changed last, so a
 server that runs for weeks holds a few MB here. Cheap: only the engine thread writes, one short lock per call; a

@@ -4,6 +4,7 @@ sampled draws and logprobs, where a request ends, and what is freed. On a CPU a 
 tests switch the overlap on by hand; on a GPU it is the default (test_gpu.py)."""
 from conftest import assert_nothing_leaked, make_manager, request, run_until_idle, scripted
 from engine.tokenizer import EOT_TOKEN, encode
+from telemetry.timeline import Timeline
 
 SCRIPT = encode("Say hello world now")  # "Say", " hello", " world", " now"
 
@@ -92,3 +93,15 @@ def test_the_engine_thread_overlapped_serves_concurrent_requests(tiny_model_dir)
         manager.stop()
     assert [len(r.output_ids) for r in reqs] == [6, 7, 8, 9, 10]
     assert_nothing_leaked(manager)
+
+
+def test_the_timeline_records_overlapped_steps_one_after_the_other(tiny_model_dir):
+    manager = make_manager(tiny_model_dir, "dynamic", overlap=True)
+    manager.attach_timeline(Timeline())
+    reqs = [manager.enqueue(request([1, 2, 3], n)) for n in (4, 7, 9)]
+    run_until_idle(manager)
+    steps = manager.timeline.snapshot()["steps"]
+    assert len(steps) == manager.steps == 9
+    assert sum(s["sampled"] for s in steps) == sum(len(r.output_ids) for r in reqs)
+    for before, after in zip(steps, steps[1:]):  # each step counts from the end of the one before: no overlap
+        assert after["start"] >= before["start"] + before["duration"] - 2e-6
