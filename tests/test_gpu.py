@@ -54,6 +54,26 @@ def test_fp32_on_gpu_gives_the_cpu_tokens_with_chunked_prefill_and_preemption(ti
     assert ours == want
 
 
+def test_sampled_tokens_and_logprobs_on_graphs_are_the_same_overlapped_or_not(tiny_model_dir):
+    """Overlapped decodes take the token the sampler drew (not the graph's argmax) from the device."""
+    w = work(8, seed=9)
+    kinds = [dict(temperature=0.9, seed=i, logprobs=2) if i % 2 else dict(temperature=0.7, top_k=40, top_p=0.9)
+             for i in range(len(w))]
+
+    def generate(overlap: bool) -> list:
+        runner = gpu_runner(tiny_model_dir, seed=0)
+        manager = BatchingManager(runner, make_policy("dynamic", 32), overlap=overlap)
+        reqs = [manager.enqueue(request(p, n, **kw)) for (p, n), kw in zip(w, kinds)]
+        run_until_idle(manager)
+        assert_nothing_leaked(manager)
+        return [(r.output_ids, [t.logprob for t in r.logprobs]) for r in reqs]
+
+    overlapped, one_at_a_time = generate(True), generate(False)
+    assert [ids for ids, _ in overlapped] == [ids for ids, _ in one_at_a_time]
+    for (_, a), (_, b) in zip(overlapped, one_at_a_time):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
 def test_the_reference_attention_on_gpu_gives_the_cpu_tokens(tiny_model_dir):
     w = work(6)
     ref = gpu_runner(tiny_model_dir, graphs=False, attention="reference")
