@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from engine.config import Settings, resolve_attention, resolve_device, resolve_dtype
+from engine.config import Settings, resolve_attention, resolve_device, resolve_dtype, resolve_overlap
 from engine.loader import load_model
 from engine.runner import ModelRunner
 from engine.tokenizer import VOCAB_SIZE
@@ -17,6 +17,7 @@ def build_runner(s: Settings) -> tuple[ModelRunner, dict]:
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
     attention = resolve_attention(s.attention, device)
+    overlap = resolve_overlap(s.overlap_steps, device)
     start = time.perf_counter()
     model, weights = load_model(s.model, s.weights)
     runner = ModelRunner(model, device, dtype, block_size=s.block_size, num_blocks=s.kv_blocks,
@@ -25,7 +26,7 @@ def build_runner(s: Settings) -> tuple[ModelRunner, dict]:
                          max_step_tokens=s.max_step_tokens, vocab_size=VOCAB_SIZE)
     info = {"policy": s.policy, "model": s.model, "weights": weights,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "dtype": str(dtype).removeprefix("torch."), "attention": attention,
+            "dtype": str(dtype).removeprefix("torch."), "attention": attention, "overlap-steps": overlap,
             "max-batch": s.max_batch, "max-context": model.config.block_size,
             "kv-cache-tokens": runner.block_manager.num_blocks * s.block_size,
             "cuda-graphs": 0, **runner.capture,  # on a GPU: how many, their capture time and memory

@@ -15,7 +15,7 @@ class Settings:
     dtype: str = "auto"
     attention: str = "auto"  # reference | triton; auto: triton on a GPU, reference on a CPU
     cuda_graphs: bool = True  # decode steps replay captured graphs on a GPU
-    overlap_steps: bool = True  # on a GPU, each step is prepared and launched while the one before runs
+    overlap_steps: str = "auto"  # launch each step while the one before runs; auto: on a GPU
     max_batch: int = 128
     max_step_tokens: int = 2048
     max_waiting: int = 1024
@@ -63,6 +63,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"unknown DTYPE {name!r}; use auto, {', '.join(dtypes)}")
     return dtypes[name]
+
+
+def resolve_overlap(name: str, device: torch.device) -> bool:
+    """auto: overlap on a GPU only (a CPU step is done when it is launched); true: anywhere (tests)."""
+    if name not in ("auto", "true", "false"):
+        raise ValueError(f"unknown OVERLAP_STEPS {name!r}; use auto, true or false")
+    return device.type == "cuda" if name == "auto" else name == "true"
 
 
 def resolve_attention(name: str, device: torch.device) -> str:

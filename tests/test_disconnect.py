@@ -16,9 +16,12 @@ def finished(url: str, reason: str) -> float:
     raise AssertionError("no vllm:request_success in /metrics")
 
 
-@pytest.fixture(scope="module")
-def url(tiny_model_dir):
-    with running_server("dynamic", tiny_model_dir) as url:
+@pytest.fixture(scope="module", params=["auto", "true"], ids=["one-step-at-a-time", "overlapped"])
+def url(tiny_model_dir, request):
+    """A server on the CPU, where steps overlap only when OVERLAP_STEPS=true: an abort then often meets its
+    request's next step already in flight."""
+    with running_server("dynamic", tiny_model_dir, OVERLAP_STEPS=request.param) as url:
+        assert requests.get(url + "/health").json()["overlap-steps"] == (request.param == "true")
         yield url
 
 

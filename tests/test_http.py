@@ -161,6 +161,7 @@ def test_health_reports_the_model(server):
     h = requests.get(server + "/health", timeout=10).json()
     assert h["status"] == "ok" and h["weights"] == "pretrained" and h["device"] == "cpu" and h["dtype"] == "float32"
     assert h["attention"] == "reference" and h["cuda-graphs"] == 0 and h["startup-s"] > 0
+    assert h["overlap-steps"] is False  # auto: a CPU step is done when it is launched
     assert h["kv-cache-tokens"] > 0 and h["engine-pid"] not in (h["pid"], None)  # the engine has its own process
 
 

@@ -2,7 +2,11 @@
 those tokens on the device. What that must not change: tokens (test_oracle.py runs the HF oracle both ways),
 sampled draws and logprobs, where a request ends, and what is freed. On a CPU a step is done at launch, so these
 tests switch the overlap on by hand; on a GPU it is the default (test_gpu.py)."""
+import pytest
+import torch
+
 from conftest import assert_nothing_leaked, make_manager, request, run_until_idle, scripted
+from engine.config import resolve_overlap
 from engine.tokenizer import EOT_TOKEN, encode
 from telemetry.timeline import Timeline
 
@@ -105,3 +109,11 @@ def test_the_timeline_records_overlapped_steps_one_after_the_other(tiny_model_di
     assert sum(s["sampled"] for s in steps) == sum(len(r.output_ids) for r in reqs)
     for before, after in zip(steps, steps[1:]):  # each step counts from the end of the one before: no overlap
         assert after["start"] >= before["start"] + before["duration"] - 2e-6
+
+
+def test_overlap_steps_is_on_a_gpu_by_default_and_can_be_forced_either_way():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_overlap("auto", gpu) and not resolve_overlap("auto", cpu)
+    assert resolve_overlap("true", cpu) and not resolve_overlap("false", gpu)
+    with pytest.raises(ValueError, match="unknown OVERLAP_STEPS 'yes'; use auto, true or false"):
+        resolve_overlap("yes", cpu)

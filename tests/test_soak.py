@@ -6,6 +6,7 @@ import json
 import random
 import time
 
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -72,11 +73,12 @@ KINDS = {"inference": 25, "v1": 20, "v1_stream": 15, "inference_stream": 10, "dr
          "drop_request": 10, "invalid": 10}
 
 
-def test_mixed_traffic_is_answered_and_leaves_nothing_behind(tiny_model_dir):
+@pytest.mark.parametrize("overlap", ["auto", "true"], ids=["one-step-at-a-time", "overlapped"])
+def test_mixed_traffic_is_answered_and_leaves_nothing_behind(tiny_model_dir, overlap):
     rng = random.Random(0)
     kinds = rng.choices(list(KINDS), weights=list(KINDS.values()), k=300)
     seeds = [rng.randrange(1 << 30) for _ in kinds]
-    with running_server("dynamic", tiny_model_dir) as url:
+    with running_server("dynamic", tiny_model_dir, OVERLAP_STEPS=overlap) as url:
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             sequences = list(pool.map(lambda ks: send(url, ks[0], random.Random(ks[1])), zip(kinds, seeds)))
         wait_until(lambda: idle_with_every_block_free(url))
