@@ -120,10 +120,11 @@ def test_decode_writes_into_strided_output_view(num_splits):
     assert wide[..., :hs].isnan().all(), "wrote outside the view"
 
 
-def test_num_splits_fill_the_gpu_but_keep_partitions_long():
+def test_num_splits_split_small_batches_finely_and_large_ones_not_at_all():
     assert choose_num_splits(256, 16, 512, sm_count=132) == 1  # the batch alone fills the GPU
-    assert choose_num_splits(1, 16, 1024, sm_count=132) == 1024 // 128  # as many as the context allows
-    assert choose_num_splits(8, 16, 512, sm_count=132) == -(-PROGRAMS_PER_SM * 132 // (8 * 16))  # fill the SMs
+    assert choose_num_splits(-(-PROGRAMS_PER_SM * 132 // 16), 16, 1024, sm_count=132) == 1  # just enough
+    for batch in (1, 8, 16):  # partitions of 128 tokens, so that a short context spreads over the SMs too
+        assert choose_num_splits(batch, 16, 1024, sm_count=132) == 1024 // 128
     assert choose_num_splits(1, 16, 100, sm_count=132) == 1  # too short to split
 
 

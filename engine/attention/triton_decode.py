@@ -17,7 +17,7 @@ import triton.language as tl
 
 BLOCK_N = 128  # context tokens per tile, gathered from several cache blocks through the block table
 MIN_SPLIT_TOKENS = 128  # a shorter partition costs more to merge than its parallelism saves
-PROGRAMS_PER_SM = 2  # split until about this many programs per SM: a few warps per SM cannot saturate HBM
+PROGRAMS_PER_SM = 2  # split below this many programs per SM: a few warps per SM cannot saturate HBM
 NUM_WARPS = 2  # tile and warps swept on an H200 (bench/results/h200/tune_decode.txt): 128 x 2 won at batch 32-256
 LOG2E = 1.4426950408889634  # softmax in base 2: exp2 is one instruction
 
@@ -88,10 +88,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, nh: int, max_context: int, sm_count: int) -> int:
-    """Partitions per sequence: enough for PROGRAMS_PER_SM programs per SM, as long as each partition keeps
-    MIN_SPLIT_TOKENS of the longest possible context (W * block_size). Host ints only: CUDA graph safe."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sm_count, num_seqs * nh)
-    return max(1, min(wanted, max_context // MIN_SPLIT_TOKENS))
+    """Partitions per sequence: none when the batch alone gives PROGRAMS_PER_SM programs per SM; else the finest,
+    MIN_SPLIT_TOKENS each over the longest possible context (W * block_size). A graph's grid is fixed for every
+    context it will see, so partitions sized for the longest left a short context on one or two programs; past a
+    context a partition costs one tiny store (bench/results/h200/tune_decode_splits.txt). Host ints only: CUDA graph
+    safe."""
+    if num_seqs * nh >= PROGRAMS_PER_SM * sm_count:
+        return 1
+    return max(1, max_context // MIN_SPLIT_TOKENS)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
