@@ -202,9 +202,11 @@ def make_policy(name: str, max_batch: int = 128) -> Policy:
 class Scheduler:
     """Decides each step who runs and with how many tokens, within a token budget and the KV block pool.
 
-    Running sequences go first (decodes, then prefill chunks); when the pool runs dry the most recently
-    admitted sequence is preempted: its blocks are freed and it is recomputed from its tokens later, ahead of
-    any new admission. Preempted sequences were already admitted, so the policy is not asked again."""
+    Running sequences go first (decodes, then prefill chunks), each with what it has left to feed
+    (`Inference.num_unscheduled`: with overlapped steps that counts the token still in flight, and nothing once
+    the tokens sampled reach max_tokens); when the pool runs dry the most recently admitted sequence is
+    preempted: its blocks are freed and it is recomputed from its tokens later, ahead of any new admission.
+    Preempted sequences were already admitted, so the policy is not asked again."""
 
     def __init__(self, policy: Policy, runner: ModelRunner, max_step_tokens: int):
         assert max_step_tokens >= policy.max_batch, "the step budget must fit one decode token per sequence"
