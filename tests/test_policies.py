@@ -1,4 +1,5 @@
-"""Policy semantics, observed from the engine: which requests ran together in each step."""
+"""Policy semantics, observed from the engine: which requests ran together in each step, with steps read as soon
+as they run and overlapped (each launched before the one before is read)."""
 import pytest
 
 from batching import make_policy
@@ -18,12 +19,16 @@ def record_steps(manager) -> list[set[int]]:
     return steps
 
 
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["read-at-once", "overlapped"])
+
+
 def steps_of(steps: list[set[int]], req) -> list[int]:
     return [i for i, ids in enumerate(steps) if req.id in ids]
 
 
-def test_nobatch_runs_one_request_at_a_time(tiny_model_dir):
-    manager = make_manager(tiny_model_dir, "nobatch")
+@OVERLAP
+def test_nobatch_runs_one_request_at_a_time(tiny_model_dir, overlap):
+    manager = make_manager(tiny_model_dir, "nobatch", overlap=overlap)
     steps = record_steps(manager)
     reqs = [manager.enqueue(request([1, 2, 3], n)) for n in (5, 2, 7)]
     run_until_idle(manager)
@@ -34,8 +39,9 @@ def test_nobatch_runs_one_request_at_a_time(tiny_model_dir):
     assert_nothing_leaked(manager)
 
 
-def test_static_batch_admits_nothing_until_longest_member_finishes(tiny_model_dir):
-    manager = make_manager(tiny_model_dir, "static")
+@OVERLAP
+def test_static_batch_admits_nothing_until_longest_member_finishes(tiny_model_dir, overlap):
+    manager = make_manager(tiny_model_dir, "static", overlap=overlap)
     steps = record_steps(manager)
     first = [manager.enqueue(request([1, 2, 3], n)) for n in (2, 9, 4)]
     manager.step()
@@ -49,8 +55,9 @@ def test_static_batch_admits_nothing_until_longest_member_finishes(tiny_model_di
     assert_nothing_leaked(manager)
 
 
-def test_dynamic_admits_waiting_requests_at_the_next_step(tiny_model_dir):
-    manager = make_manager(tiny_model_dir, "dynamic")
+@OVERLAP
+def test_dynamic_admits_waiting_requests_at_the_next_step(tiny_model_dir, overlap):
+    manager = make_manager(tiny_model_dir, "dynamic", overlap=overlap)
     steps = record_steps(manager)
     long = manager.enqueue(request([1, 2, 3], 12))
     manager.step()
@@ -63,9 +70,10 @@ def test_dynamic_admits_waiting_requests_at_the_next_step(tiny_model_dir):
     assert_nothing_leaked(manager)
 
 
+@OVERLAP
 @pytest.mark.parametrize("policy", ["static", "dynamic"])
-def test_max_batch_caps_the_running_requests(tiny_model_dir, policy):
-    manager = make_manager(tiny_model_dir, policy, max_batch=3)
+def test_max_batch_caps_the_running_requests(tiny_model_dir, policy, overlap):
+    manager = make_manager(tiny_model_dir, policy, max_batch=3, overlap=overlap)
     steps = record_steps(manager)
     for _ in range(7):
         manager.enqueue(request([1, 2], 4))
@@ -79,8 +87,9 @@ def test_unknown_policy_is_an_error():
         make_policy("fastest")
 
 
-def test_chunked_prefill_splits_a_long_prompt_across_steps_beside_decodes(tiny_model_dir):
-    manager = make_manager(tiny_model_dir, "dynamic", max_batch=4, max_step_tokens=8)
+@OVERLAP
+def test_chunked_prefill_splits_a_long_prompt_across_steps_beside_decodes(tiny_model_dir, overlap):
+    manager = make_manager(tiny_model_dir, "dynamic", max_batch=4, max_step_tokens=8, overlap=overlap)
     steps = record_steps(manager)
     decoding = manager.enqueue(request([1, 2], 10))
     manager.step()
