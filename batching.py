@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from engine.config import resolve_overlap
 from engine.runner import LaunchedStep, ModelRunner
 from engine.sampler import SampledToken, SamplingParams
 from engine.tokenizer import EOT_TOKEN, StreamDecoder
@@ -311,7 +312,7 @@ class BatchingManager:
     def __init__(self, runner: ModelRunner, policy: Policy, max_step_tokens: int = 2048, max_waiting: int = 1024,
                  on_finish: list | None = None, overlap: bool | None = None):
         self.runner = runner
-        self.overlap = runner.device.type == "cuda" if overlap is None else overlap  # a CPU step is done at launch
+        self.overlap = resolve_overlap("auto", runner.device) if overlap is None else overlap
         self._unread: _Launched | None = None  # the step in flight, launched but not read yet
         self.policy = policy
         self.scheduler = Scheduler(policy, runner, max(max_step_tokens, policy.max_batch))

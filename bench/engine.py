@@ -1,8 +1,8 @@
 """Our engine in-process: one model runner shared by the policies, a workload replayed through a
 BatchingManager stepped on this thread, and each finished request turned into a metrics.RequestRecord.
 
-`batching` is imported where it is used: it needs tiktoken (streamed detokenisation), and the decode
-microbenchmark, which drives the runner alone, must run where tiktoken is not installed.
+`batching` is imported where it is used: it needs tiktoken (streamed detokenisation), and the HF peers of a
+benchmark must still run where tiktoken is not installed.
 """
 from typing import NamedTuple
 
@@ -12,7 +12,7 @@ from tqdm import tqdm
 from bench.common import weights_for
 from bench.workloads import Request
 from telemetry.latency import RequestRecord
-from engine.config import resolve_attention
+from engine.config import resolve_attention, resolve_overlap
 from engine.loader import load_model
 from engine.runner import ModelRunner
 from engine.sampler import SamplingParams
@@ -28,11 +28,12 @@ def build_runner(model: str, device: torch.device, dtype: torch.dtype, num_block
                        max_step_tokens=max_step_tokens)
 
 
-def make_manager(runner: ModelRunner, policy: str, max_batch: int, max_step_tokens: int, overlap: bool = True):
-    """The server's engine; `overlap` as its OVERLAP_STEPS (steps overlap on a GPU only)."""
+def make_manager(runner: ModelRunner, policy: str, max_batch: int, max_step_tokens: int,
+                 overlap_steps: str = "auto"):
+    """The server's engine; `overlap_steps` is its OVERLAP_STEPS setting."""
     from batching import BatchingManager, make_policy
     return BatchingManager(runner, make_policy(policy, max_batch), max_step_tokens, max_waiting=1 << 20,
-                           overlap=overlap and runner.device.type == "cuda")
+                           overlap=resolve_overlap(overlap_steps, runner.device))
 
 
 def make_inference(request: Request):
@@ -55,9 +56,9 @@ class Burst(NamedTuple):
 
 
 def run_burst(runner: ModelRunner, policy: str, requests: list[Request], max_batch: int, max_step_tokens: int,
-              desc: str | None = None, overlap: bool = True) -> Burst:
+              desc: str | None = None, overlap_steps: str = "auto") -> Burst:
     """All requests arrive at once; the engine steps on this thread until every one has finished."""
-    manager = make_manager(runner, policy, max_batch, max_step_tokens, overlap)
+    manager = make_manager(runner, policy, max_batch, max_step_tokens, overlap_steps)
     with tqdm(total=len(requests), desc=desc, unit="req", leave=False) as bar:
         manager.on_finish.append(lambda inf: bar.update())
         inferences = [manager.enqueue(make_inference(r)) for r in requests]

@@ -5,6 +5,7 @@ import contextlib
 import torch
 
 from bench.common import weights_for
+from bench.throughput import overlap_setting
 from server_process import running_server
 
 
@@ -12,7 +13,7 @@ def policy_server(args: argparse.Namespace, policy: str, device: torch.device,
                   dtype: torch.dtype) -> contextlib.AbstractContextManager[tuple[str, dict]]:
     """The server a benchmark's flags describe: its model, device, dtype, batch and step limits, CPU threads."""
     settings = dict(MAX_BATCH=args.max_batch, MAX_STEP_TOKENS=args.max_step_tokens,
-                    OVERLAP_STEPS="auto" if args.overlap_steps == "on" else "false")
+                    OVERLAP_STEPS=overlap_setting(args))
     if args.threads:
         settings["OMP_NUM_THREADS"] = args.threads  # torch's intra-op pool follows it
     settings.update(MODEL=args.model, WEIGHTS=weights_for(args.model), DEVICE=str(device),

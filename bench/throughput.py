@@ -43,6 +43,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "one step at a time, for comparison)")
 
 
+def overlap_setting(args: argparse.Namespace) -> str:
+    """--overlap-steps as the server's OVERLAP_STEPS: on is the server's default, off reads each step at once."""
+    return "auto" if args.overlap_steps == "on" else "false"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_workload_arguments(p)
     p.add_argument("--peers", default=",".join(PEERS), help="comma list of hf_cb, hf_static (empty: none)")
@@ -120,7 +125,7 @@ def run(result: ResultFile, system: str, workload: str, n: int, measure) -> None
 
 def ours(runner, policy: str, requests: list[Request], args: argparse.Namespace, workload: str) -> dict:
     burst = engine.run_burst(runner, policy, requests, args.max_batch, args.max_step_tokens,
-                             desc=f"{policy} {workload}", overlap=args.overlap_steps == "on")
+                             desc=f"{policy} {workload}", overlap_steps=overlap_setting(args))
     summary = summarize(burst.records)
     return dict(seconds=summary["duration_s"], output_tokens=summary["output_tokens"],
                 output_tokens_per_s=summary["output_tokens_per_s"], steps=burst.steps,
