@@ -295,6 +295,23 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting) + len(self.preempted)
 
+    def check(self) -> None:
+        """Raise AssertionError unless the queues are disjoint, each sequence's state matches its queue, and the
+        KV blocks are held by exactly the running sequences (kv_cache.BlockManager.check)."""
+        queued = [*self.waiting, *self.preempted, *self.running]
+        assert len({seq.id for seq in queued}) == len(queued), "a sequence is in two queues, or twice in one"
+        for seq in queued:
+            expected = RUNNING if seq in self.running else WAITING
+            assert seq.state == expected, f"sequence {seq.id} is {seq.state} in the {expected} queue"
+            assert 0 <= seq.num_pending <= 1, f"sequence {seq.id} has {seq.num_pending} tokens in flight"
+            assert seq.num_computed <= len(seq.token_ids) + seq.num_pending, f"sequence {seq.id} computed too far"
+        for seq in (*self.waiting, *self.preempted):
+            assert seq.num_computed == 0, f"waiting sequence {seq.id} counts tokens in a cache it has no blocks of"
+        self.blocks.check({seq.id for seq in self.running})
+        for seq in self.running:
+            assert self.blocks.blocks_needed(seq.num_computed) <= len(self.blocks.tables[seq.id]), \
+                f"sequence {seq.id} has computed tokens past its blocks"
+
 
 @dataclass
 class _Launched:
@@ -310,8 +327,11 @@ class BatchingManager:
     IDLE_SLEEP = 0.01  # seconds, the original's polling period; slept only when there is nothing to run
 
     def __init__(self, runner: ModelRunner, policy: Policy, max_step_tokens: int = 2048, max_waiting: int = 1024,
-                 on_finish: list | None = None, overlap: bool | None = None):
+                 on_finish: list | None = None, overlap: bool | None = None, check_invariants: bool = False):
         self.runner = runner
+        # after every step, check the bookkeeping (tests; CHECK_INVARIANTS): a broken invariant stops the engine
+        self.checks = check_invariants
+        self._finished_ids: set[int] = set()  # with checks: every sequence finishes once
         self.overlap = resolve_overlap("auto", runner.device) if overlap is None else overlap
         self._unread: _Launched | None = None  # the step in flight, launched but not read yet
         self.policy = policy
@@ -399,6 +419,13 @@ class BatchingManager:
         whose sampled tokens step N+1's decodes take on the device; without, each step is read as soon as it is
         launched. `meanwhile` runs after the results are read, while the device computes the step just launched
         (the engine process answers its workers then), outside the steps' own error handling."""
+        try:
+            return self._step(meanwhile)
+        finally:
+            if self.checks:
+                self.check_invariants()
+
+    def _step(self, meanwhile: Callable[[], None] | None) -> bool:
         started = time.perf_counter()
         self._take_inbox()
         plan = self.scheduler.schedule()
@@ -418,6 +445,16 @@ class BatchingManager:
             if not self.overlap:
                 self._read(launched)
         return True
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the engine's bookkeeping is inconsistent: the scheduler's queues and the KV
+        block pool (Scheduler.check), and no finished sequence still queued. Called between steps."""
+        self.scheduler.check()
+        with self._lock:
+            inbox = list(self._inbox)
+        queued = {seq.id for seq in self._in_queues()} | {inf.id for inf in inbox}
+        assert not queued & self._finished_ids, f"finished sequences {sorted(queued & self._finished_ids)} queued"
+        assert not any(inf.done for inf in inbox), "a finished sequence waits in the inbox"
 
     def _launch(self, plan: list[tuple[Inference, int]], started: float) -> _Launched | None:
         try:
@@ -462,10 +499,11 @@ class BatchingManager:
                     self._finish(seq, "error", error=f"inference failed: {e!r}")
 
     def _step_failed(self, plan: list[tuple[Inference, int]], e: Exception) -> None:
-        """Fail this step's requests and keep serving the rest."""
+        """Fail this step's requests (those not finished while it was in flight) and keep serving the rest."""
         log.exception("step failed for requests %s", [seq.id for seq, _ in plan])
         for seq, _ in plan:
-            self._finish(seq, "error", error=f"inference failed: {e!r}")
+            if not seq.done:
+                self._finish(seq, "error", error=f"inference failed: {e!r}")
 
     def _take_inbox(self) -> None:
         with self._lock:
@@ -481,10 +519,16 @@ class BatchingManager:
     def _in_flight(self) -> list[Inference]:
         with self._lock:
             inbox, self._inbox = self._inbox, []
+        return inbox + self._in_queues()
+
+    def _in_queues(self) -> list[Inference]:
         s = self.scheduler
-        return inbox + list(s.waiting) + list(s.preempted) + list(s.running)
+        return list(s.waiting) + list(s.preempted) + list(s.running)
 
     def _finish(self, inf: Inference, reason: str, error: str | None = None) -> None:
+        if self.checks:
+            assert inf.id not in self._finished_ids, f"sequence {inf.id} finished twice"
+            self._finished_ids.add(inf.id)
         self.scheduler.remove(inf)
         inf.finish_reason, inf.error = reason, error
         inf.finish_time = time.perf_counter()

@@ -353,7 +353,7 @@ def _engine_main(address: str) -> None:
         return
     manager = BatchingManager(runner, make_policy(settings.policy, settings.max_batch), settings.max_step_tokens,
                               max_waiting=1 << 62,  # the workers refuse what does not fit, before sending
-                              overlap=info["overlap-steps"])
+                              overlap=info["overlap-steps"], check_invariants=settings.check_invariants)
     manager.attach_timeline(Timeline())
     stats = ServerStats(settings.policy, settings.data_dir)
     manager.on_finish.append(stats.record)

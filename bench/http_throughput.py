@@ -16,7 +16,6 @@ from bench.http_client import Load, run_load
 from bench.server import policy_server
 from bench.workloads import Request
 
-NO_STEPS = 10 ** 17  # a step number no engine reaches: /timeline answers with its current step and nothing else
 WARM_UP = [Request(list(range(1, 33)), 4), Request([1, 2, 3], 8)]
 
 
@@ -38,7 +37,7 @@ def main(args: argparse.Namespace) -> str:
                 for workload, requests in works.items():
                     requests = throughput.policy_requests(args, policy, requests)
                     for _ in range(args.repeats):
-                        since = timeline(url, NO_STEPS)["step"]
+                        since = timeline(url)["step"]  # the step before this run (read before it starts)
                         load = run_load(url, requests, desc=f"{policy} {workload}")
                         row = dict(policy=policy, workload=workload, requests=len(requests), **load.outcome())
                         if load.records:
@@ -51,8 +50,9 @@ def main(args: argparse.Namespace) -> str:
     return result.finish()
 
 
-def timeline(url: str, since: int) -> dict:
-    return http.get(f"{url}/timeline", params={"since": since}, timeout=30).json()
+def timeline(url: str, since: int | None = None) -> dict:
+    """The server's schedule after step `since`; with none, all that it keeps (and its current step)."""
+    return http.get(f"{url}/timeline", params={} if since is None else {"since": since}, timeout=30).json()
 
 
 def engine_side(snapshot: dict, load: Load) -> dict:

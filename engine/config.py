@@ -29,6 +29,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     health_stall_s: float = 120.0
     stream_interval_ms: float = 20.0  # a stream's text is sent at most this often (its first token at once)
+    check_invariants: bool = False  # check the engine's bookkeeping after every step (tests; costs time)
 
     @classmethod
     def from_env(cls, env: dict = os.environ) -> "Settings":

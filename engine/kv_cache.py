@@ -77,6 +77,21 @@ class BlockManager:
         if seq_id in self.rows:
             self.free_rows.append(self.rows.pop(seq_id))
 
+    def check(self, owners: set[int]) -> None:
+        """Raise AssertionError unless every block and every table row is free (once) or held by exactly one of
+        `owners` (the live sequences that should hold blocks), and each row spells its sequence's table."""
+        assert set(self.tables) == owners, f"blocks held by {sorted(set(self.tables) ^ owners)}: not live, or lost"
+        assert set(self.rows) == owners, f"table rows held by {sorted(set(self.rows) ^ owners)}: not live, or lost"
+        held = [b for table in self.tables.values() for b in table]
+        everything = held + list(self.free_blocks)
+        assert len(everything) == len(set(everything)) == self.num_blocks and set(everything) == set(
+            range(self.num_blocks)), "a block is held twice, held and free, listed free twice, or lost"
+        rows = list(self.rows.values()) + self.free_rows
+        assert len(rows) == len(set(rows)) == len(self.table_rows) and set(rows) == set(range(len(self.table_rows))), \
+            "a table row is held twice, held and free, listed free twice, or lost"
+        for seq_id, table in self.tables.items():
+            assert self.table_rows[self.rows[seq_id], :len(table)].tolist() == table, f"row of {seq_id} is stale"
+
     def table_array(self, seq_ids: list[int], width: int | None = None) -> np.ndarray:
         """(len(seq_ids), width) int32 block tables; past a sequence's blocks the entries are stale (never read
         there). width defaults to the longest table."""

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from urllib.parse import urlparse
 
@@ -134,6 +135,36 @@ def fail_step(manager: BatchingManager, step: int, message: str) -> None:
     manager.runner.launch = failing_launch
 
 
+@pytest.fixture(autouse=True)
+def engine_invariants(monkeypatch):
+    """Every BatchingManager a test makes checks its bookkeeping after every step (check_invariants: KV blocks and
+    table rows free or held by exactly one running sequence, queues disjoint, no sequence finished twice), and
+    once the test is over, stopped, holds no blocks and no sequences, and has finished every request it took."""
+    managers: list[tuple[BatchingManager, list[Inference]]] = []
+    init = BatchingManager.__init__
+
+    def checked_init(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "check_invariants": True})
+        taken: list[Inference] = []
+        enqueue = self.enqueue
+
+        def recorded_enqueue(inf: Inference) -> Inference:
+            taken.append(enqueue(inf))
+            return inf
+
+        self.enqueue = recorded_enqueue
+        managers.append((self, taken))
+
+    monkeypatch.setattr(BatchingManager, "__init__", checked_init)
+    yield
+    for manager, taken in managers:
+        manager.stop()  # aborts what a test left in flight, as a server's shutdown does
+        manager.check_invariants()
+        assert_nothing_leaked(manager)
+        unfinished = [inf.id for inf in taken if not inf.done or inf.id not in manager._finished_ids]
+        assert not unfinished, f"requests {unfinished} were taken and never finished"
+
+
 def assert_nothing_leaked(manager: BatchingManager) -> None:
     bm, s = manager.runner.block_manager, manager.scheduler
     assert bm.num_free == bm.num_blocks, "KV blocks leaked"
@@ -180,9 +211,14 @@ class Sampled:
 def running_server(policy: str, model_dir: str, key: str | None = None, timeout: float = 90, **env):
     """`./server.sh POLICY [KEY]` on a free localhost port, serving the tiny model on the CPU; yields its URL."""
     settings = {"MODEL": model_dir, "WEIGHTS": "pretrained", "DEVICE": "cpu", "THREADS": "64", "KV_CACHE_GB": "0.2",
-                **env}
-    with server_process.running_server(policy, settings, key, timeout=timeout) as (url, _):
-        yield url
+                "CHECK_INVARIANTS": "true", **env}
+    with tempfile.TemporaryDirectory() as directory:
+        log_path = os.path.join(directory, "server.log")
+        with server_process.running_server(policy, settings, key, log_path, timeout=timeout) as (url, _):
+            yield url
+        with open(log_path) as log:
+            text = log.read()
+        assert "AssertionError" not in text, f"the engine broke an invariant; its log ends:\n{text[-3000:]}"
 
 
 # ---- watching a real server ----

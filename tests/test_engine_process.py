@@ -12,7 +12,8 @@ from engine_process import EngineClient, EngineProcess
 @contextlib.contextmanager
 def engine(tiny_model_dir: str, **settings):
     """An engine process and a function that connects a worker's handle to it (stopped, and stopped, after)."""
-    settings = dict(model=tiny_model_dir, weights="pretrained", device="cpu", kv_blocks=256, block_size=4) | settings
+    settings = dict(model=tiny_model_dir, weights="pretrained", device="cpu", kv_blocks=256, block_size=4,
+                    check_invariants=True) | settings
     process = EngineProcess(Settings(**settings))
     clients = []
 
@@ -80,6 +81,16 @@ def test_stopping_the_engine_aborts_what_is_in_flight_and_says_so(tiny_model_dir
         assert running.event.wait(10) and running.finish_reason == "abort"
         wait_until(lambda: not client.alive)  # and then the worker knows its engine is gone
         assert deaths and "engine process died" in deaths[0]
+
+
+def test_each_question_gets_its_own_answer_when_a_worker_asks_several_in_a_row(tiny_model_dir):
+    with engine(tiny_model_dir) as (process, connect):
+        client = connect()
+        assert client.enqueue(request([1, 2], 3)).event.wait(60)
+        stats, timeline, stats_again = client.ask("stats"), client.ask("timeline"), client.ask("stats")
+        assert stats["requests-finished"] == stats_again["requests-finished"] == 1 and "steps" not in stats
+        assert timeline["steps"] and "requests-finished" not in timeline
+        assert client.ask("csv").endswith(".csv")
 
 
 def test_a_connection_without_the_key_is_refused(tiny_model_dir):

@@ -118,3 +118,39 @@ def test_greedy_tokens_equal_hf_when_long_prompts_prefill_in_several_groups(tiny
     assert len(reference.plan(step, 4, torch.device("cpu")).prefill_groups) > 1
     manager = make_manager(tiny_model_dir, "dynamic", max_step_tokens=2048)
     assert generate_all(manager, work) == [hf_greedy(tiny_hf_model, p, n) for p, n in work]
+
+
+VICTIM_STATES = {  # a request's state between two steps, as the engine sees it
+    "waiting": lambda m, seq: seq in m.scheduler.waiting,
+    "prefilling": lambda m, seq: seq in m.scheduler.running and 0 < seq.num_computed < len(seq.prompt_ids),
+    "decoding": lambda m, seq: seq in m.scheduler.running and len(seq.output_ids) >= 2,
+    "preempted": lambda m, seq: seq in m.scheduler.preempted,
+}
+
+
+@OVERLAP
+@pytest.mark.parametrize("state", VICTIM_STATES)
+def test_aborting_a_request_in_any_state_leaves_the_others_hf_tokens(tiny_model_dir, expected, state, overlap):
+    """Small batches, chunked prefill and a pool too small for everyone: a request aborted while waiting,
+    prefilling in chunks, decoding (overlapped: while a step that holds it is in flight) or preempted gives its
+    blocks back without touching the survivors' tokens."""
+    work, want = expected
+    manager = make_manager(tiny_model_dir, "dynamic", max_batch=3, num_blocks=16, block_size=4, max_step_tokens=7,
+                           overlap=overlap)
+    survivors = [request(p, n) for p, n in work]
+    victim = request(list(range(100, 128)), 36)  # 64 tokens: the whole pool, so it is the first preempted
+    position = 4 if state == "waiting" else 1
+    for seq in survivors[:position] + [victim] + survivors[position:]:
+        manager.enqueue(seq)
+    in_flight = False
+    while not victim.done:
+        assert manager.step(), f"the victim finished without ever {state}"
+        if VICTIM_STATES[state](manager, victim):
+            in_flight = manager._unread is not None and victim in [seq for seq, _ in manager._unread.plan]
+            manager.abort(victim)
+            manager.step()
+    run_until_idle(manager)
+    assert victim.finish_reason == "abort"
+    assert [r.output_ids for r in survivors] == want
+    assert in_flight == (overlap and state in ("prefilling", "decoding"))
+    assert_nothing_leaked(manager)

@@ -2,6 +2,8 @@
 those tokens on the device. What that must not change: tokens (test_oracle.py runs the HF oracle both ways),
 sampled draws and logprobs, where a request ends, and what is freed. On a CPU a step is done at launch, so these
 tests switch the overlap on by hand; on a GPU it is the default (test_gpu.py)."""
+import random
+
 import pytest
 import torch
 
@@ -85,6 +87,33 @@ def test_an_abort_while_the_next_step_is_in_flight_frees_everything_and_spares_t
     assert aborted.finish_reason == "abort" and len(aborted.output_ids) < 30
     assert other.output_ids == other_alone.output_ids
     assert_nothing_leaked(manager)
+
+
+def test_a_decode_fed_on_the_device_takes_the_row_its_own_token_was_sampled_into(tiny_model_dir):
+    """Each decode row fed from the device names a row of the runner's `sampled`: the one that holds the token
+    its sequence sampled last. Rows of `sampled` count sampling sequences, not plan rows, and they differ when a
+    prompt's chunk of one token that is not its last sits among the decodes (it samples nothing)."""
+    manager = make_manager(tiny_model_dir, "dynamic", max_batch=4, max_step_tokens=7, overlap=True)
+    runner, fed, shifted = manager.runner, [], []
+    token_ids = runner._token_ids
+
+    def recorded_token_ids(plan):  # the plan as the runner orders it: one-token rows first
+        ids, from_device = token_ids(plan)
+        for row, (seq, n) in enumerate(plan):
+            if from_device[row] >= 0:
+                fed.append((seq, seq.num_computed, int(runner.sampled[from_device[row]])))
+        samples = [seq.num_computed + n == len(seq.token_ids) + seq.num_pending for seq, n in plan]
+        shifted.append(False in samples and True in samples[samples.index(False):])
+        return ids, from_device
+
+    runner._token_ids = recorded_token_ids
+    rng = random.Random(1)
+    reqs = [manager.enqueue(request([rng.randrange(50257) for _ in range(rng.randint(1, 40))], rng.randint(1, 24)))
+            for _ in range(6)]
+    run_until_idle(manager)
+    assert fed and any(shifted)  # some steps sampled into rows past a row that sampled nothing
+    assert all(seq.token_ids[position] == token for seq, position, token in fed)
+    assert all(len(r.output_ids) == r.params.max_tokens for r in reqs)
 
 
 def test_the_engine_thread_overlapped_serves_concurrent_requests(tiny_model_dir):

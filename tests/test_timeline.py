@@ -140,6 +140,16 @@ def test_a_change_after_the_last_step_comes_with_the_next_increment(tiny_model_d
     assert r["finish_reason"] == "abort" and [p for _, p in r["phases"]] == ["waiting", "finished"]
 
 
+def test_since_the_last_step_with_nothing_new_returns_no_steps_and_no_requests(tiny_model_dir):
+    manager = recorded(tiny_model_dir)
+    manager.enqueue(request([1, 2], 3))
+    run_until_idle(manager)
+    seen = manager.timeline.snapshot()
+    assert seen["steps"] and seen["requests"]
+    nothing = manager.timeline.snapshot(since=seen["step"])
+    assert nothing["step"] == seen["step"] and nothing["steps"] == [] and nothing["requests"] == []
+
+
 # ---- over HTTP, on a real server ----
 
 @pytest.fixture(scope="module")
@@ -176,6 +186,21 @@ def test_timeline_shows_served_requests_and_then_increments(server):
     later = get_timeline(server, since=data["step"])
     assert [s["step"] for s in later["steps"]] == list(range(data["step"] + 1, later["step"] + 1))
     assert "timeline-second" in {q["request_id"] for q in later["requests"]}
+
+
+def test_a_poll_of_an_idle_server_at_its_last_step_returns_nothing(server):
+    """The live page polls with since=<the last step>: an idle server must answer with nothing, not its whole
+    record (up to STEPS_KEPT steps and REQUESTS_KEPT requests to every poll)."""
+    requests.post(server + "/inference", json={"prompt": "a", "num_tokens": 4}, headers=AUTH, timeout=60)
+    wait_until(lambda: server_stats_with_key(server)["running"] == 0 and server_stats_with_key(server)["waiting"] == 0)
+    seen = get_timeline(server)
+    assert seen["steps"]
+    nothing = get_timeline(server, since=seen["step"])
+    assert nothing["step"] == seen["step"] and nothing["steps"] == [] and nothing["requests"] == []
+
+
+def server_stats_with_key(url: str) -> dict:
+    return requests.get(url + "/stats", headers=AUTH, timeout=30).json()
 
 
 def test_since_must_be_a_step_number(server):
