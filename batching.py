@@ -22,13 +22,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from engine.config import resolve_overlap
-from engine.runner import LaunchedStep, ModelRunner
-from engine.sampler import SampledToken, SamplingParams
+from engine.params import SampledToken, SamplingParams
 from engine.tokenizer import EOT_TOKEN, StreamDecoder
 from telemetry.timeline import Timeline
+
+if TYPE_CHECKING:  # the HTTP processes import this module for Inference, and no torch with it
+    from engine.runner import LaunchedStep, ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ class Scheduler:
     preempted: its blocks are freed and it is recomputed from its tokens later, ahead of any new admission.
     Preempted sequences were already admitted, so the policy is not asked again."""
 
-    def __init__(self, policy: Policy, runner: ModelRunner, max_step_tokens: int):
+    def __init__(self, policy: Policy, runner: "ModelRunner", max_step_tokens: int):
         assert max_step_tokens >= policy.max_batch, "the step budget must fit one decode token per sequence"
         self.policy = policy
         self.blocks = runner.block_manager
@@ -316,7 +317,7 @@ class Scheduler:
 @dataclass
 class _Launched:
     plan: list[tuple[Inference, int]]
-    launched: LaunchedStep
+    launched: "LaunchedStep"
     started: float  # when the engine began to schedule it
 
 
@@ -326,12 +327,13 @@ class BatchingManager:
 
     IDLE_SLEEP = 0.01  # seconds, the original's polling period; slept only when there is nothing to run
 
-    def __init__(self, runner: ModelRunner, policy: Policy, max_step_tokens: int = 2048, max_waiting: int = 1024,
+    def __init__(self, runner: "ModelRunner", policy: Policy, max_step_tokens: int = 2048, max_waiting: int = 1024,
                  on_finish: list | None = None, overlap: bool | None = None, check_invariants: bool = False):
         self.runner = runner
         # after every step, check the bookkeeping (tests; CHECK_INVARIANTS): a broken invariant stops the engine
         self.checks = check_invariants
         self._finished_ids: set[int] = set()  # with checks: every sequence finishes once
+        from engine.device import resolve_overlap
         self.overlap = resolve_overlap("auto", runner.device) if overlap is None else overlap
         self._unread: _Launched | None = None  # the step in flight, launched but not read yet
         self.policy = policy

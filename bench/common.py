@@ -14,7 +14,7 @@ import torch
 
 from bench import report
 from model import SHAPES
-from engine.config import resolve_device, resolve_dtype
+from engine.device import resolve_device, resolve_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")

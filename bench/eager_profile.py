@@ -5,7 +5,7 @@ import pstats
 import torch
 
 from bench import engine, step_profile
-from engine.config import resolve_device
+from engine.device import resolve_device
 
 
 def main() -> None:

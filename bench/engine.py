@@ -12,10 +12,10 @@ from tqdm import tqdm
 from bench.common import weights_for
 from bench.workloads import Request
 from telemetry.latency import RequestRecord
-from engine.config import resolve_attention, resolve_overlap
+from engine.device import resolve_attention, resolve_overlap
 from engine.loader import load_model
 from engine.runner import ModelRunner
-from engine.sampler import SamplingParams
+from engine.params import SamplingParams
 
 
 def build_runner(model: str, device: torch.device, dtype: torch.dtype, num_blocks: int | None = None,

@@ -8,7 +8,7 @@ import torch
 
 from bench import engine
 from bench.workloads import offline, seed_burst
-from engine.config import resolve_device
+from engine.device import resolve_device
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ import time
 
 import torch
 
-from engine.config import Settings, resolve_attention, resolve_device, resolve_dtype, resolve_overlap
+from engine.config import Settings
+from engine.device import resolve_attention, resolve_device, resolve_dtype, resolve_overlap
 from engine.loader import load_model
 from engine.runner import ModelRunner
 from engine.tokenizer import VOCAB_SIZE

@@ -1,8 +1,7 @@
-"""The server's settings (environment variables, see README) and the device and dtype they resolve to."""
+"""The server's settings (environment variables, see README). Plain data, read by every process of a server (the
+HTTP ones import no torch); engine/device.py resolves the device, dtype and kernels they name."""
 import os
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass
@@ -45,37 +44,3 @@ class Settings:
                 value = kind(raw)
             setattr(s, f.name, value)
         return s
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"DEVICE={name} but CUDA is not available on this machine")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-              "float16": torch.float16, "fp16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"unknown DTYPE {name!r}; use auto, {', '.join(dtypes)}")
-    return dtypes[name]
-
-
-def resolve_overlap(name: str, device: torch.device) -> bool:
-    """auto: overlap on a GPU only (a CPU step is done when it is launched); true: anywhere (tests)."""
-    if name not in ("auto", "true", "false"):
-        raise ValueError(f"unknown OVERLAP_STEPS {name!r}; use auto, true or false")
-    return device.type == "cuda" if name == "auto" else name == "true"
-
-
-def resolve_attention(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "triton" if device.type == "cuda" else "reference"
-    if name not in ("reference", "triton"):
-        raise ValueError(f"unknown ATTENTION {name!r}; use auto, reference or triton")
-    return name

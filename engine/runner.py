@@ -20,7 +20,8 @@ import torch
 from engine.attention import metadata as attention_metadata, reference
 from engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_all, step_token_ids
 from engine.kv_cache import BlockManager
-from engine.sampler import Drawn, SampledToken, Sampler, SamplingParams
+from engine.params import SampledToken, SamplingParams
+from engine.sampler import Drawn, Sampler
 from model import GPT
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
-"""Sampling parameters of a sequence and the sampler that draws one token for every sequence of a step at once,
-on the step's device, with one device-to-host copy of the sampled ids.
+"""The sampler: it draws one token for every sequence of a step at once, on the step's device, with one
+device-to-host copy of the sampled ids (the parameters and the token are engine/params.py's).
 
 Defaults are the original project's: plain multinomial sampling from the full softmax at temperature 1, no
 top-k/top-p, never stopping early. A temperature under GREEDY_BELOW is greedy.
@@ -10,35 +10,11 @@ computed on the host in numpy. So a sequence's draws depend on nothing else in t
 the sampler's own generator (the server's SEED).
 """
 import random
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-GREEDY_BELOW = 1e-5  # temperatures this small overflow the softmax; they mean "the most likely token"
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0  # 0: no top-k
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = True  # the original never stopped at <|endoftext|>
-    logprobs: int | None = None  # how many top alternatives to return with each token's logprob
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
-
-
-@dataclass
-class SampledToken:
-    token: int
-    logprob: float | None = None  # log-probability under the model's distribution (before temperature)
-    top_logprobs: dict[int, float] | None = None
+from engine.params import GREEDY_BELOW, SampledToken, SamplingParams
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

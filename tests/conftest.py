@@ -57,7 +57,7 @@ from engine.config import Settings  # noqa: E402
 # included) reads one, for this process and every server it starts.
 SERVER_VARIABLES = {f.name.upper() for f in dataclasses.fields(Settings)} | {
     "HOST", "PORT", "THREADS", "WORKERS", "WORKER_TIMEOUT", "LOG_LEVEL", "ACCESS_LOG", "PROMETHEUS_MULTIPROC_DIR",
-    "CLIENT_TIMEOUT_S", "GUNICORN_CONF", "PIN_WORKERS"}
+    "CLIENT_TIMEOUT_S", "GUNICORN_CONF", "PIN_WORKERS", "GRACEFUL_TIMEOUT_S", "KEEPALIVE_S"}
 for name in SERVER_VARIABLES:
     os.environ.pop(name, None)
 
@@ -66,7 +66,7 @@ import app  # noqa: E402
 from batching import BatchingManager, Inference, make_policy  # noqa: E402
 from engine.loader import from_pretrained  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
-from engine.sampler import SampledToken, SamplingParams  # noqa: E402
+from engine.params import SampledToken, SamplingParams  # noqa: E402
 import server_process  # noqa: E402
 
 

@@ -176,7 +176,7 @@ def test_stop_string_cuts_the_text_and_finishes(tiny_model_dir):
 def test_streamed_deltas_add_up_to_the_text(tiny_model_dir):
     manager = make_manager(tiny_model_dir, "dynamic")
     from batching import Inference
-    from engine.sampler import SamplingParams
+    from engine.params import SamplingParams
     inf = Inference("", [5, 6, 7], SamplingParams(max_tokens=12, temperature=0))
     deltas = []
     inf.stream = SimpleNamespace(due=lambda: True, put=deltas.append)

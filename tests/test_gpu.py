@@ -11,7 +11,7 @@ from conftest import assert_nothing_leaked, request, run_until_idle
 from batching import BatchingManager, make_policy
 from engine.loader import from_pretrained
 from engine.runner import ModelRunner
-from engine.sampler import SamplingParams
+from engine.params import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_nothing_leaked, make_manager, request, run_until_idle, scripted
-from engine.config import resolve_overlap
+from engine.device import resolve_overlap
 from engine.tokenizer import EOT_TOKEN, encode
 from telemetry.timeline import Timeline
 

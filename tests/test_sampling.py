@@ -4,7 +4,8 @@ import torch
 
 from conftest import make_manager, request, run_until_idle
 from api.validation import InvalidRequest, checked
-from engine.sampler import Sampler, SamplingParams
+from engine.params import SamplingParams
+from engine.sampler import Sampler
 
 
 def draw(logits: torch.Tensor, params: SamplingParams, n: int = 4000) -> torch.Tensor:
