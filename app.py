@@ -22,12 +22,12 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from api.completions import Completion, models_response, parse_completion_request
 from api.demo import parse_burst, start_burst
 from api.errors import ApiError, api_error
-from api.server import running
+from api.server import draining, running
 from api.sse import sse_response
 from api.submission import Submission
-from api.validation import InvalidRequest, check_context_length, checked, number, reject_unknown, stop_strings, typed
+from api.validation import InvalidRequest, checked, number, reject_unknown, stop_strings, typed
 from batching import Inference
-from engine.sampler import SamplingParams
+from engine.params import SamplingParams
 from engine.tokenizer import encode
 from telemetry.prometheus import render
 
@@ -55,6 +55,7 @@ def body_too_large(e: RequestEntityTooLarge) -> Response:
 
 
 OPEN_PATHS = ("/", "/health", "/metrics")
+WORK_ENDPOINTS = ("inference", "completions", "demo_burst")  # they give the engine work: refused while draining
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces: safe in headers and logs
 
 
@@ -72,6 +73,9 @@ def request_id_ready_and_key():
     if server.settings.key and not open_path and not key_matches(server.settings.key):
         raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY' or 'X-API-Key: KEY')",
                        code="invalid_api_key")
+    if request.endpoint in WORK_ENDPOINTS and draining():  # the worker closes the connection after it: go elsewhere
+        raise ApiError(503, "the server is shutting down and takes no new requests: send it to another server, or "
+                            "again once this one has restarted", code="draining", headers={"Retry-After": "5"})
 
 
 def key_matches(key: str) -> bool:
@@ -109,9 +113,9 @@ def json_body() -> dict:
     return body
 
 
-def submit(infs: list[Inference], stream: bool) -> Submission:
-    """Enqueue a request's sequences; they are aborted if the client goes away (see api/submission.py)."""
-    return Submission(running().manager, infs, request.environ.get("gunicorn.socket"), stream)
+def submit(infs: list[Inference], stream: bool, max_tokens_param: str) -> Submission:
+    """Admit and enqueue a request's sequences; they are aborted if the client goes away (api/submission.py)."""
+    return Submission(running().engine, infs, request.environ.get("gunicorn.socket"), stream, max_tokens_param)
 
 
 # ---- the original API ----
@@ -129,7 +133,6 @@ def parse_inference(body: dict) -> tuple[str, list[int], SamplingParams]:
     if num_tokens < 1:  # SamplingParams names it max_tokens; this API calls it num_tokens
         raise InvalidRequest(f"'num_tokens' must be at least 1; got {num_tokens}", "num_tokens")
     prompt_ids = encode(prompt)
-    check_context_length(len(prompt_ids), num_tokens, running().manager.max_context, "num_tokens")
     params = checked(SamplingParams(
         max_tokens=num_tokens,
         temperature=number(body, "temperature", default=1.0),
@@ -159,12 +162,17 @@ def hint():
 @app.get("/health")
 def health():
     server = running()
-    m = server.manager
+    m = server.engine
     stalled = time.monotonic() - m.last_step_time > server.settings.health_stall_s
     if m.fatal_error or not m.alive or stalled:  # fatal_error: the thread is dying, if not yet dead
         why = m.fatal_error or ("the engine is not running" if not m.alive else "the engine is stuck")
         raise ApiError(503, why, code="engine_unhealthy")
-    return jsonify({"status": "ok", "pid": os.getpid(), **server.info})  # pid: which worker answered
+    if draining():  # a load balancer sends no more requests here
+        raise ApiError(503, "the server is draining: it finishes the requests it has and takes no new ones",
+                       code="draining")
+    engines = m.load().get("per-engine", [])  # a Router's: the engine processes that serve now
+    return jsonify({"status": "ok", "pid": os.getpid(), **server.info,  # pid: which worker answered
+                    "engines-serving": len(engines), "engine-pids": [e["engine-pid"] for e in engines]})
 
 
 @app.post("/inference")
@@ -172,7 +180,7 @@ def inference():
     body = json_body()
     prompt, prompt_ids, params = parse_inference(body)
     inf = Inference(prompt, prompt_ids, params, request_id=g.request_id)
-    sub = submit([inf], stream=typed(body, "stream", (bool,), default=False))
+    sub = submit([inf], typed(body, "stream", (bool,), default=False), "num_tokens")
     if inf.stream is not None:
         return sse_response(({"text": d.text, "finish_reason": d.finish_reason} for batch in sub.deltas()
                              for d in batch), sub.release)
@@ -192,8 +200,8 @@ def stats():
     arrived since then: how a run measures itself on a server that served others before."""
     server = running()
     since = window_start()
-    server.stats.write_token_csv()
-    return jsonify({**server.stats.snapshot(since), **server.manager.load(), **server.info})
+    server.engine.write_token_csv()
+    return jsonify({**server.engine.stats(since), **server.engine.load(), **server.info})
 
 
 def window_start() -> float | None:
@@ -211,18 +219,22 @@ def window_start() -> float | None:
 
 @app.get("/timeline")
 def timeline():
-    """The engine's schedule: steps and requests that changed after step `since` (all that is kept if absent)."""
+    """An engine's schedule (?engine=N, default 0, of the server's `engines`): steps and requests that changed
+    after step `since` (all that is kept if absent)."""
     server = running()
-    since = request.args.get("since", "0")
+    since, engine = request.args.get("since", "0"), request.args.get("engine", "0")
     if not re.fullmatch(r"[0-9]{1,18}", since):
         raise InvalidRequest(f"'since' must be a step number (an integer >= 0); got {since!r}", "since")
-    return jsonify({**server.info, "pid": os.getpid(), **server.timeline.snapshot(int(since))})
+    if not re.fullmatch(r"[0-9]{1,4}", engine) or int(engine) >= server.info.get("engines", 1):
+        raise InvalidRequest(f"'engine' must be an engine's number, 0 to {server.info.get('engines', 1) - 1}; "
+                             f"got {engine!r}", "engine")
+    return jsonify({**server.info, "pid": os.getpid(), **server.engine.timeline_since(int(since), int(engine))})
 
 
 @app.post("/demo-burst")
 def demo_burst():
     requests, wait = parse_burst(json_body())
-    start_burst(running().manager, requests, wait)
+    start_burst(running().engine, requests, wait)
     return jsonify({"requests": requests, "wait": wait}), 202
 
 
@@ -231,16 +243,15 @@ def demo_burst():
 @app.get("/v1/models")
 def models():
     server = running()
-    return jsonify(models_response(server.model_name, server.started, server.manager.max_context))
+    return jsonify(models_response(server.model_name, server.started, server.engine.limits.max_context))
 
 
 @app.post("/v1/completions")
 def completions():
     server = running()
-    req = parse_completion_request(json_body(), server.model_name, server.manager.max_context,
-                                   server.manager.max_waiting)
+    req = parse_completion_request(json_body(), server.model_name, server.engine.limits.max_waiting)
     infs = req.inferences(g.request_id)
-    sub = submit(infs, req.stream)
+    sub = submit(infs, req.stream, "max_tokens")
     completion = Completion(req, infs, g.request_id)
     if req.stream:
         return sse_response(completion.chunks(sub.deltas()), sub.release)
@@ -253,6 +264,6 @@ def completions():
 @app.get("/metrics")
 def metrics():
     server = running()
-    server.metrics.publish_load(server.manager.load())  # this worker's gauges exact at scrape time
+    server.metrics.publish_load(server.engine.load())  # this worker's gauges exact at scrape time
     text, content_type = render()
     return Response(text, content_type=content_type)

@@ -1,12 +1,13 @@
 """Requests, batching policies and the engine thread.
 
-`Inference` is one request: its tokens, sampling parameters, state, timestamps and the `threading.Event` its
-HTTP thread waits on. `BatchingManager` owns one engine thread that runs steps: each step the `Scheduler`
-picks which sequences run and how many tokens each contributes (a prefill chunk or one decode token), the
+`Inference` is one request as its client sees it: prompt, sampling parameters, text, stream, and the
+`threading.Event` its HTTP thread waits on; the engine runs it as a `Sequence` (token ids, cache and scheduling
+state, timestamps) and hands it a `Result` when it finishes. `BatchingManager` owns one engine thread that runs
+steps: each step the `Scheduler` picks which sequences run and how many tokens each contributes (a prefill chunk or one decode token), the
 model runner does one packed forward and one sampler call, and finished sequences release their KV blocks and
 set their Event. On a GPU the steps overlap: step N+1 is scheduled and launched before step N's tokens are read
 (`BatchingManager.step`), so the host's work hides behind the GPU's. (The server runs the same steps in a process
-of their own, engine_process.py, whose loop calls `step()`; tests and in-process benchmarks use the thread.)
+of their own, serving/engine_main.py, whose loop calls `step()`; tests and in-process benchmarks use the thread.)
 
 The three policies of the original project differ only in their admission rule, i.e. when waiting requests
 may join the running ones:
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from engine.params import SampledToken, SamplingParams
 from engine.tokenizer import EOT_TOKEN, StreamDecoder
+from telemetry.stats import ServerStats
 from telemetry.timeline import Timeline
 
 if TYPE_CHECKING:  # the HTTP processes import this module for Inference, and no torch with it
@@ -54,8 +56,33 @@ class TooLong(ValueError):
         self.param = param
 
 
+@dataclass
+class Result:
+    """A finished request's account, as its Inference takes it (from its Sequence, or from an engine process)."""
+    id: int  # the Inference's
+    finish_reason: str
+    error: str | None
+    output_ids: list[int]
+    logprobs: list[SampledToken]
+    text: str
+    seed: int | None
+    scheduled_time: float | None
+    first_token_time: float | None
+    token_times: list[float]
+    finish_time: float
+    num_preemptions: int
+
+
 class Inference:
-    """One request's life: waiting -> running (-> waiting again if preempted) -> finished."""
+    """One request as its client sees it: its prompt and sampling parameters, the text its tokens spell, the stream
+    its reader takes that text from, and the `threading.Event` the seed's interface waits on. The engine runs it as
+    a `Sequence` of its own.
+
+    Who writes what: the HTTP thread that makes it (prompt, params, stream); the engine thread, through its
+    sequence, the text as tokens come (`take_token`, `stream_delta`: output_ids, logprobs, text, streamed_tokens);
+    then, once, the run's account (`take_result`: finish_reason, error, seed, timestamps, num_preemptions) and the
+    Event. With the engine in another process, a worker's receiver thread writes the stream's text and the account
+    (serving/client.py), and the engine's own Inference wrote the text."""
 
     _ids = itertools.count()
 
@@ -65,13 +92,8 @@ class Inference:
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.token_ids = list(prompt_ids)  # prompt + generated; the model runner reads it
-        self.num_computed = 0  # tokens whose K/V are in the cache
-        self.num_pending = 0  # sampled by a step in flight, not appended yet (see BatchingManager.step)
-        self.seed = params.seed  # the sampler's key for this request's draws; the runner sets one if None
-        self.state = WAITING
-        self.finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
-        self.error: str | None = None
+        self.arrival_time = time.perf_counter()
+        self.stream: StreamSink | None = None  # a streaming reader's: put(delta) at steps it is due, put(None) at the end
         self.output_ids: list[int] = []  # the tokens of `text`: not a generated EOS, not those past a stop string
         self.logprobs: list[SampledToken] = []  # one per output id, when asked for
         self.text = ""  # generated text, cut at a stop string
@@ -79,13 +101,16 @@ class Inference:
         self._token_starts: list[int] = []  # where each output token's text starts in `text`
         self._streamed = 0  # characters of `text` handed to the stream so far
         self.streamed_tokens = 0  # output tokens whose text is in the stream so far
-        self.stream: StreamSink | None = None  # a streaming reader's: put(delta) at steps it is due, put(None) at the end
-        self.num_preemptions = 0
-        self.arrival_time = time.perf_counter()
+        self._stop_reason: str | None = None  # the text's own end: "stop" (EOS, a stop string) or "length"
+        self.result: Result | None = None  # the engine's account, once finished
+        self.finish_reason: str | None = None  # "length" | "stop" | "abort" | "error"
+        self.error: str | None = None
+        self.seed = params.seed
         self.scheduled_time: float | None = None  # first admission: arrival -> here is queue time
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
         self.finish_time: float | None = None
+        self.num_preemptions = 0
         self.event = threading.Event()
 
     @property
@@ -94,34 +119,24 @@ class Inference:
 
     @property
     def done(self) -> bool:
-        return self.state == FINISHED
+        return self.result is not None
 
-    @property
-    def num_unscheduled(self) -> int:
-        """Tokens the next step could feed: the rest of a prompt (or of a recompute), else the one last sampled;
-        none once the tokens sampled reach max_tokens (the request finishes when the last of them is read)."""
-        if len(self.output_ids) + self.num_pending >= self.params.max_tokens:
-            return 0
-        return len(self.token_ids) + self.num_pending - self.num_computed
-
-    def append(self, sampled: SampledToken, now: float) -> None:
-        """Record a sampled token and decide whether the request is finished."""
-        self.first_token_time = self.first_token_time or now
-        self.token_times.append(now)
+    def take_token(self, sampled: SampledToken) -> str | None:
+        """A sampled token's text; returns why the request is finished ("stop", "length"), or None."""
         if sampled.token == EOT_TOKEN and not self.params.ignore_eos:
-            self.finish_reason = "stop"
+            self._stop_reason = "stop"
         else:
             self.output_ids.append(sampled.token)
-            self.token_ids.append(sampled.token)
             if self.params.logprobs is not None:
                 self.logprobs.append(sampled)
             self._token_starts.append(len(self.text))
             self.text += self._decoder.push(sampled.token)
             if len(self.output_ids) == self.params.max_tokens:
-                self.finish_reason = "length"
-        if self.finish_reason:
+                self._stop_reason = "length"
+        if self._stop_reason:
             self.text += self._decoder.flush()  # bytes of an unfinished character, as a replacement character
         self._cut_at_stop_string()
+        return self._stop_reason
 
     def _cut_at_stop_string(self) -> None:
         """Cut the text before the first stop string, and drop the tokens that only spelled the stop string (a
@@ -129,20 +144,85 @@ class Inference:
         cuts = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]
         if cuts:
             self.text = self.text[:min(cuts)]
-            self.finish_reason = "stop"
+            self._stop_reason = "stop"
             kept = bisect.bisect_left(self._token_starts, len(self.text))
             del self.output_ids[kept:], self.logprobs[kept:], self._token_starts[kept:]
-            del self.token_ids[len(self.prompt_ids) + kept:]
 
     def stream_delta(self) -> str:
         """Text not yet streamed. While running, hold back what could still turn into a stop string (and the
         tokens that spell it, see `streamed_tokens`)."""
-        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.params.stop), default=0)
+        hold = 0 if self._stop_reason or self.done else max((len(s) - 1 for s in self.params.stop), default=0)
         end = max(self._streamed, len(self.text) - hold)
         delta, self._streamed = self.text[self._streamed:end], end
-        self.streamed_tokens = (len(self.output_ids) if self.finish_reason
+        self.streamed_tokens = (len(self.output_ids) if self._stop_reason or self.done
                                 else bisect.bisect_left(self._token_starts, end))
         return delta
+
+    def take_result(self, r: Result) -> None:
+        """The engine's account of the run, once the request has finished: from its sequence in this process, or
+        from an engine process (serving/client.py), whose text comes with it."""
+        self.result = r
+        self.finish_reason, self.error, self.seed = r.finish_reason, r.error, r.seed
+        self.output_ids, self.logprobs, self.text = r.output_ids, r.logprobs, r.text
+        self.scheduled_time, self.first_token_time, self.finish_time = r.scheduled_time, r.first_token_time, \
+            r.finish_time
+        self.token_times, self.num_preemptions = r.token_times, r.num_preemptions
+
+
+class Sequence:
+    """A request as the engine runs it: waiting -> running (-> waiting again if preempted) -> finished. Written by
+    the engine thread alone (the scheduler, the model runner, BatchingManager); its tokens' text goes to its
+    Inference (`inf`)."""
+
+    def __init__(self, inf: Inference):
+        self.inf = inf
+        self.id, self.request_id, self.params = inf.id, inf.request_id, inf.params
+        self.prompt_ids = inf.prompt_ids
+        self.token_ids = list(inf.prompt_ids)  # prompt + generated; the model runner reads it
+        self.num_generated = 0  # tokens sampled and read
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.num_pending = 0  # sampled by a step in flight, not read yet (see BatchingManager.step)
+        self.seed = inf.params.seed  # the sampler's key for this request's draws; the runner sets one if None
+        self.state = WAITING
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.num_preemptions = 0
+        self.arrival_time = inf.arrival_time
+        self.scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.token_times: list[float] = []
+        self.finish_time: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state == FINISHED
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.inf.output_ids
+
+    @property
+    def num_unscheduled(self) -> int:
+        """Tokens the next step could feed: the rest of a prompt (or of a recompute), else the one last sampled;
+        none once the tokens sampled reach max_tokens (the request finishes when the last of them is read)."""
+        if self.num_generated + self.num_pending >= self.params.max_tokens:
+            return 0
+        return len(self.token_ids) + self.num_pending - self.num_computed
+
+    def append(self, sampled: SampledToken, now: float) -> None:
+        """Record a sampled token; its text goes to the Inference, which says whether the request is finished."""
+        self.first_token_time = self.first_token_time or now
+        self.token_times.append(now)
+        self.token_ids.append(sampled.token)
+        self.num_generated += 1
+        self.finish_reason = self.inf.take_token(sampled)
+
+    def account(self) -> Result:
+        """The run, as the Inference takes it (Inference.take_result)."""
+        inf = self.inf
+        return Result(self.id, self.finish_reason, self.error, inf.output_ids, inf.logprobs, inf.text, self.seed,
+                      self.scheduled_time, self.first_token_time, self.token_times, self.finish_time,
+                      self.num_preemptions)
 
 
 def announce_finished(inf: Inference, on_finish: list) -> None:
@@ -155,14 +235,34 @@ def announce_finished(inf: Inference, on_finish: list) -> None:
     inf.event.set()
 
 
-def check_fits(inf: Inference, max_context: int, block_size: int, num_blocks: int) -> None:
-    """Refuse a request that could never run, however long it waited."""
-    total = len(inf.prompt_ids) + inf.params.max_tokens
-    if total > max_context:
-        raise TooLong(f"the request needs {total} tokens, more than the model's context of {max_context}",
-                      "max_tokens")
-    if -(-total // block_size) > num_blocks:
-        raise TooLong(f"the request needs {total} tokens of KV cache, more than the whole pool holds", "max_tokens")
+@dataclass
+class Limits:
+    """What a request must fit to be queued (`admit`)."""
+    max_context: int  # tokens: the model's context
+    block_size: int
+    kv_blocks: int  # the whole KV pool (of one engine)
+    max_waiting: int  # requests in the waiting queue
+
+
+def admit(infs: list[Inference], limits: Limits, waiting: int, max_tokens_param: str = "max_tokens") -> None:
+    """The one admission check, made before any of a request's sequences is queued (all or none): each fits the
+    model's context (vLLM's wording: clients parse it to shrink a request and retry) and the KV pool, however long
+    it waited, and the waiting queue, which holds `waiting` requests now, takes them all."""
+    for inf in infs:
+        prompt, total = len(inf.prompt_ids), len(inf.prompt_ids) + inf.params.max_tokens
+        if prompt >= limits.max_context:
+            raise TooLong(f"This model's maximum context length is {limits.max_context} tokens. However, your "
+                          f"request has {prompt} input tokens. Please reduce the length of the input.", "prompt")
+        if total > limits.max_context:
+            raise TooLong(f"This model's maximum context length is {limits.max_context} tokens. However, you "
+                          f"requested {total} tokens ({prompt} in the prompt, {inf.params.max_tokens} in the "
+                          "completion). Please reduce the length of the prompt or completion.", max_tokens_param)
+        if -(-total // limits.block_size) > limits.kv_blocks:
+            raise TooLong(f"the request needs {total} tokens of KV cache, more than the whole pool holds "
+                          f"({limits.kv_blocks * limits.block_size})", max_tokens_param)
+    if waiting + len(infs) > limits.max_waiting:
+        raise Overloaded(f"{waiting} requests are already waiting and this one brings {len(infs)}; the queue takes "
+                         f"{limits.max_waiting} (MAX_WAITING): try again later")
 
 
 # ---- policies: admission rules only ----
@@ -205,7 +305,7 @@ class Scheduler:
     """Decides each step who runs and with how many tokens, within a token budget and the KV block pool.
 
     Running sequences go first (decodes, then prefill chunks), each with what it has left to feed
-    (`Inference.num_unscheduled`: with overlapped steps that counts the token still in flight, and nothing once
+    (`Sequence.num_unscheduled`: with overlapped steps that counts the token still in flight, and nothing once
     the tokens sampled reach max_tokens); when the pool runs dry the most recently admitted sequence is
     preempted: its blocks are freed and it is recomputed from its tokens later, ahead of any new admission.
     Preempted sequences were already admitted, so the policy is not asked again."""
@@ -215,15 +315,15 @@ class Scheduler:
         self.policy = policy
         self.blocks = runner.block_manager
         self.max_step_tokens = max_step_tokens
-        self.waiting: deque[Inference] = deque()
-        self.preempted: deque[Inference] = deque()
-        self.running: list[Inference] = []
+        self.waiting: deque[Sequence] = deque()
+        self.preempted: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.timeline: Timeline | None = None  # set when the schedule is recorded
 
-    def schedule(self) -> list[tuple[Inference, int]]:
+    def schedule(self) -> list[tuple[Sequence, int]]:
         budget = self.max_step_tokens
-        plan: list[tuple[Inference, int]] = []
+        plan: list[tuple[Sequence, int]] = []
         preemptions_before = self.num_preemptions
         decodes_first = sorted(self.running, key=lambda s: s.num_unscheduled > 1)
         for seq in decodes_first:
@@ -241,7 +341,7 @@ class Scheduler:
                 self._admit(self.waiting, self.policy.num_to_admit(len(self.running)), plan, budget)
         return plan
 
-    def _make_room(self, seq: Inference, num_tokens: int) -> bool:
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's blocks to num_tokens, preempting the newest running sequences if needed; False if seq
         itself had to be preempted."""
         while not self.blocks.can_grow(seq.id, num_tokens):
@@ -272,7 +372,7 @@ class Scheduler:
                 budget -= n
         return budget
 
-    def preempt(self, seq: Inference) -> None:
+    def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.id)
         seq.num_computed = 0
@@ -283,7 +383,7 @@ class Scheduler:
         if self.timeline:
             self.timeline.preempted(seq)
 
-    def remove(self, seq: Inference) -> None:
+    def remove(self, seq: Sequence) -> None:
         """Take a sequence out wherever it is and release its blocks."""
         for q in (self.waiting, self.preempted):
             if seq in q:
@@ -316,7 +416,7 @@ class Scheduler:
 
 @dataclass
 class _Launched:
-    plan: list[tuple[Inference, int]]
+    plan: list[tuple[Sequence, int]]
     launched: "LaunchedStep"
     started: float  # when the engine began to schedule it
 
@@ -338,13 +438,15 @@ class BatchingManager:
         self._unread: _Launched | None = None  # the step in flight, launched but not read yet
         self.policy = policy
         self.scheduler = Scheduler(policy, runner, max(max_step_tokens, policy.max_batch))
-        self.max_waiting = max_waiting
-        self.max_context = runner.model.config.block_size
+        bm = runner.block_manager
+        self.limits = Limits(runner.model.config.block_size, bm.block_size, bm.num_blocks, max_waiting)
+        self.statistics: ServerStats | None = None  # set when /stats figures are kept (attach_stats)
         self.on_finish = list(on_finish or [])  # callbacks(inference), run on the engine thread
         self.on_fatal: list = []  # callbacks(error message) when the engine thread dies
         self._lock = threading.Lock()
-        self._inbox: list[Inference] = []
-        self._aborts: list[Inference] = []
+        self._inbox: list[Sequence] = []
+        self._aborts: list[Sequence] = []
+        self._sequences: dict[int, Sequence] = {}  # Inference.id -> its sequence, until it finishes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_step_time = time.monotonic()
@@ -357,22 +459,42 @@ class BatchingManager:
         """Record the schedule (steps, arrivals, admissions, preemptions, finishes) into `timeline`."""
         self.timeline = self.scheduler.timeline = timeline
 
+    def attach_stats(self, stats: ServerStats) -> None:
+        """Account every finished request in `stats` (/stats)."""
+        self.statistics = stats
+        self.on_finish.append(stats.record)
+
+    # ---- what the HTTP side reads (serving.protocol.Engine) ----
+
+    def stats(self, since: float | None = None) -> dict:
+        return self.statistics.snapshot(since)
+
+    def write_token_csv(self) -> str:
+        return self.statistics.write_token_csv()
+
+    def timeline_since(self, since: int = 0, engine: int = 0) -> dict:
+        return {**self.timeline.snapshot(since), "engine": engine}
+
     # ---- called from HTTP threads ----
 
     def enqueue(self, inf: Inference) -> Inference:
-        bm = self.runner.block_manager
-        check_fits(inf, self.max_context, bm.block_size, bm.num_blocks)
+        """Queue a request that `admit` let in, as a sequence of the engine's."""
+        seq = Sequence(inf)
         with self._lock:
-            if len(self._inbox) + self.scheduler.num_waiting >= self.max_waiting:
-                raise Overloaded(f"{self.max_waiting} requests are already waiting; try again later")
-            self._inbox.append(inf)
+            self._inbox.append(seq)
+            self._sequences[inf.id] = seq
         return inf
 
     def abort(self, inf: Inference) -> None:
         """Stop a request (e.g. its client went away); its blocks return to the pool at the next step."""
-        if not inf.done:
-            with self._lock:
-                self._aborts.append(inf)
+        with self._lock:
+            seq = self._sequences.get(inf.id)
+            if seq is not None:
+                self._aborts.append(seq)
+
+    def sequence_of(self, inf: Inference) -> Sequence | None:
+        """The engine's sequence of a request it has not finished (for tests and benchmarks that look inside)."""
+        return self._sequences.get(inf.id)
 
     # ---- the engine thread ----
 
@@ -404,16 +526,16 @@ class BatchingManager:
         except BaseException as e:  # a bug in the engine itself: say so loudly, fail what is in flight
             log.exception("engine thread died")
             self.fatal_error = f"engine thread died: {e!r}"
-            for inf in self._in_flight():
-                self._finish(inf, "error", error=self.fatal_error)
+            for seq in self._in_flight():
+                self._finish(seq, "error", error=self.fatal_error)
             for callback in self.on_fatal:
                 callback(self.fatal_error)
             return
         self._abort_in_flight()
 
     def _abort_in_flight(self) -> None:
-        for inf in self._in_flight():
-            self._finish(inf, "abort", error="the server is shutting down")
+        for seq in self._in_flight():
+            self._finish(seq, "abort", error="the server is shutting down")
 
     def step(self, meanwhile: Callable[[], None] | None = None) -> bool:
         """Launch the next step, then read the results of the one before it; False when there was nothing to run
@@ -453,12 +575,13 @@ class BatchingManager:
         block pool (Scheduler.check), and no finished sequence still queued. Called between steps."""
         self.scheduler.check()
         with self._lock:
-            inbox = list(self._inbox)
-        queued = {seq.id for seq in self._in_queues()} | {inf.id for inf in inbox}
+            inbox, unfinished = list(self._inbox), set(self._sequences)
+        queued = {seq.id for seq in self._in_queues()} | {seq.id for seq in inbox}
         assert not queued & self._finished_ids, f"finished sequences {sorted(queued & self._finished_ids)} queued"
-        assert not any(inf.done for inf in inbox), "a finished sequence waits in the inbox"
+        assert not any(seq.done for seq in inbox), "a finished sequence waits in the inbox"
+        assert unfinished == queued, f"sequences {sorted(unfinished ^ queued)} neither finished nor queued"
 
-    def _launch(self, plan: list[tuple[Inference, int]], started: float) -> _Launched | None:
+    def _launch(self, plan: list[tuple[Sequence, int]], started: float) -> _Launched | None:
         try:
             launched = self.runner.launch(plan)
         except Exception as e:
@@ -483,24 +606,31 @@ class BatchingManager:
         self._last_read = now
         if self.timeline:
             self.timeline.stepped(step.plan, sampled, start, now, self.scheduler, self.runner.block_manager)
-        for seq, _ in step.plan:
-            if seq.id not in sampled:
-                continue
-            seq.num_pending -= 1
-            if seq.done:  # finished (a stop, an abort) while this step was in flight: its token is not wanted
-                continue
-            try:  # one sequence's failure (detokenising, stop strings, its stream) ends that sequence only
-                seq.append(sampled[seq.id], now)
-                if seq.finish_reason:
-                    self._finish(seq, seq.finish_reason)
-                elif seq.stream is not None and seq.stream.due():
-                    seq.stream.put(seq.stream_delta())
-            except Exception as e:
-                log.exception("request %s failed after its step", seq.request_id)
-                if not seq.done:
-                    self._finish(seq, "error", error=f"inference failed: {e!r}")
+        try:
+            for seq, _ in step.plan:
+                if seq.id in sampled:
+                    self._take_token(seq, sampled[seq.id], now)
+        finally:
+            if self.timeline:
+                self.timeline.step_closed()
 
-    def _step_failed(self, plan: list[tuple[Inference, int]], e: Exception) -> None:
+    def _take_token(self, seq: Sequence, sampled: SampledToken, now: float) -> None:
+        seq.num_pending -= 1
+        if seq.done:  # finished (a stop, an abort) while this step was in flight: its token is not wanted
+            return
+        try:  # one sequence's failure (detokenising, stop strings, its stream) ends that sequence only
+            seq.append(sampled, now)
+            stream = seq.inf.stream
+            if seq.finish_reason:
+                self._finish(seq, seq.finish_reason)
+            elif stream is not None and stream.due():
+                stream.put(seq.inf.stream_delta())
+        except Exception as e:
+            log.exception("request %s failed after its step", seq.request_id)
+            if not seq.done:
+                self._finish(seq, "error", error=f"inference failed: {e!r}")
+
+    def _step_failed(self, plan: list[tuple[Sequence, int]], e: Exception) -> None:
         """Fail this step's requests (those not finished while it was in flight) and keep serving the rest."""
         log.exception("step failed for requests %s", [seq.id for seq, _ in plan])
         for seq, _ in plan:
@@ -514,36 +644,46 @@ class BatchingManager:
         self.scheduler.waiting.extend(inbox)
         if self.timeline and inbox:
             self.timeline.arrived(inbox)
-        for inf in aborts:
-            if not inf.done:
-                self._finish(inf, "abort")
+        for seq in aborts:
+            if not seq.done:
+                self._finish(seq, "abort")
 
-    def _in_flight(self) -> list[Inference]:
+    def _in_flight(self) -> list[Sequence]:
         with self._lock:
             inbox, self._inbox = self._inbox, []
         return inbox + self._in_queues()
 
-    def _in_queues(self) -> list[Inference]:
+    def _in_queues(self) -> list[Sequence]:
         s = self.scheduler
         return list(s.waiting) + list(s.preempted) + list(s.running)
 
-    def _finish(self, inf: Inference, reason: str, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if self.checks:
-            assert inf.id not in self._finished_ids, f"sequence {inf.id} finished twice"
-            self._finished_ids.add(inf.id)
-        self.scheduler.remove(inf)
-        inf.finish_reason, inf.error = reason, error
-        inf.finish_time = time.perf_counter()
-        inf.state = FINISHED
+            assert seq.id not in self._finished_ids, f"sequence {seq.id} finished twice"
+            self._finished_ids.add(seq.id)
+        self.scheduler.remove(seq)
+        seq.finish_reason, seq.error = reason, error
+        seq.finish_time = time.perf_counter()
+        seq.state = FINISHED
+        with self._lock:
+            del self._sequences[seq.id]
         if self.timeline:
-            self.timeline.finished(inf)
+            self.timeline.finished(seq)
+        inf = seq.inf
+        inf.take_result(seq.account())
         if inf.stream is not None:
             inf.stream.put(inf.stream_delta())
             inf.stream.put(None)  # end of stream
         announce_finished(inf, self.on_finish)
 
     def load(self) -> dict:
+        """What the engine has on its hands; "outstanding-tokens" is the work left (prompt tokens to prefill,
+        tokens to generate) over every request it holds, by which requests are routed to the least busy engine."""
         s, bm = self.scheduler, self.runner.block_manager
-        return {"running": len(s.running), "waiting": s.num_waiting + len(self._inbox),
+        with self._lock:
+            inbox = list(self._inbox)
+        outstanding = sum(len(seq.token_ids) - seq.num_computed + seq.params.max_tokens - seq.num_generated
+                          for seq in itertools.chain(inbox, s.waiting, s.preempted, s.running))
+        return {"running": len(s.running), "waiting": s.num_waiting + len(inbox), "outstanding-tokens": outstanding,
                 "kv-cache-usage": bm.usage, "kv-blocks-free": bm.num_free, "kv-blocks-total": bm.num_blocks,
                 "preemptions": s.num_preemptions, "steps": self.steps}

@@ -1,5 +1,6 @@
-"""gunicorn settings for ./server.sh. One process owns the model: the engine (engine_process.py), which the master
-starts before it forks the workers; every worker takes HTTP requests and feeds them to it.
+"""gunicorn settings for ./server.sh. The engines own the model, one process per GPU (ENGINES; serving/), which the
+master starts before it forks the workers and restarts when one dies; every worker takes HTTP requests and feeds
+each to the least busy engine.
 
 A gthread worker holds one thread per open request for the request's whole life, so THREADS (per worker) bounds
 how many requests can be in flight (the original's 8 capped its "dynamic" batch at 8). A thread blocked on a client
@@ -12,29 +13,88 @@ Metrics with several workers: each worker writes its Prometheus metrics to files
 (prometheus-client's multiprocess mode) and /metrics adds them up. The directory must be set before anything
 imports prometheus_client, so it is set here, in the master, once the server listens, and emptied then:
 numbers left by an earlier server would otherwise count again.
+
+Stopping (SIGTERM to the master, which forwards it to the workers, or to a worker): each worker drains. It keeps
+accepting, so that /health can say "draining" and new requests get a 503 that sends them elsewhere, while the
+requests it has run on for up to GRACEFUL_TIMEOUT_S; then the app ends those still running with an error (an SSE
+error event and [DONE], or a 503), and the worker stops as gunicorn stops one. A second SIGTERM to the master,
+SIGQUIT or SIGINT (Ctrl-C) stops at once.
 """
 import contextlib
 import glob
 import logging
+import math
 import os
 import shutil
+import signal
 import socket
 import struct
 import sys
 import tempfile
+import time
+from typing import Any, Callable
 
-from gunicorn.errors import HaltServer
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import DEFAULT_WORKER_DATA_TIMEOUT, ThreadWorker
 
 HOST, PORT = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8500"))
 CLIENT_TIMEOUT_S = float(os.environ.get("CLIENT_TIMEOUT_S", "30"))
+GRACEFUL_TIMEOUT_S = float(os.environ.get("GRACEFUL_TIMEOUT_S", "30"))
+KEEPALIVE_S = int(os.environ.get("KEEPALIVE_S", "75"))
+STOP_MARGIN_S = 10  # after the drain: ending its last requests, closing kept-alive connections, leaving the engine
 
 
-class PromptlyClosingThreadWorker(ThreadWorker):
-    """gthread with one change: a connection to be closed with nothing unread on it is shut down by the thread
-    that served it. gunicorn closes it gracefully, on the worker's main loop: it half-closes and waits up to 2 s
-    for the client to close too. A stalled client never does, so each connection dropped for making no progress
-    would stall every other connection of the worker for 2 s."""
+class ServingThreadWorker(ThreadWorker):
+    """gthread with three changes.
+
+    SIGTERM drains (gunicorn's own stop stops accepting at once and then cuts what still runs): the worker goes
+    on accepting while the app refuses new work (api/server.start_draining), and every response from then on
+    closes its connection; once no request is left, or GRACEFUL_TIMEOUT_S has passed and the app has ended the
+    rest with an error, gunicorn's own stop follows. (A stopping master closes its copies of the listening
+    sockets; the workers' copies keep them listening.)
+
+    A connection to be closed with nothing unread on it is shut down by the thread that served it. gunicorn closes
+    it gracefully, on the worker's main loop: it half-closes and waits up to 2 s for the client to close too. A
+    stalled client never does, so each connection dropped for making no progress would stall every other
+    connection of the worker for 2 s.
+
+    A new connection that sends nothing waits on the poller for at most CLIENT_TIMEOUT_S in all (gunicorn would
+    keep it for the keep-alive timeout, which is long here)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drain_deadline: float | None = None
+        self.serving: set = set()  # the requests being answered (gunicorn's parsed requests)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        """SIGTERM. The master forwards to its workers the SIGTERM that may have reached the whole process group
+        already, so a second one changes nothing (a quick stop is SIGQUIT)."""
+        if not self.booted:  # still starting: nothing to drain
+            return super().handle_exit(sig, frame)
+        if not self.alive or self.drain_deadline is not None:
+            return
+        from api.server import start_draining  # imported with the app: nothing is loaded in a signal handler
+        self.drain_deadline = time.monotonic() + GRACEFUL_TIMEOUT_S
+        start_draining(self.drain_deadline)
+        for req in list(self.serving):
+            req.must_close = True  # answered with "Connection: close", so that the client goes elsewhere
+        self.method_queue.defer(lambda: None)  # wake the main loop, to stop at once if nothing runs
+
+    def handle_request(self, req, conn) -> bool:
+        self.serving.add(req)
+        try:
+            if self.drain_deadline is not None:
+                req.must_close = True
+            return super().handle_request(req, conn)
+        finally:
+            self.serving.discard(req)
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        """The main loop's every turn (at least once a second): the drain ends when nothing runs any more, or at
+        its deadline, when the app ends what still runs."""
+        super().wait_for_and_dispatch_events(timeout)
+        if self.alive and self.drain_deadline is not None and (
+                not self.serving or time.monotonic() >= self.drain_deadline):
+            self.alive = False  # gunicorn's stop: no more accepting, kept-alive connections closed within 2 s
 
     def handle(self, conn):
         keep_alive = super().handle(conn)
@@ -43,6 +103,12 @@ class PromptlyClosingThreadWorker(ThreadWorker):
                 if nothing_unread(conn.sock):
                     conn.sock.shutdown(socket.SHUT_RDWR)
         return keep_alive
+
+    def finish_request(self, conn, fs) -> None:
+        super().finish_request(conn, fs)
+        if self.pending_conns and self.pending_conns[-1] is conn:  # just put on the poller, having sent nothing
+            silent_for = DEFAULT_WORKER_DATA_TIMEOUT  # what its thread waited (the deque stays in timeout order)
+            conn.timeout = min(conn.timeout, time.monotonic() + max(0.0, CLIENT_TIMEOUT_S - silent_for))
 
 
 def nothing_unread(sock: socket.socket) -> bool:
@@ -55,8 +121,8 @@ def nothing_unread(sock: socket.socket) -> bool:
 
 
 bind = f"{HOST}:{PORT}"
-# Workers share the one engine; each takes about a millisecond of Python per request, so a burst of requests
-# reaches the engine sooner when several take them: on a 16-core H200 machine four took 100 requests in 20-30 ms
+# Workers share the engines; each takes about a millisecond of Python per request, so a burst of requests
+# reaches the engines sooner when several take them: on a 16-core H200 machine four took 100 requests in 20-30 ms
 # (one: 100-170 ms), eight did no better. A quarter of the cores, 1 to 4, leaves the rest to the engine and clients.
 workers = int(os.environ.get("WORKERS") or min(4, max(1, (os.cpu_count() or 1) // 4)))
 # A worker's threads share one GIL, and a burst of requests passes it between them hundreds of times: each pass
@@ -66,18 +132,27 @@ workers = int(os.environ.get("WORKERS") or min(4, max(1, (os.cpu_count() or 1) /
 PIN_WORKERS = os.environ.get("PIN_WORKERS", "auto")
 if PIN_WORKERS not in ("auto", "true", "false"):
     sys.exit(f"PIN_WORKERS must be auto, true or false; got {PIN_WORKERS!r}")
-worker_class = PromptlyClosingThreadWorker
+worker_class = ServingThreadWorker
 threads = int(os.environ.get("THREADS", "512"))
 worker_connections = threads + 64
 backlog = 2048
 timeout = int(os.environ.get("WORKER_TIMEOUT", "300"))  # model loading happens before the worker's first heartbeat
-graceful_timeout = 15
+# The master SIGKILLs workers still running this long after its SIGTERM: never one still ending its requests
+graceful_timeout = math.ceil(GRACEFUL_TIMEOUT_S) + STOP_MARGIN_S
+# An idle kept-alive connection waits on the worker's poller, not in a thread (gthread's finish_request registers
+# it; its next request is handed to a thread when it arrives): a socket and a few objects. worker_connections
+# bounds them: a worker keeps worker_connections - THREADS idle (more are answered with "Connection: close") and
+# stops accepting at worker_connections. gunicorn's 2 s is shorter than the pools of common clients (aiohttp keeps
+# a connection 15 s, httpx 5 s), which would send a request on a connection the server is closing; nginx keeps 75 s.
+keepalive = KEEPALIVE_S
 accesslog = os.environ.get("ACCESS_LOG") or None
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms request_id=%({x-request-id}o)s'
 loglevel = os.environ.get("LOG_LEVEL", "info")
 control_socket_disable = True  # several servers may run side by side (tests, the comparison)
 
-OWN_METRICS_DIR = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+# The metrics directory this server made, to remove at exit; kept in the environment because a HUP re-reads this
+# file, after which PROMETHEUS_MULTIPROC_DIR is set and the directory would look like someone else's
+OWN_METRICS_DIR = "EFFECTIVE_BATCHING_METRICS_DIR"
 
 
 def on_starting(server):
@@ -94,15 +169,16 @@ def on_starting(server):
 
 def when_ready(server):
     """Listening: make the metrics directory (only now, so that a server that never listens leaves none behind;
-    and before anything imports prometheus_client), then start the engine that the workers forked next feed."""
-    if OWN_METRICS_DIR:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="effective-batching-metrics-")
+    and before anything imports prometheus_client), then start the engines that the workers forked next feed."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[OWN_METRICS_DIR] = tempfile.mkdtemp(
+            prefix="effective-batching-metrics-")
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
     for f in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
         os.remove(f)
-    from api.server import StartupFailed, start_engine_process
+    from api.server import StartupFailed, start_engines
     try:
-        start_engine_process()
+        start_engines()
     except StartupFailed as e:
         server.log.error("%s", e)
         on_exit(server)
@@ -112,6 +188,18 @@ def when_ready(server):
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
             listener.sock.setsockopt(socket.SOL_SOCKET, option, timeout)
     server.log.error_log.addFilter(OneLineForDroppedConnections())
+    signal.signal(signal.SIGTERM, sigterm_handler(server))
+
+
+def sigterm_handler(server) -> Callable[[int, Any], None]:
+    """The master's SIGTERM: the first drains the workers (gunicorn's graceful stop), a later one stops them at
+    once, as SIGQUIT does: whoever sends it again will not wait."""
+    received = []
+
+    def handle(sig: int, frame) -> None:
+        server.signal(signal.SIGQUIT if received else sig, frame)
+        received.append(sig)
+    return handle
 
 
 class OneLineForDroppedConnections(logging.Filter):
@@ -128,13 +216,7 @@ class OneLineForDroppedConnections(logging.Filter):
 
 
 def pre_fork(server, worker):
-    """The engine a new worker will feed runs: a fresh one if the last died (which is why its workers exit); and
-    the core the worker will have, if any (one no live worker has)."""
-    from api.server import StartupFailed, engine_process_running
-    try:
-        engine_process_running()
-    except StartupFailed as e:
-        raise HaltServer(str(e), 3) from e
+    """The core the new worker will have, if any (one no live worker has)."""
     taken = {w.cpu for w in server.WORKERS.values()}  # None: a worker left free
     worker.cpu = worker_cpu(os.sched_getaffinity(0), server.num_workers, taken, PIN_WORKERS)
 
@@ -175,7 +257,7 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    from api.server import stop_engine_process
-    stop_engine_process()  # after the workers: they have left it, their requests answered or aborted
-    if OWN_METRICS_DIR and "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    from api.server import stop_engines
+    stop_engines()  # after the workers: they have left them, their requests answered or aborted
+    if os.environ.get(OWN_METRICS_DIR):
+        shutil.rmtree(os.environ[OWN_METRICS_DIR], ignore_errors=True)

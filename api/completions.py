@@ -14,10 +14,10 @@ from typing import Iterator
 
 from api.errors import ApiError
 from api.submission import Delta
-from api.validation import InvalidRequest, check_context_length, checked, check_text, number, reject_unknown, \
+from api.validation import InvalidRequest, checked, check_text, number, reject_unknown, \
     stop_strings, typed
 from batching import Inference
-from engine.sampler import SamplingParams
+from engine.params import SamplingParams
 from engine.tokenizer import EOT_TOKEN, decode, encode
 
 MAX_N = 128  # OpenAI's own limit
@@ -47,7 +47,7 @@ class CompletionRequest:
         return self.params if self.params.seed is None else replace(self.params, seed=self.params.seed + j)
 
 
-def parse_completion_request(body: dict, model: str, max_context: int, max_sequences: int) -> CompletionRequest:
+def parse_completion_request(body: dict, model: str, max_sequences: int) -> CompletionRequest:
     reject_unknown(body, FIELDS)
     asked_model = typed(body, "model", (str,), default=model)
     if asked_model != model:
@@ -77,9 +77,7 @@ def parse_completion_request(body: dict, model: str, max_context: int, max_seque
         raise InvalidRequest(f"the request asks for {len(prompts)} prompts x n={n} = {len(prompts) * n} sequences; "
                              f"this server queues at most {max_sequences} (MAX_WAITING)", "n" if n > 1 else "prompt",
                              "too_many_sequences")
-    prompts = [tokenized(p) for p in prompts]
-    for _, token_ids in prompts:
-        check_context_length(len(token_ids), params.max_tokens, max_context, "max_tokens")
+    prompts = [tokenized(p) for p in prompts]  # each must fit the context: batching.admit
     return CompletionRequest(asked_model, prompts, params, n, echo, stream, _include_usage(body, stream))
 
 

@@ -11,9 +11,10 @@ import threading
 import time
 
 from api.validation import InvalidRequest, reject_unknown, typed
-from batching import BatchingManager, Inference, Overloaded
-from engine.sampler import SamplingParams
+from batching import Inference, Overloaded, admit
+from engine.params import SamplingParams
 from engine.tokenizer import encode
+from serving.protocol import Engine
 
 log = logging.getLogger("effective-batching")
 
@@ -34,16 +35,17 @@ def parse_burst(body: dict) -> tuple[int, float]:
     return requests, wait
 
 
-def start_burst(manager: BatchingManager, requests: int, wait: float) -> None:
+def start_burst(engine: Engine, requests: int, wait: float) -> None:
     """Launch the burst in the background and return at once."""
     rng = random.Random()
     samples = [(f"Request {i}", rng.choice(NUM_TOKENS_CHOICES), rng.random() * wait) for i in range(requests)]
 
     def launch() -> None:
         for i, (prompt, num_tokens, gap) in enumerate(samples):
+            inf = Inference(prompt, encode(prompt), SamplingParams(max_tokens=num_tokens), request_id=f"demo-{i}")
             try:
-                manager.enqueue(Inference(prompt, encode(prompt), SamplingParams(max_tokens=num_tokens),
-                                          request_id=f"demo-{i}"))
+                admit([inf], engine.limits, engine.load()["waiting"])
+                engine.enqueue(inf)
             except Overloaded:
                 log.warning("demo burst: the waiting queue is full; %d requests not sent", len(samples) - i)
                 return

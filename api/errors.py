@@ -1,8 +1,8 @@
 """One error shape for every endpoint, plain or streamed: `{"error": {"message", "type", "param", "code"}}`.
 
 Status codes are vLLM's: 400 bad request, 401 missing key, 404 unknown model or path, 405 wrong method, 408 body
-not sent in time, 413 body too large, 415 body not sent as JSON, 503 overloaded (with Retry-After) or engine
-down, 500 internal. `api_error` maps any exception to one.
+not sent in time, 413 body too large, 415 body not sent as JSON, 503 overloaded, draining, or no engine serving
+(with Retry-After), 500 internal. `api_error` maps any exception to one.
 """
 import logging
 
@@ -11,6 +11,8 @@ from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from api.validation import InvalidRequest
 from batching import Overloaded, TooLong
+from serving.client import EngineStalled
+from serving.router import NoEngine
 
 log = logging.getLogger("effective-batching")
 
@@ -52,6 +54,8 @@ def api_error(e: Exception) -> ApiError:
         return ApiError(400, str(e), e.param, "context_length_exceeded")
     if isinstance(e, Overloaded):
         return ApiError(503, str(e), code="overloaded", headers={"Retry-After": "1"})
+    if isinstance(e, (NoEngine, EngineStalled)):  # an engine restarting, or stalled: a moment later, or elsewhere
+        return ApiError(503, str(e), code="engine_unhealthy", headers={"Retry-After": "5"})
     if isinstance(e, ClientDisconnected):  # the body stopped arriving: CLIENT_TIMEOUT_S, or the client left
         return ApiError(408, "the request body stopped arriving before it was complete", code="request_timeout")
     if isinstance(e, HTTPException):

@@ -1,51 +1,47 @@
-"""The serving state of a gunicorn worker: settings, its handle on the engine (a process of its own, shared by
-every worker: engine_process.py), /stats, /metrics and /timeline bookkeeping.
+"""The serving state of a gunicorn worker: settings, the engines it feeds (processes of their own, one per GPU,
+shared by every worker: serving/), metrics, and the drain when it is told to stop.
 
-gunicorn's master starts the engine process (`start_engine_process`, from gunicorn_conf.when_ready) before it
-forks the workers, and starts a new one before it forks a worker if the engine died (`engine_process_running`,
-from pre_fork). Each worker connects to it (`start_engine`, from post_worker_init); a worker never touches CUDA,
-nor does the master: CUDA and threads do not survive a fork. The routes read the worker's state through
-`running()`.
+gunicorn's master starts the engine processes (`start_engines`, from gunicorn_conf.when_ready) before it forks the
+workers, and restarts one that dies (serving/master.py). Each worker connects to every engine through a router
+(`start_engine`, from post_worker_init) that sends each request to the least busy engine and reconnects to an
+engine that comes back; a worker never touches CUDA, nor does the master: neither imports torch. The routes read
+the worker's state through `running()`. The HTTP side is typed against serving.protocol.Engine: the router here,
+a BatchingManager in one process (tests).
 
-A worker whose engine died cannot serve again, so it exits a moment later and gunicorn starts a fresh one, which
-finds a fresh engine; meanwhile /health answers 503 with the reason.
+A worker told to stop drains (gunicorn_conf.ServingThreadWorker calls `start_draining`): new work is refused with
+a 503 at once, and requests still running at the drain's deadline are ended with an error (api/submission.py).
 """
 import gc
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
 from api.errors import ApiError
-from batching import BatchingManager, make_policy
+from batching import make_policy
 from engine.config import Settings
 from engine.tokenizer import get_tokenizer
-from engine_process import EngineClient, EngineProcess, EngineStartFailed
+from serving.master import Engines, EngineStartFailed
+from serving.protocol import Engine
+from serving.router import Router
 from telemetry.prometheus import EngineMetrics
-from telemetry.stats import ServerStats
-from telemetry.timeline import Timeline
 
 log = logging.getLogger("effective-batching")
 
 GIL_SWITCH_S = 0.0005
-EXIT_GRACE_S = 2.0  # between the engine's death and the worker's exit: /health says why meanwhile
 
 
 class StartupFailed(RuntimeError):
-    """The server cannot start serving (the master its engine, or a worker its connection to it); the message
-    says what failed and what to do, in one line."""
+    """The server cannot start serving (the master its engines, or a worker its connections to them); the
+    message says what failed and what to do, in one line."""
 
 
 @dataclass
 class Server:
     settings: Settings
-    manager: BatchingManager | EngineClient
-    stats: ServerStats
+    engine: Engine
     metrics: EngineMetrics
-    timeline: Timeline
     info: dict = field(default_factory=dict)
     started: int = field(default_factory=lambda: int(time.time()))
 
@@ -63,59 +59,67 @@ def running() -> Server:
     return current
 
 
-engine_process: EngineProcess | None = None  # the engine this process started; a forked worker inherits it
+drain_deadline: float | None = None  # time.monotonic() by which what still runs is ended; None: not draining
 
 
-def start_engine_process(settings: Settings | None = None) -> EngineProcess:
-    """Start the engine process (it loads the model) and wait until it is ready: in gunicorn's master, before the
-    workers are forked, or in a worker that no master gave one."""
-    global engine_process
+def start_draining(deadline: float) -> None:
+    """This worker is stopping: take no new work from now on, and end the requests still running at `deadline`.
+    Called from a signal handler: it sets a value and nothing more."""
+    global drain_deadline
+    drain_deadline = deadline
+
+
+def draining() -> bool:
+    return drain_deadline is not None
+
+
+def drain_expired() -> bool:
+    return drain_deadline is not None and time.monotonic() >= drain_deadline
+
+
+engines: Engines | None = None  # the engines this process started; a forked worker inherits the handles
+
+
+def start_engines(settings: Settings | None = None) -> Engines:
+    """Start the engine processes (they load the model side by side) and wait until they are ready, then watch
+    them: in gunicorn's master, before the workers are forked, or in a worker that no master gave any."""
+    global engines
     s = settings or Settings.from_env()
     try:
         make_policy(s.policy, s.max_batch)  # an unknown policy fails here, before a model loads
-        engine_process = EngineProcess(s)
+        engines = Engines(s)
     except Exception as e:
         raise StartupFailed(startup_failure(s, e)) from e
-    return engine_process
+    engines.watch()
+    return engines
 
 
-def engine_process_running() -> None:
-    """Start a new engine process if the last one died (the workers that fed it exit, and gunicorn forks new
-    ones after this)."""
-    if engine_process is not None and not engine_process.alive:
-        log.error("the engine process exited with code %s; starting a new one", engine_process.process.returncode)
-        engine_process.stop()
-        start_engine_process()
-
-
-def stop_engine_process() -> None:
-    if engine_process is not None and engine_process.owner == os.getpid():
-        engine_process.stop()
+def stop_engines() -> None:
+    if engines is not None and engines.owner == os.getpid():
+        engines.stop()
 
 
 def start_engine(settings: Settings | None = None) -> Server:
-    """Connect this worker to the engine process (started here if no master did) and start the thread that takes
-    its results; the worker exits if the engine dies."""
+    """Connect this worker to every engine (started here if no master did) and start the threads that take their
+    results."""
     if current is not None:
         return current
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # The thread that takes the engine's results hands them to the HTTP threads every step; with hundreds of
-    # those runnable it would wait up to the default 5 ms switch interval for the GIL, longer than a whole step.
+    # The threads that take the engines' results hand them to the HTTP threads every step; with hundreds of those
+    # runnable they would wait up to the default 5 ms switch interval for the GIL, longer than a whole step.
     sys.setswitchinterval(GIL_SWITCH_S)
     s = settings or Settings.from_env()
-    process = engine_process or start_engine_process(s)
-    if process.owner != os.getpid():
-        process.forget()  # the master's connection: the engine must see it close when the master goes
+    fleet = engines or start_engines(s)
+    if fleet.owner != os.getpid():
+        fleet.forget()  # the master's connections: an engine must see them close when the master goes
     try:
-        engine = EngineClient(process.address, process.authkey, s.max_waiting)
+        router = Router([(p.address, p.authkey) for p in fleet.processes], s.max_waiting, s.data_dir)
     except Exception as e:
         raise StartupFailed(startup_failure(s, e)) from e
-    engine.on_fatal.append(exit_worker_soon)
     get_tokenizer()  # a second or two: before this worker takes requests, not during its first burst
-    serve(s, engine, {k: v for k, v in engine.info.items() if k not in ("block-size", "kv-blocks-total")})
-    gc.freeze()  # what is loaded now lives as long as the worker: a full collection need not walk it (tens of ms
-    # with torch's modules in it, during which none of the worker's requests moves)
-    log.info("serving %s with policy %s", s.model, s.policy)
+    serve(s, router, {k: v for k, v in router.info.items() if k not in ("block-size", "kv-blocks-total")})
+    gc.freeze()  # what is loaded now lives as long as the worker: a full collection need not walk it
+    log.info("serving %s with policy %s on %d engine(s)", s.model, s.policy, router.info["engines"])
     return current
 
 
@@ -130,36 +134,20 @@ def startup_failure(s: Settings, e: Exception) -> str:
     return f"cannot serve {s.model} ({s.weights} weights, device {s.device}): {kind}{what}. To fix: {todo}"
 
 
-def exit_worker_soon(reason: str) -> None:
-    """An on_fatal callback (called when the engine dies): end this worker after EXIT_GRACE_S, the way
-    gunicorn stops one (SIGTERM: a graceful exit), so that gunicorn starts a fresh worker in its place."""
-    log.critical("%s; this worker exits in %.0f s and gunicorn starts a fresh one", reason, EXIT_GRACE_S)
-    threading.Timer(EXIT_GRACE_S, os.kill, (os.getpid(), signal.SIGTERM)).start()
-
-
-def serve(settings: Settings, manager: BatchingManager | EngineClient, info: dict) -> Server:
-    """Attach statistics, metrics and the timeline to an engine (a BatchingManager in this process, or the engine
-    process, which keeps its own statistics and timeline for every worker), start it and route requests to it."""
+def serve(settings: Settings, engine: Engine, info: dict) -> Server:
+    """Attach this worker's metrics to an engine, start it and route requests to it."""
     global current
     metrics = EngineMetrics(settings.served_model_name or settings.model, settings.policy)
-    manager.on_finish.append(metrics.record)
-    if isinstance(manager, BatchingManager):
-        stats = ServerStats(settings.policy, settings.data_dir)
-        manager.on_finish.append(stats.record)
-        if manager.timeline is None:
-            manager.attach_timeline(Timeline())
-    else:
-        stats = manager.stats
-    timeline = manager.timeline
-    manager.start()
-    metrics.start_publisher(manager)
-    current = Server(settings, manager, stats, metrics, timeline, info)
+    engine.on_finish.append(metrics.record)
+    engine.start()
+    metrics.start_publisher(engine)
+    current = Server(settings, engine, metrics, info)
     return current
 
 
 def stop_engine() -> None:
-    """This worker leaves the engine (its requests still in flight are aborted); a worker that started the
-    engine process itself stops it too."""
+    """This worker leaves the engines (its requests still in flight are aborted); a worker that started the
+    engines itself stops them too."""
     if current is not None:
-        current.manager.stop()
-    stop_engine_process()
+        current.engine.stop()
+    stop_engines()

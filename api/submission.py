@@ -8,6 +8,9 @@ nothing until the end, and a stream writes nothing while it waits in the queue, 
 waiting we also peek at the client's socket (gunicorn's gthread worker hands it over as
 environ["gunicorn.socket"]): readable with nothing to read means the client closed it. (A client that
 half-closes its sending side on purpose would look gone too; HTTP clients don't.)
+
+A server that drains (api/server.py) ends the requests still running at the drain's deadline the same way: the
+waiting thread raises a 503, which a stream sends as its error event, and its sequences are aborted.
 """
 import logging
 import queue
@@ -15,8 +18,10 @@ import socket
 from dataclasses import dataclass
 from typing import Iterator
 
-from batching import BatchingManager, Inference, Overloaded
+from batching import Inference, admit
 from api.errors import ApiError, ClientGone
+from api.server import drain_expired
+from serving.protocol import Engine
 
 log = logging.getLogger("effective-batching")
 
@@ -68,30 +73,28 @@ def raise_if_failed(inf: Inference) -> None:
 class Submission:
     """The sequences of one HTTP request, from enqueue to release."""
 
-    def __init__(self, manager: BatchingManager, infs: list[Inference], sock: socket.socket | None, stream: bool):
-        self.manager, self.infs, self.sock = manager, infs, sock
+    def __init__(self, engine: Engine, infs: list[Inference], sock: socket.socket | None, stream: bool,
+                 max_tokens_param: str = "max_tokens"):
+        self.engine, self.infs, self.sock = engine, infs, sock
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
         if stream:
             for i, inf in enumerate(infs):
                 inf.stream = _Tagged(self.queue, i, inf)
         self._check_engine()
-        waiting = manager.load()["waiting"]
-        if waiting + len(infs) > manager.max_waiting:  # refused whole, before any sequence is queued
-            raise Overloaded(f"{waiting} requests are already waiting and this one brings {len(infs)}; the queue "
-                             f"takes {manager.max_waiting} (MAX_WAITING): try again later")
+        admit(infs, engine.limits, engine.load()["waiting"], max_tokens_param)  # whole, before any is queued
         for i, inf in enumerate(infs):
             try:
-                manager.enqueue(inf)
-            except Exception:  # all or none: an overloaded queue must not keep half a request
+                engine.enqueue(inf)
+            except Exception:  # all or none: a request must not leave half of its sequences behind
                 for queued in infs[:i]:
-                    manager.abort(queued)
+                    engine.abort(queued)
                 raise
 
     def release(self) -> None:
         """Abort what has not finished (a no-op for finished sequences)."""
         unfinished = [inf for inf in self.infs if not inf.done]
         for inf in unfinished:
-            self.manager.abort(inf)
+            self.engine.abort(inf)
         if unfinished:
             log.info("%s: aborting %d unfinished sequence(s)", self.infs[0].request_id, len(unfinished))
 
@@ -111,6 +114,7 @@ class Submission:
         worth when the reader is slower than the engine), one Delta per sequence."""
         remaining = len(self.infs)
         while remaining:
+            self._check_drain()  # also while text keeps coming
             try:
                 items = [self.queue.get(timeout=POLL_S)]
             except queue.Empty:
@@ -133,10 +137,17 @@ class Submission:
                 yield ready
 
     def _check_engine(self) -> None:
-        if self.manager.fatal_error or not self.manager.alive:
-            raise ApiError(503, self.manager.fatal_error or "the engine is not running", code="engine_unhealthy")
+        if self.engine.fatal_error or not self.engine.alive:
+            raise ApiError(503, self.engine.fatal_error or "the engine is not running", code="engine_unhealthy")
 
     def _check_client_and_engine(self) -> None:
         self._check_engine()
+        self._check_drain()
         if client_closed(self.sock):
             raise ClientGone()
+
+    @staticmethod
+    def _check_drain() -> None:
+        if drain_expired():
+            raise ApiError(503, "the server is shutting down: this request was still running GRACEFUL_TIMEOUT_S "
+                                "after the server was told to stop", code="shutting_down", headers={"Retry-After": "5"})

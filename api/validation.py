@@ -5,7 +5,7 @@ or an index without failing the engine step it joins (one bad request must never
 """
 import math
 
-from engine.sampler import SamplingParams
+from engine.params import SamplingParams
 from engine.tokenizer import VOCAB_SIZE
 
 MAX_STOP_STRINGS = 4
@@ -93,21 +93,6 @@ def stop_strings(body: dict) -> list[str]:
     for s in stop:
         check_text(s, "stop")
     return stop
-
-
-def check_context_length(num_prompt_tokens: int, max_tokens: int, max_context: int, max_tokens_param: str) -> None:
-    """vLLM's wording, so clients that parse it (to shrink the request and retry) keep working."""
-    if num_prompt_tokens >= max_context:
-        raise InvalidRequest(
-            f"This model's maximum context length is {max_context} tokens. However, your request has "
-            f"{num_prompt_tokens} input tokens. Please reduce the length of the input.",
-            "prompt", "context_length_exceeded")
-    if num_prompt_tokens + max_tokens > max_context:
-        raise InvalidRequest(
-            f"This model's maximum context length is {max_context} tokens. However, you requested "
-            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} in the "
-            "completion). Please reduce the length of the prompt or completion.",
-            max_tokens_param, "context_length_exceeded")
 
 
 def _short(value, limit: int = 60) -> str:

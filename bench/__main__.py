@@ -2,6 +2,7 @@
 
   throughput    in-process output tokens/s of nobatch/static/dynamic beside HF transformers peers
   http          the same workloads over HTTP against ./server.sh, one server per policy
+  scale         output tokens/s over HTTP with 1, 2, ... engine processes (ENGINES), one per GPU
   decode        ms per decode step by batch size at a fixed context, beside the memory-bandwidth roofline
   poisson       Poisson arrivals at rising QPS over HTTP: TTFT, TPOT, ITL, E2E, goodput per policy
   interference  p99 inter-token latency of running decodes while long prompts arrive, chunked prefill or not
@@ -18,7 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the engine's modules
 
-COMMANDS = {"throughput": "bench.throughput", "http": "bench.http_throughput", "decode": "bench.decode",
+COMMANDS = {"throughput": "bench.throughput", "http": "bench.http_throughput", "scale": "bench.scale",
+            "decode": "bench.decode",
             "poisson": "bench.poisson", "interference": "bench.interference",
             "timeline-overhead": "bench.timeline_overhead", "report": "bench.report"}
 

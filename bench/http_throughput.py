@@ -13,13 +13,14 @@ import requests as http
 from bench import throughput
 from bench.common import ResultFile, resolve, run_info
 from bench.http_client import Load, run_load
-from bench.server import policy_server
+from bench.server import add_server_arguments, policy_server
 from bench.workloads import Request
 
 WARM_UP = [Request(list(range(1, 33)), 4), Request([1, 2, 3], 8)]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_arguments(p)
     throughput.add_workload_arguments(p)
     p.add_argument("--repeats", type=int, default=1, help="run each workload this many times on each server (a "
                                                           "burst is a third of a second: its rows vary)")
@@ -40,7 +41,7 @@ def main(args: argparse.Namespace) -> str:
                         since = timeline(url)["step"]  # the step before this run (read before it starts)
                         load = run_load(url, requests, desc=f"{policy} {workload}")
                         row = dict(policy=policy, workload=workload, requests=len(requests), **load.outcome())
-                        if load.records:
+                        if load.records and health["engines"] == 1:  # steps are numbered per engine
                             row["engine"] = engine_side(timeline(url, since), load)
                         print(f"{policy} {workload}: {row.get('metrics', {}).get('output_tokens_per_s')} tok/s, "
                               f"{row['failed']} failed; {row.get('engine')}", flush=True)

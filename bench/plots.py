@@ -54,6 +54,10 @@ def http(plt, data: dict):
                  "policy", "output tokens/s (HTTP)")
 
 
+def scale(plt, data: dict):
+    return _bars(plt, data["results"], lambda r: r.get("output_tokens_per_s"), "system", "output tokens/s (HTTP)")
+
+
 def decode(plt, data: dict):
     rows = data["results"]
     batches = [r["batch"] for r in rows]
@@ -136,5 +140,5 @@ def timeline_overhead(plt, data: dict):
     return fig
 
 
-DRAW = {"throughput": throughput, "http": http, "decode": decode, "poisson": poisson, "interference": interference,
+DRAW = {"throughput": throughput, "http": http, "scale": scale, "decode": decode, "poisson": poisson, "interference": interference,
         "timeline-overhead": timeline_overhead}

@@ -11,7 +11,7 @@ from bench import throughput
 from bench.common import ResultFile, resolve, run_info
 from bench.http_client import run_load
 from bench.http_throughput import WARM_UP
-from bench.server import policy_server
+from bench.server import add_server_arguments, policy_server
 from bench.workloads import long_tailed, poisson_arrivals
 
 CPU = dict(qps="1,2,4", requests=16, prompt_median=48, output_median=32, slo_ttft=2.0, slo_tpot=0.25)
@@ -19,6 +19,7 @@ FULL = dict(qps="2,4,8,16,32", requests=100, prompt_median=140, output_median=12
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_server_arguments(p)
     p.add_argument("--policies", default="nobatch,static,dynamic")
     p.add_argument("--qps", help="comma list of offered request rates (cpu 1,2,4; full 2,4,8,16,32)")
     p.add_argument("--requests", type=int, help="requests per rate (cpu 16, full 100)")

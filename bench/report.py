@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench import plots
 
-ORDER = ("throughput", "http", "decode", "poisson", "interference", "timeline-overhead")
+ORDER = ("throughput", "http", "scale", "decode", "poisson", "interference", "timeline-overhead")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,6 +108,14 @@ def decode_table(data: dict) -> str:
                      "of roofline", "our tok/s", "ideal graph ms", "ideal eager ms"], rows))
 
 
+def scale_table(data: dict) -> str:
+    rows = [[r["workload"], str(r["engines"]), str(r["gpus"]), str(r["requests"]), fmt(r["output_tokens_per_s"]),
+             str(r["failed"])] for r in data["results"]]
+    speedups = "; ".join(f"{s['workload']} {s['engines']} engines {s['speedup']:.2f}×" for s in data["speedups"])
+    return (f"speed-up over one engine: {speedups or '–'}\n\n"
+            + table(["workload", "engines", "GPUs", "requests", "tok/s", "failed"], rows))
+
+
 def poisson_table(data: dict) -> str:
     rows = []
     for r in data["results"]:
@@ -149,5 +157,5 @@ def timeline_overhead_table(data: dict) -> str:
                      "tok/s without", "tok/s with", "full snapshot ms"], rows))
 
 
-TABLES = {"throughput": throughput_table, "http": http_table, "decode": decode_table, "poisson": poisson_table,
+TABLES = {"throughput": throughput_table, "http": http_table, "scale": scale_table, "decode": decode_table, "poisson": poisson_table,
           "interference": interference_table, "timeline-overhead": timeline_overhead_table}

@@ -9,11 +9,18 @@ from bench.throughput import overlap_setting
 from server_process import running_server
 
 
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engines", type=int, help="the server's ENGINES (default: its own, one per visible GPU)")
+
+
 def policy_server(args: argparse.Namespace, policy: str, device: torch.device,
                   dtype: torch.dtype) -> contextlib.AbstractContextManager[tuple[str, dict]]:
-    """The server a benchmark's flags describe: its model, device, dtype, batch and step limits, CPU threads."""
+    """The server a benchmark's flags describe: its model, device, dtype, engines, batch and step limits, CPU
+    threads."""
     settings = dict(MAX_BATCH=args.max_batch, MAX_STEP_TOKENS=args.max_step_tokens,
                     OVERLAP_STEPS=overlap_setting(args))
+    if args.engines:
+        settings["ENGINES"] = args.engines
     if args.threads:
         settings["OMP_NUM_THREADS"] = args.threads  # torch's intra-op pool follows it
     settings.update(MODEL=args.model, WEIGHTS=weights_for(args.model), DEVICE=str(device),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 @dataclass
 class Settings:
     policy: str = "dynamic"
+    engines: int | None = None  # engine processes, each on a GPU of its own; default: one per visible GPU (1 on a CPU)
     model: str = "gpt2-medium"
     served_model_name: str | None = None  # the model id of /v1; MODEL when unset
     weights: str = "auto"
@@ -37,7 +38,8 @@ class Settings:
             raw = env.get(f.name.upper())
             if raw in (None, ""):
                 continue
-            kind = type(f.default) if f.default is not None else (int if f.name in ("kv_blocks", "seed") else str)
+            kind = type(f.default) if f.default is not None else (int if f.name in ("engines", "kv_blocks", "seed")
+                                                                  else str)
             if kind is bool:
                 value = raw.lower() in ("1", "true", "yes", "on")
             else:

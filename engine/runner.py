@@ -26,6 +26,8 @@ from model import GPT
 
 log = logging.getLogger(__name__)
 
+GPU_SPARE = 1 << 30  # bytes of free GPU memory the KV pool leaves to activations and the CUDA graphs at least
+
 
 class Sequence(Protocol):
     id: int
@@ -92,7 +94,9 @@ class ModelRunner:
         per_block = kv_bytes_per_token(self.model, self.dtype) * block_size
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - gpu_memory_utilization) * total  # leave room for activations and other processes
+            # this process's share of the card less what it holds (the weights), and never more than is free: so
+            # engines that share a GPU, each given a fraction (serving/master.py), do not count each other's
+            budget = min(gpu_memory_utilization * total - torch.cuda.memory_reserved(self.device), free - GPU_SPARE)
         else:
             budget = kv_cache_gb * 1e9
         if budget < 2 * per_block:

@@ -8,7 +8,7 @@ the engine's load once a second, and again when this worker serves a scrape.
 
 Several gunicorn workers: prometheus-client's multiprocess mode (gunicorn_conf.py sets PROMETHEUS_MULTIPROC_DIR
 before the workers start). Counters and histograms add up over workers (each accounts its own requests); the
-gauges are the one engine's, which every live worker publishes, so they are shown once (livemax).
+gauges are each engine's (an `engine` label), which every live worker publishes, so they are shown once (livemax).
 """
 import bisect
 import collections
@@ -31,10 +31,12 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                80.0]
 TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000]
 
-RUNNING = Gauge("vllm:num_requests_running", "Requests in the running batch", LABELS, multiprocess_mode="livemax")
-WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting to run (new or preempted)", LABELS,
+ENGINE_LABELS = LABELS + ("engine",)  # the gauges are each engine's (serving/: one engine process per GPU)
+RUNNING = Gauge("vllm:num_requests_running", "Requests in the running batch", ENGINE_LABELS,
                 multiprocess_mode="livemax")
-KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 0-1 (1 = every block in use)", LABELS,
+WAITING = Gauge("vllm:num_requests_waiting", "Requests waiting to run (new or preempted)", ENGINE_LABELS,
+                multiprocess_mode="livemax")
+KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 0-1 (1 = every block in use)", ENGINE_LABELS,
                  multiprocess_mode="livemax")
 PREEMPTIONS = Counter("vllm:num_preemptions", "Sequences preempted (blocks freed, recomputed later)", LABELS)
 PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens prefilled", LABELS)
@@ -57,7 +59,7 @@ class EngineMetrics:
 
     def __init__(self, model_name: str, policy: str):
         labels = dict(model_name=model_name, policy=policy)
-        self.running, self.waiting, self.kv_usage = (g.labels(**labels) for g in (RUNNING, WAITING, KV_USAGE))
+        self.labels = labels
         self.preemptions = PREEMPTIONS.labels(**labels)
         self.prompt_tokens, self.generation_tokens = PROMPT_TOKENS.labels(**labels), GENERATION_TOKENS.labels(**labels)
         self.success = {r: SUCCESS.labels(**labels, finished_reason=r) for r in FINISH_REASONS}  # all 4 from the start
@@ -82,11 +84,14 @@ class EngineMetrics:
         self.generation_len.observe(len(inf.token_times))
 
     def publish_load(self, load: dict) -> None:
-        """Set the gauges from `BatchingManager.load()`."""
+        """Set the gauges from an Engine's load(): each engine's where several serve ("per-engine"), else the one's
+        as engine "0"."""
         with self._lock:
-            self.running.set(load["running"])
-            self.waiting.set(load["waiting"])
-            self.kv_usage.set(load["kv-cache-usage"])
+            for engine_load in load.get("per-engine", [{**load, "engine": 0}]):
+                engine = str(engine_load["engine"])
+                RUNNING.labels(**self.labels, engine=engine).set(engine_load["running"])
+                WAITING.labels(**self.labels, engine=engine).set(engine_load["waiting"])
+                KV_USAGE.labels(**self.labels, engine=engine).set(engine_load["kv-cache-usage"])
 
     def start_publisher(self, manager, period_s: float = 1.0) -> None:
         """Publish the engine's load every period_s seconds for as long as its thread runs."""

@@ -57,6 +57,15 @@ class Totals:
         }
 
 
+@dataclass
+class StatsState:
+    """What a ServerStats holds, to be sent to another process and merged with other engines' (ServerStats.merged)."""
+    policy: str
+    lifetime: Totals
+    recent: list[tuple[str, RequestRecord]]
+    latency_by_tokens: dict[int, list]
+
+
 class ServerStats:
 
     def __init__(self, policy: str, data_dir: str = "data"):
@@ -79,6 +88,29 @@ class ServerStats:
                 by_tokens = self._latency_by_tokens[rec.requested_tokens]
                 by_tokens[0] += 1
                 by_tokens[1] += rec.e2e
+
+    def state(self) -> StatsState:
+        with self._lock:
+            lifetime = Totals(**{**vars(self._lifetime), "reasons": defaultdict(int, self._lifetime.reasons)})
+            return StatsState(self.policy, lifetime, list(self._recent),
+                              {n: list(v) for n, v in self._latency_by_tokens.items()})
+
+    @classmethod
+    def merged(cls, states: list[StatsState], data_dir: str) -> "ServerStats":
+        """The statistics of several engines' requests as one engine's would be (each engine's lifetime figures
+        count from its own start)."""
+        stats = cls(states[0].policy, data_dir)
+        stats._recent = deque(maxlen=RECENT * len(states))
+        for state in states:
+            for name in ("finished", "tokens", "latency", "latency_per_token"):
+                setattr(stats._lifetime, name, getattr(stats._lifetime, name) + getattr(state.lifetime, name))
+            for reason, n in state.lifetime.reasons.items():
+                stats._lifetime.reasons[reason] += n
+            stats._recent.extend(state.recent)
+            for n, (count, total) in state.latency_by_tokens.items():
+                stats._latency_by_tokens[n][0] += count
+                stats._latency_by_tokens[n][1] += total
+        return stats
 
     def snapshot(self, since: float | None = None) -> dict:
         """Every figure: since start-up, or over the requests that arrived at or after `since` (server time)."""

@@ -78,6 +78,7 @@ class Timeline:
         self._steps: deque[tuple] = deque(maxlen=steps_kept)  # STEP_FIELDS, absolute times
         self._requests: OrderedDict[int, RequestTrack] = OrderedDict()  # Inference.id -> track, least recent first
         self._prefilling: dict[int, RequestTrack] = {}  # admitted or resumed, no token sampled since
+        self._open_step: tuple | None = None  # the step being recorded, until it is closed
         self._lock = threading.Lock()
 
     # ---- the engine thread ----
@@ -106,15 +107,21 @@ class Timeline:
     def stepped(self, plan: list, sampled: dict, start: float, end: float, scheduler, blocks) -> None:
         """One step ran `plan` [(Inference, tokens)] and sampled a token for the ids in `sampled`. Requests in
         prefill get a chunk, and enter decoding when their last chunk produced a token; the rest of the plan
-        are decodes of one token each."""
+        are decodes of one token each. Readers see the step once it is closed (`step_closed`)."""
         with self._lock:
             step = self.num_steps + 1
             prefill_tokens = prefill_rows = 0
             if self._prefilling:  # else the plan is not visited: a step of decodes costs the same at any batch
                 prefill_tokens, prefill_rows = self._prefill_chunks(step, plan, sampled, end)
-            self._steps.append((step, start, end - start, prefill_tokens, len(plan) - prefill_rows, len(sampled),
-                                len(scheduler.running), scheduler.num_waiting, blocks.usage))
-            self.num_steps = step
+            self._open_step = (step, start, end - start, prefill_tokens, len(plan) - prefill_rows, len(sampled),
+                               len(scheduler.running), scheduler.num_waiting, blocks.usage)
+
+    def step_closed(self) -> None:
+        """The step's sequences have taken their tokens, and those that ended have finished: readers see the step
+        from now on, with every change it made (so a reader at this step has seen them all)."""
+        with self._lock:
+            self._steps.append(self._open_step)
+            self.num_steps = self._open_step[0]
 
     def _prefill_chunks(self, step: int, plan: list, sampled: dict, end: float) -> tuple[int, int]:
         """Record the chunks of requests in prefill; returns their tokens and how many requests had one."""
@@ -158,8 +165,9 @@ class Timeline:
 
     def snapshot(self, since: int = 0) -> dict:
         """Steps after step `since`, and requests that changed after it was recorded, as JSON-ready dicts. Pass
-        the answer's `step` as the next `since` to get increments; a request that finished in that step's last
-        moments comes again (clients keep requests by id)."""
+        the answer's `step` as the next `since` to get increments: a step's changes (tokens, finishes) are seen
+        with it, and nothing comes twice but a change made between steps (an abort while idle), which comes with
+        every increment until the next step (clients keep requests by id)."""
         with self._lock:
             now, last = time.perf_counter(), self.num_steps
             since = since if since <= last else 0  # a client of an earlier server (or process): everything

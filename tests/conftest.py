@@ -57,7 +57,8 @@ from engine.config import Settings  # noqa: E402
 # included) reads one, for this process and every server it starts.
 SERVER_VARIABLES = {f.name.upper() for f in dataclasses.fields(Settings)} | {
     "HOST", "PORT", "THREADS", "WORKERS", "WORKER_TIMEOUT", "LOG_LEVEL", "ACCESS_LOG", "PROMETHEUS_MULTIPROC_DIR",
-    "CLIENT_TIMEOUT_S", "GUNICORN_CONF", "PIN_WORKERS", "GRACEFUL_TIMEOUT_S", "KEEPALIVE_S"}
+    "CLIENT_TIMEOUT_S", "GUNICORN_CONF", "PIN_WORKERS", "GRACEFUL_TIMEOUT_S", "KEEPALIVE_S",
+    "EFFECTIVE_BATCHING_METRICS_DIR"}
 for name in SERVER_VARIABLES:
     os.environ.pop(name, None)
 
@@ -68,6 +69,8 @@ from engine.loader import from_pretrained  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
 from engine.params import SampledToken, SamplingParams  # noqa: E402
 import server_process  # noqa: E402
+from telemetry.stats import ServerStats  # noqa: E402
+from telemetry.timeline import Timeline  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -177,7 +180,10 @@ def in_process(model_dir: str, **settings):
     """The app in this process (Flask's test client) over an engine of the tiny model; yields (client, manager)."""
     manager = make_manager(model_dir)
     settings.setdefault("data_dir", os.environ["DATA_DIR"])
-    api.server.serve(Settings(served_model_name="tiny-gpt2", **settings), manager, {})
+    s = Settings(served_model_name="tiny-gpt2", **settings)
+    manager.attach_stats(ServerStats(s.policy, s.data_dir))
+    manager.attach_timeline(Timeline())
+    api.server.serve(s, manager, {})
     try:
         yield app.app.test_client(), manager
     finally:

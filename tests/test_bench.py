@@ -99,6 +99,17 @@ def test_http_measures_each_policy_through_a_real_server(out, tiny_model_dir):
     assert data["server"]["policy"] == "dynamic"
 
 
+def test_scale_runs_each_workload_on_one_and_on_two_engines(out, tiny_model_dir):
+    data = run_bench(out, "scale", "--model", tiny_model_dir, "--requests", "3", "--longtail-requests", "4",
+                     "--engine-counts", "1,2", "--workloads", "burst,longtail")
+    rows = data["results"]
+    assert [(r["workload"], r["engines"]) for r in rows] == [("burst", 1), ("longtail", 1), ("burst", 2),
+                                                             ("longtail", 2)]
+    assert all(r["failed"] == 0 and r["output_tokens_per_s"] > 0 and r["gpus"] == 0 for r in rows)
+    assert [server["engines"] for server in data["servers"]] == [1, 2]
+    assert [(s["workload"], s["engines"]) for s in data["speedups"]] == [("burst", 2), ("longtail", 2)]
+
+
 def test_decode_times_our_step_and_hf_beside_the_roofline(out, tiny_model_dir):
     data = run_bench(out, "decode", "--model", tiny_model_dir, "--batches", "1,2", "--ctx", "32", "--iters", "3")
     assert [r["batch"] for r in data["results"]] == [1, 2]

@@ -1,11 +1,10 @@
-"""Engine behaviour beyond the oracle: KV accounting on every exit path, failures, aborts, overload, stopping."""
+"""Engine behaviour beyond the oracle: KV accounting on every exit path, failures, aborts, admission, stopping."""
 from types import SimpleNamespace
 
 import pytest
 
-from batching import Overloaded
+from batching import Overloaded, TooLong, admit
 from conftest import assert_nothing_leaked, fail_step, make_manager, request, run_until_idle
-from batching import TooLong
 from engine.tokenizer import EOT_TOKEN
 
 
@@ -123,26 +122,27 @@ def test_stop_fails_everything_in_flight(tiny_model_dir):
     assert_nothing_leaked(manager)
 
 
-def test_queue_over_its_limit_is_overloaded(tiny_model_dir):
-    manager = make_manager(tiny_model_dir, "dynamic", max_waiting=3)
-    for _ in range(3):
-        manager.enqueue(request([1], 2))
-    with pytest.raises(Overloaded):
-        manager.enqueue(request([1], 2))
-    run_until_idle(manager)
-    manager.enqueue(request([1], 2))  # room again once the queue drains
+def test_admission_refuses_a_request_whose_sequences_the_queue_cannot_all_take(tiny_model_dir):
+    limits = make_manager(tiny_model_dir, "dynamic", max_waiting=3).limits
+    admit([request([1], 2)] * 3, limits, waiting=0)
+    with pytest.raises(Overloaded, match="1 requests are already waiting and this one brings 3"):
+        admit([request([1], 2)] * 3, limits, waiting=1)
 
 
-def test_prompt_plus_tokens_over_the_context_is_refused(tiny_model_dir):
-    manager = make_manager(tiny_model_dir, "dynamic")
-    with pytest.raises(TooLong, match="context of 1024"):
-        manager.enqueue(request([1] * 1000, 25))
+def test_admission_refuses_a_prompt_plus_tokens_over_the_context(tiny_model_dir):
+    limits = make_manager(tiny_model_dir, "dynamic").limits
+    with pytest.raises(TooLong, match="maximum context length is 1024 tokens") as refused:
+        admit([request([1] * 1000, 25)], limits, waiting=0, max_tokens_param="num_tokens")
+    assert refused.value.param == "num_tokens"
+    with pytest.raises(TooLong, match="your request has 1024 input tokens") as refused:
+        admit([request([1] * 1024, 1)], limits, waiting=0)
+    assert refused.value.param == "prompt"
 
 
-def test_a_request_larger_than_the_whole_kv_pool_is_refused(tiny_model_dir):
-    manager = make_manager(tiny_model_dir, "dynamic", num_blocks=4, block_size=4)
+def test_admission_refuses_a_request_larger_than_the_whole_kv_pool(tiny_model_dir):
+    limits = make_manager(tiny_model_dir, "dynamic", num_blocks=4, block_size=4).limits
     with pytest.raises(TooLong, match="KV cache"):
-        manager.enqueue(request([1] * 10, 10))
+        admit([request([1] * 10, 10)], limits, waiting=0)
 
 
 def test_stops_at_eos_unless_told_to_ignore_it(tiny_model_dir):

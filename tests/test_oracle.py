@@ -142,11 +142,11 @@ def test_aborting_a_request_in_any_state_leaves_the_others_hf_tokens(tiny_model_
     position = 4 if state == "waiting" else 1
     for seq in survivors[:position] + [victim] + survivors[position:]:
         manager.enqueue(seq)
-    in_flight = False
+    sequence, in_flight = manager.sequence_of(victim), False
     while not victim.done:
         assert manager.step(), f"the victim finished without ever {state}"
-        if VICTIM_STATES[state](manager, victim):
-            in_flight = manager._unread is not None and victim in [seq for seq, _ in manager._unread.plan]
+        if VICTIM_STATES[state](manager, sequence):
+            in_flight = manager._unread is not None and sequence in [seq for seq, _ in manager._unread.plan]
             manager.abort(victim)
             manager.step()
     run_until_idle(manager)

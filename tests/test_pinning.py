@@ -31,7 +31,7 @@ def test_pinned_worker_runs_every_thread_on_one_core_and_the_engine_on_all(tiny_
         health = requests.get(url + "/health", timeout=10).json()
         worker = cpus_of_every_thread(health["pid"])
         assert worker == {frozenset({max(os.sched_getaffinity(0))})}
-        assert cpus_of_every_thread(health["engine-pid"]) == {frozenset(os.sched_getaffinity(0))}
+        assert cpus_of_every_thread(health["engine-pids"][0]) == {frozenset(os.sched_getaffinity(0))}
 
 
 def test_auto_leaves_a_worker_free_when_the_cores_are_too_few(tiny_model_dir):

@@ -85,8 +85,8 @@ def test_counters_and_histograms_add_up_to_what_was_sent(tiny_model_dir):
         assert value(m, f"vllm:{histogram}_bucket", le="+Inf") == completed
     assert value(m, "vllm:inter_token_latency_seconds_count") == sum(g - 1 for _, g, _ in sequences)
     assert value(m, "vllm:num_preemptions_total") == stats["preemptions"] > 0
-    assert value(m, "vllm:num_requests_running") == value(m, "vllm:num_requests_waiting") == 0
-    assert value(m, "vllm:kv_cache_usage_perc") == 0
+    assert value(m, "vllm:num_requests_running", engine="0") == value(m, "vllm:num_requests_waiting", engine="0") == 0
+    assert value(m, "vllm:kv_cache_usage_perc", engine="0") == 0  # each engine's gauges carry its number
 
 
 def test_histograms_time_each_request_from_its_arrival():
@@ -122,7 +122,7 @@ def test_two_workers_feed_one_engine_add_up_and_a_dead_workers_gauges_vanish(tin
     with running_server("dynamic", tiny_model_dir, SERVED_MODEL_NAME=MODEL, WORKERS=2,
                         PROMETHEUS_MULTIPROC_DIR=directory) as url:
         wait_until(lambda: len({requests.get(url + "/health").json()["pid"] for _ in range(10)}) == 2)
-        assert len({requests.get(url + "/health").json()["engine-pid"] for _ in range(10)}) == 1
+        assert len({tuple(requests.get(url + "/health").json()["engine-pids"]) for _ in range(10)}) == 1
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(lambda i: requests.post(url + "/inference", json={"prompt": "hi", "num_tokens": 3})
                                   .status_code, range(16)))

@@ -1,0 +1,163 @@
+"""Runs in an HTTP worker: the `Engine` the HTTP side drives when the engines run in processes of their own, one
+per GPU (serving/master.py), all reached from every worker.
+
+Each request goes to the engine with the least outstanding work: the prompt tokens it has still to prefill and
+the tokens it has still to generate, as the engine last said (at least every HEARTBEAT_S while it runs), plus what
+this worker sent it since (`pick`). An engine that dies takes down only its own requests: one that has sent
+nothing to its client yet (no streamed text) is resubmitted to another engine, the rest end with an error; the
+master starts a new engine on the same address, and a thread of this worker's connects to it again.
+"""
+import logging
+import threading
+import time
+
+from batching import Inference, Limits
+from serving.client import EngineClient, fail
+from telemetry.stats import ServerStats
+
+log = logging.getLogger("effective-batching")
+
+RECONNECT_S = 0.5
+
+
+class NoEngine(RuntimeError):
+    """Every engine is down (HTTP 503)."""
+
+
+class Router:
+
+    def __init__(self, addresses: list[tuple[str, bytes]], max_waiting: int, data_dir: str):
+        self.addresses = addresses
+        self.on_finish: list = [self._forget]  # then this process's own callbacks (metrics)
+        self.clients: list[EngineClient | None] = [self._connect(i) for i in range(len(addresses))]
+        self.info = {**self.clients[0].info, "engines": len(addresses)}
+        for key in ("engine", "engine-pid", "engine-started"):
+            self.info.pop(key, None)
+        self.limits = Limits(self.info["max-context"], self.info["block-size"], self.info["kv-blocks-total"],
+                             max_waiting)
+        self.data_dir = data_dir
+        self._lock = threading.Lock()
+        self._where: dict[int, EngineClient] = {}  # Inference.id -> the engine it runs on
+        self._stopping = False
+
+    # ---- Engine ----
+
+    def enqueue(self, inf: Inference) -> Inference:
+        client = self.pick(inf)
+        with self._lock:
+            self._where[inf.id] = client
+        return client.enqueue(inf)
+
+    def pick(self, inf: Inference) -> EngineClient:
+        """The engine for a request: the one with the least outstanding work. (Prefix-aware routing belongs here:
+        the engine that holds the prompt's first blocks, unless it is much busier than the least busy.)"""
+        live = [c for c in self.clients if c is not None and c.alive]
+        if not live:
+            raise NoEngine(self.fatal_error or "no engine is serving")
+        return min(live, key=lambda c: c.load()["outstanding-tokens"])
+
+    def _forget(self, inf: Inference) -> None:
+        with self._lock:
+            self._where.pop(inf.id, None)
+
+    def abort(self, inf: Inference) -> None:
+        with self._lock:
+            client = self._where.get(inf.id)
+        if client is not None:
+            client.abort(inf)
+
+    def load(self) -> dict:
+        """The engines' loads added up, and each engine's own ("per-engine": its index and pid with it)."""
+        loads = [{"engine": c.index, "engine-pid": c.info["engine-pid"], **c.load()}
+                 for c in self.clients if c is not None and c.alive]
+        total = {key: sum(load[key] for load in loads) for key in
+                 ("running", "waiting", "outstanding-tokens", "kv-blocks-free", "kv-blocks-total", "preemptions",
+                  "steps")}
+        total["kv-cache-usage"] = 1 - total["kv-blocks-free"] / total["kv-blocks-total"] if loads else 0.0
+        return {**total, "engines-serving": len(loads), "per-engine": loads}
+
+    def stats(self, since: float | None = None) -> dict:
+        return self._merged_stats().snapshot(since)
+
+    def write_token_csv(self) -> str:
+        return self._merged_stats().write_token_csv()
+
+    def _merged_stats(self) -> ServerStats:
+        live = self._live()
+        return ServerStats.merged([c.ask("stats") for c in live], self.data_dir)
+
+    def timeline_since(self, since: int = 0, engine: int = 0) -> dict:
+        client = self.clients[engine] if 0 <= engine < len(self.clients) else None
+        if client is None or not client.alive:
+            raise NoEngine(f"engine {engine} is not serving" if client is not None or 0 <= engine < len(self.clients)
+                           else f"there is no engine {engine}; this server has {len(self.clients)}")
+        return client.ask("timeline", since)
+
+    def _live(self) -> list[EngineClient]:
+        live = [c for c in self.clients if c is not None and c.alive]
+        if not live:
+            raise NoEngine(self.fatal_error or "no engine is serving")
+        return live
+
+    @property
+    def alive(self) -> bool:
+        return any(c is not None and c.alive for c in self.clients)
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Set while no engine serves: why."""
+        if self.alive:
+            return None
+        errors = [c.fatal_error for c in self.clients if c is not None and c.fatal_error]
+        return "; ".join(errors) or "no engine is serving"
+
+    @property
+    def last_step_time(self) -> float:
+        return max((c.last_step_time for c in self.clients if c is not None and c.alive), default=0.0)
+
+    def start(self) -> None:
+        for client in self.clients:
+            client.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        for client in self.clients:
+            if client is not None:
+                client.stop()
+
+    # ---- engines that die and come back ----
+
+    def _connect(self, index: int) -> EngineClient:
+        address, authkey = self.addresses[index]
+        client = EngineClient(address, authkey, on_lost=self._lost)
+        client.on_finish = self.on_finish  # one list: callbacks added later reach every engine's requests
+        return client
+
+    def _lost(self, client: EngineClient, in_flight: list[Inference]) -> None:
+        """An engine died: resubmit elsewhere what has sent nothing to its client, fail the rest, and reconnect."""
+        with self._lock:
+            for inf in in_flight:
+                self._where.pop(inf.id, None)
+        for inf in in_flight:
+            if inf.streamed_tokens == 0 and not inf.logprobs and self.alive:
+                try:
+                    self.enqueue(inf)
+                    log.info("%s: resubmitted to another engine", inf.request_id)
+                    continue
+                except NoEngine:
+                    pass
+            fail(inf, "error", client.fatal_error, self.on_finish)
+        threading.Thread(target=self._reconnect, args=(client.index,), name=f"engine-{client.index}-reconnect",
+                         daemon=True).start()
+
+    def _reconnect(self, index: int) -> None:
+        while not self._stopping:
+            try:
+                client = self._connect(index)
+            except (OSError, EOFError):  # not back yet (the master starts it again)
+                time.sleep(RECONNECT_S)
+                continue
+            client.start()
+            self.clients[index] = client
+            log.info("reconnected to engine %d", index)
+            return

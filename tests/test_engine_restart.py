@@ -1,0 +1,54 @@
+"""Engines that die on a real server, as the kernel's out-of-memory killer or a driver fault would kill them: the
+master starts a new one, the workers reconnect by themselves, and with two engines the other never stops serving."""
+import concurrent.futures
+import os
+import signal
+
+import requests
+
+from conftest import running_server, wait_until
+
+
+def health(url: str) -> requests.Response:
+    return requests.get(url + "/health", timeout=60)
+
+
+def engine_pids(url: str) -> list[int]:
+    r = health(url)
+    return r.json()["engine-pids"] if r.status_code == 200 else []
+
+
+def generate(url: str, num_tokens: int) -> requests.Response:
+    return requests.post(url + "/inference", json={"prompt": "hi", "num_tokens": num_tokens}, timeout=120)
+
+
+def test_a_lone_engine_that_dies_fails_its_requests_and_a_new_one_serves_the_same_workers(tiny_model_dir):
+    with running_server("dynamic", tiny_model_dir, WORKERS=2) as url, \
+            concurrent.futures.ThreadPoolExecutor() as pool:
+        first = health(url).json()
+        long = pool.submit(generate, url, 1000)
+        wait_until(lambda: requests.get(url + "/stats", timeout=10).json()["running"] == 1)
+        os.kill(first["engine-pids"][0], signal.SIGKILL)
+        died = long.result()  # no other engine to resubmit it to
+        assert died.status_code == 500 and "engine 0 died" in died.json()["error"]["message"]
+        wait_until(lambda: engine_pids(url) not in ([], first["engine-pids"]), timeout=60)
+        assert generate(url, 3).json()["completion_tokens"] == 3
+        workers = {health(url).json()["pid"] for _ in range(20)}
+        assert first["pid"] in workers  # the workers stayed: they reconnected
+
+
+def test_with_two_engines_a_dying_one_loses_no_request(tiny_model_dir):
+    """Plain requests have sent nothing to their clients when their engine dies: they run again on the other."""
+    with running_server("dynamic", tiny_model_dir, ENGINES=2) as url, \
+            concurrent.futures.ThreadPoolExecutor(8) as pool:
+        first = health(url).json()
+        assert first["engines"] == 2 and len(set(first["engine-pids"])) == 2
+        answers = [pool.submit(generate, url, 300) for _ in range(8)]
+        wait_until(lambda: requests.get(url + "/stats", timeout=10).json()["running"] >= 6)
+        os.kill(first["engine-pids"][0], signal.SIGKILL)
+        during = [generate(url, 5) for _ in range(4)]  # served by the other engine meanwhile
+        assert [r.status_code for r in during] == [200] * 4
+        assert [r.status_code for r in (a.result() for a in answers)] == [200] * 8
+        assert all(a.result().json()["completion_tokens"] == 300 for a in answers)
+        wait_until(lambda: len(engine_pids(url)) == 2 and first["engine-pids"][0] not in engine_pids(url),
+                   timeout=60)
