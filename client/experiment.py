@@ -52,7 +52,7 @@ class PolicyRun:
     policy: str
     records: list[RequestRecord]
     stats: dict
-    timeline: dict = field(default_factory=dict)  # the server's GET /timeline after the workload
+    timelines: list[dict] = field(default_factory=list)  # GET /timeline of each engine after the workload
 
 
 # --- setup ----------------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def run_policy(policy: str, workload: PromptData, args: argparse.Namespace) -> P
                             timeout=args.startup_timeout) as (url, _):
             records = run_workload(url, workload.samples, desc=policy)
             stats = fetch_stats(url)
-            timeline = fetch_timeline(url)
+            timelines = fetch_timelines(url)
     except ServerFailed as e:
         raise ExperimentError(f"{policy}: {e}") from None
     failed = [r for r in records if not r.ok]
@@ -126,11 +126,17 @@ def run_policy(policy: str, workload: PromptData, args: argparse.Namespace) -> P
                               f"the server's log is {log_path}")
     if failed:
         tqdm.write(f"[{policy}] {len(failed)} of {len(records)} requests failed, first: {failed[0].error}")
-    return PolicyRun(policy, records, stats, timeline)
+    return PolicyRun(policy, records, stats, timelines)
 
 
-def fetch_timeline(url: str) -> dict:
-    response = requests.get(f"{url}/timeline", timeout=60)
+def fetch_timelines(url: str) -> list[dict]:
+    """Every engine's record, in engine order: engine 0's says how many engines the server has."""
+    first = fetch_timeline(url, 0)
+    return [first] + [fetch_timeline(url, engine) for engine in range(1, first.get("engines", 1))]
+
+
+def fetch_timeline(url: str, engine: int) -> dict:
+    response = requests.get(f"{url}/timeline", params={"engine": engine}, timeout=60)
     response.raise_for_status()
     return response.json()
 
@@ -190,7 +196,7 @@ def write_figures(runs: list[PolicyRun], metrics: dict[str, dict[str, float]], a
     ):
         samples = {p: ok_values(records, metric) for p, records in by_policy.items()}
         paths += plot.plot_distribution(samples, ylabel, title, out / name, caption, log=log)
-    paths += timeline_plot.plot_timelines({run.policy: run.timeline for run in runs}, out / "timeline", caption)
+    paths += timeline_plot.plot_timelines({run.policy: run.timelines for run in runs}, out / "timeline", caption)
     return paths
 
 
@@ -343,7 +349,7 @@ whole generation; dynamic batching starts it at the next step.
 - `latency_vs_tokens.png/.pdf` from `token_data_<policy>.csv`;
 - `throughput.png/.pdf` from `summary.csv` (every client-measured figure, one row per policy);
 - `ttft`, `tpot`, `e2e_latency` `.png/.pdf` from `requests_<policy>.csv` (one row per request);
-- `timeline.png/.pdf` from `timeline_<policy>.json` (the server's /timeline after the run);
+- `timeline.png/.pdf` from `timeline_<policy>.json` (the server's /timeline after the run, a record per engine);
 - `stats_<policy>.json`: the server's /stats after the run; `server_<policy>.log`: its log;
   `server_data/token_data_<policy>.csv`: the server's own mean latency per requested token count.
 """)
@@ -354,7 +360,7 @@ whole generation; dynamic batching starts it at the next step.
 def save_run(out: Path, run: PolicyRun) -> None:
     write_run_files(out, run.policy, run.records)
     (out / f"stats_{run.policy}.json").write_text(json.dumps(run.stats, indent=2) + "\n")
-    (out / f"timeline_{run.policy}.json").write_text(json.dumps(run.timeline) + "\n")
+    (out / f"timeline_{run.policy}.json").write_text(json.dumps(run.timelines) + "\n")
 
 
 def write_results(runs: list[PolicyRun], args: argparse.Namespace, defaults_note: str) -> list[Path]:

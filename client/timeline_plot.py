@@ -1,10 +1,12 @@
 """The comparison's timeline figure: what the scheduler did, one panel per policy on a shared time axis, drawn from
-each server's GET /timeline (saved by experiment.py as `timeline_<policy>.json`).
+each server's GET /timeline (saved by experiment.py as `timeline_<policy>.json`: a list of the server's engines'
+records, in engine order; a file of a single record, as older runs saved, is a server of one engine).
 
 In a panel a row is a request, in arrival order from the top: grey while it waits, orange while its prompt is
 prefilled, blue while it decodes; a black mark where it finishes, a red one where it is preempted. Above the rows,
-how many requests ran (blue) and waited (grey line) at each step. Time 0 is the first request's arrival on each
-server. No batching draws a staircase, static batching convoys, dynamic batching continuous admission.
+how many requests ran (blue) and waited (grey line) at each step. A server of several engines gets a lane (counts
+and rows) per engine in its panel, each engine's requests in its own lane. Time 0 is the first request's arrival
+on each server. No batching draws a staircase, static batching convoys, dynamic batching continuous admission.
 
     python client/timeline_plot.py results        # -> results/timeline.png/.pdf from results/timeline_*.json
 """
@@ -12,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib.patches as mpatches
 import matplotlib.pyplot as plt
@@ -30,8 +33,21 @@ POLICY_RULES = {"nobatch": "one request at a time",
                 "dynamic": "waiting requests join the running batch at the next step"}
 
 
-def first_arrival(timeline: dict) -> float:
-    return min((r["arrival"] for r in timeline.get("requests", [])), default=0.0)
+def engine_records(saved: dict | list[dict]) -> list[dict]:
+    """A server's records, one per engine: a saved list as it is, a single record (one engine) as a list of one."""
+    if isinstance(saved, dict):
+        return [saved]
+    return saved or [{}]  # nothing recorded: one empty lane
+
+
+def engine_zeros(engines: list[dict]) -> list[float]:
+    """Each engine's time 0 on its own clock: the server's first arrival, on any engine. An engine counts its times
+    from its own origin; origin_unix, that origin's wall-clock time, puts them all on one clock."""
+    base = min(e.get("origin_unix", 0.0) for e in engines)
+    offsets = [e.get("origin_unix", 0.0) - base for e in engines]
+    first = min((r["arrival"] + offset for e, offset in zip(engines, offsets) for r in e.get("requests", [])),
+                default=0.0)
+    return [first - offset for offset in offsets]
 
 
 def step_curves(steps: list[dict], t0: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,25 +108,50 @@ def draw_rows(ax: plt.Axes, timeline: dict, t0: float) -> None:
     ax.tick_params(labelsize=8)
 
 
-def plot_timelines(timelines: dict[str, dict], stem: Path, caption: str = "") -> list[Path]:
-    """One panel per policy (counts above, rows below), every panel on the same time axis."""
-    policies = ordered(timelines)
-    fig = plt.figure(figsize=(12, 0.8 + 3.6 * len(policies)), layout="constrained")
-    grid = fig.add_gridspec(2 * len(policies), 1, height_ratios=[1, 3.6] * len(policies))
+class Lane(NamedTuple):
+    """An engine's part of a policy's panel."""
+    policy: str
+    engine: int
+    record: dict  # the engine's /timeline
+    zero: float  # time 0 on the engine's clock
+    height: float  # inches
+
+
+def lanes_of(timelines: dict[str, dict | list[dict]]) -> list[Lane]:
+    """Every policy's lanes, policy by policy in the story's order, engine by engine."""
+    lanes = []
+    for policy in ordered(timelines):
+        records = engine_records(timelines[policy])
+        height = 3.6 / len(records) ** 0.5  # one engine's as tall as ever; several shorter, the figure printable
+        lanes += [Lane(policy, engine, record, zero, height)
+                  for engine, (record, zero) in enumerate(zip(records, engine_zeros(records)))]
+    return lanes
+
+
+def plot_timelines(timelines: dict[str, dict | list[dict]], stem: Path, caption: str = "") -> list[Path]:
+    """One panel per policy, every panel on the same time axis; in a panel a lane per engine of its server (counts
+    above, rows below). `timelines`: each policy's saved /timeline, a list of records or a single one."""
+    lanes = lanes_of(timelines)
+    several = {lane.policy for lane in lanes if lane.engine > 0}
+    fig = plt.figure(figsize=(12, 0.8 + sum(lane.height for lane in lanes)), layout="constrained")
+    grid = fig.add_gridspec(2 * len(lanes), 1, height_ratios=[part * lane.height for lane in lanes
+                                                              for part in (1, 3.6)])
     first = None
-    for i, policy in enumerate(policies):
+    for i, (policy, engine, record, zero, _) in enumerate(lanes):
         counts = fig.add_subplot(grid[2 * i], sharex=first, sharey=first)
         rows = fig.add_subplot(grid[2 * i + 1], sharex=counts)
         first = first or counts
-        t0 = first_arrival(timelines[policy])
-        draw_counts(counts, timelines[policy], t0)
-        draw_rows(rows, timelines[policy], t0)
-        label, color = label_and_color(policy)
-        rule = POLICY_RULES.get(policy)
-        counts.set_title(f"{label}: {rule}" if rule else label, loc="left", fontsize=10, color=color,
-                         fontweight="bold")
+        draw_counts(counts, record, zero)
+        draw_rows(rows, record, zero)
+        if engine == 0:
+            label, color = label_and_color(policy)
+            rule = POLICY_RULES.get(policy)
+            counts.set_title(f"{label}: {rule}" if rule else label, loc="left", fontsize=10, color=color,
+                             fontweight="bold")
+        if policy in several:
+            counts.set_title(f"engine {engine}", loc="right", fontsize=9, color="dimgray")
         counts.tick_params(labelbottom=False)
-        rows.tick_params(labelbottom=i == len(policies) - 1)
+        rows.tick_params(labelbottom=i == len(lanes) - 1)
     rows.set_xlabel("seconds since the first request arrived")
     first.set_xlim(left=0)
     legend = [mpatches.Patch(color=PHASE_COLORS[p], label=p) for p in ("waiting", "prefill", "decoding")]

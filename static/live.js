@@ -1,10 +1,12 @@
-// The live page: polls GET /timeline for what changed since the last answer (?since=STEP), keeps the last 30 s,
-// and draws them as the comparison's timeline figure does: running and waiting per step above, a row per request
-// below (waiting, prefill, decoding; finished and preempted marked). Vanilla JS and canvas, no build step.
+// The live page: a lane per engine of the server (with one engine, no lane titles: the page as it always was).
+// For each engine it polls GET /timeline?engine=N for what changed since that engine's last answer
+// (?since=STEP: steps are numbered per engine), keeps the last 30 s, and draws them as the comparison's timeline
+// figure does: running and waiting per step above, a row per request below (waiting, prefill, decoding; finished
+// and preempted marked). The figures at the top add the engines up. Vanilla JS and canvas, no build step.
 "use strict";
 
 const WINDOW_S = 30;  // seconds shown and kept
-const POLL_MS = 500;  // between two /timeline requests
+const POLL_MS = 500;  // between two rounds of /timeline requests
 const FRAME_MS = 50;  // at most 20 redraws a second, however many requests are in view
 const RATE_WINDOW_S = 5;  // tokens/s over the last 5 s
 const IDLE_S = 1;  // no step for this long: the engine is idle, nothing runs or waits
@@ -14,14 +16,8 @@ const PHASE_COLORS = {waiting: "#c9c9c9", preempted: "#c9c9c9", prefill: "#f28e2
 const FINISHED_COLOR = "#222", PREEMPTED_COLOR = "#d62728", WAITING_LINE = "#7f7f7f", AXIS = "#888";
 const MARGIN = {left: 44, right: 8, top: 6, bottom: 18};
 
-const state = {
-  origin: null,  // the server's origin_unix: a new one means a new server, so start over
-  since: 0,  // the last step received
-  steps: [],  // in step order, the last WINDOW_S seconds
-  requests: new Map(),  // id -> the request's latest record
-  serverNow: 0,  // the server's clock (s) when the last answer was made ...
-  receivedAt: 0,  // ... and performance.now() when it arrived
-  rows: [],  // the requests drawn last, top to bottom (for the tooltip)
+const page = {
+  lanes: [],  // one per engine, in engine order
   failing: false,  // the status line shows why polling fails
 };
 
@@ -32,7 +28,7 @@ function say(message) {
 }
 
 function fail(message) {
-  state.failing = true;
+  page.failing = true;
   say(message);
 }
 
@@ -41,50 +37,116 @@ function authHeaders() {
   return key ? {"Authorization": "Bearer " + key} : {};
 }
 
+// ---- lanes ----
+
+// An engine's record and where it is drawn. Each engine has its own clock (origin) and step numbers.
+function newLane(engine, section) {
+  const lane = {
+    engine,
+    view: laneView(section, engine),
+    origin: null,  // the engine's origin_unix: a new one means a new engine process, so start over
+    since: 0,  // the last step received
+    steps: [],  // in step order, the last WINDOW_S seconds
+    requests: new Map(),  // id -> the request's latest record
+    serverNow: 0,  // the engine's clock (s) when the last answer was made ...
+    receivedAt: 0,  // ... and performance.now() when it arrived
+    rows: [],  // the requests drawn last, top to bottom (for the tooltip)
+    layout: null,  // where the rows were drawn last (for the tooltip)
+  };
+  lane.view.timeline.addEventListener("mousemove", (event) => onHover(lane, event));
+  return lane;
+}
+
+// Engine 0's parts keep the ids the page has always had (scripts and tests use them); engine N's end in -N.
+function laneId(name, engine) {
+  return engine === 0 ? name : `${name}-${engine}`;
+}
+
+function laneView(section, engine) {
+  const title = section.querySelector(".lane-title");
+  const [counts, timeline, summary] = ["counts", "timeline", "summary"].map((name) => $(laneId(name, engine)));
+  const figures = document.createElement("span");
+  figures.className = "muted";
+  title.replaceChildren(`Engine ${engine} `, figures);
+  return {section, title, figures, counts, timeline, summary};
+}
+
+// Engine N >= 1's lane, from the template, after the last lane.
+function addLane(engine) {
+  const section = $("lane-template").content.firstElementChild.cloneNode(true);
+  section.id = `lane-${engine}`;
+  section.dataset.engine = engine;
+  for (const name of ["counts", "timeline", "summary"]) section.querySelector("." + name).id = laneId(name, engine);
+  page.lanes[page.lanes.length - 1].view.section.after(section);
+  return newLane(engine, section);
+}
+
+function fitLanes(engines) {
+  const count = Math.max(1, engines);
+  while (page.lanes.length > count) page.lanes.pop().view.section.remove();
+  while (page.lanes.length < count) page.lanes.push(addLane(page.lanes.length));
+  const several = count > 1;
+  if (several === document.body.classList.contains("several-engines")) return;
+  document.body.classList.toggle("several-engines", several);
+  // the legend explains every lane: above them all with several, above engine 0's rows with one
+  if (several) $("lanes-heading").after($("legend"));
+  else $("timeline").before($("legend"));
+}
+
 // ---- data ----
 
 async function poll() {
+  const failures = (await Promise.all(page.lanes.map(pollLane))).filter(Boolean);
+  if (failures.length) {
+    fail(failures[0]);
+  } else if (page.failing) {
+    page.failing = false;
+    say("");
+  }
+  setTimeout(poll, POLL_MS);
+}
+
+// Asks for what changed on the lane's engine; returns why that failed, or null.
+async function pollLane(lane) {
+  const which = page.lanes.length > 1 ? `engine ${lane.engine}: ` : "";
   try {
-    const resp = await fetch(`/timeline?since=${state.since}`, {headers: authHeaders(), cache: "no-store"});
-    if (resp.status === 401) {
-      fail("This server needs its API key: type it into the key field.");
-    } else if (!resp.ok) {
-      fail(`/timeline answered HTTP ${resp.status}`);
-    } else {
-      merge(await resp.json());
-    }
+    const resp = await fetch(`/timeline?engine=${lane.engine}&since=${lane.since}`,
+                             {headers: authHeaders(), cache: "no-store"});
+    if (resp.status === 401) return "This server needs its API key: type it into the key field.";
+    if (!resp.ok) return `${which}/timeline answered HTTP ${resp.status}`;
+    merge(lane, await resp.json());
+    return null;
   } catch (e) {
-    fail("cannot reach the server: " + e.message);
-  } finally {
-    setTimeout(poll, POLL_MS);
+    return "cannot reach the server: " + e.message;
   }
 }
 
-function merge(data) {
-  if (data.origin_unix !== state.origin) {
-    const increment = state.since !== 0;
-    Object.assign(state, {origin: data.origin_unix, since: 0, steps: []});
-    state.requests.clear();
-    if (increment) return;  // an increment of another server's steps: ask again for everything
+function merge(lane, data) {
+  if (data.origin_unix !== lane.origin) {
+    const increment = lane.since !== 0;
+    Object.assign(lane, {origin: data.origin_unix, since: 0, steps: []});
+    lane.requests.clear();
+    if (increment) return;  // an increment of another process's steps: ask again for everything
   }
-  for (const step of data.steps) state.steps.push(step);
-  for (const request of data.requests) state.requests.set(request.id, request);
-  Object.assign(state, {since: data.step, serverNow: data.now, receivedAt: performance.now()});
-  forgetBefore(data.now - WINDOW_S);
+  for (const step of data.steps) lane.steps.push(step);
+  for (const request of data.requests) lane.requests.set(request.id, request);
+  Object.assign(lane, {since: data.step, serverNow: data.now, receivedAt: performance.now()});
+  forgetBefore(lane, data.now - WINDOW_S);
+  fitLanes(data.engines ?? 1);
   showServer(data);
 }
 
-function forgetBefore(t) {
-  const first = state.steps.findIndex((s) => s.start + s.duration >= t);
-  state.steps.splice(0, first === -1 ? state.steps.length : first);
-  for (const [id, r] of state.requests) {
-    if (r.finish !== null && r.finish < t) state.requests.delete(id);
+function forgetBefore(lane, t) {
+  const first = lane.steps.findIndex((s) => s.start + s.duration >= t);
+  lane.steps.splice(0, first === -1 ? lane.steps.length : first);
+  for (const [id, r] of lane.requests) {
+    if (r.finish !== null && r.finish < t) lane.requests.delete(id);
   }
 }
 
-function serverTime() {
-  const elapsed = (performance.now() - state.receivedAt) / 1000;
-  return state.serverNow + Math.min(elapsed, MAX_EXTRAPOLATION_S);
+function serverTime(lane) {
+  const elapsed = (performance.now() - lane.receivedAt) / 1000;
+  return lane.serverNow + Math.min(elapsed, MAX_EXTRAPOLATION_S);
 }
 
 function phaseNow(request) {
@@ -95,34 +157,47 @@ function phaseNow(request) {
 // ---- text ----
 
 function showServer(data) {
+  const engines = data.engines ?? 1;
   $("policy").textContent = data.policy;
   $("model").textContent = `${data.model} (${data.weights} weights) on ${data.device}, ${data.dtype}; ` +
-    `MAX_BATCH ${data["max-batch"]}; worker pid ${data.pid}`;
+    `MAX_BATCH ${data["max-batch"]}${engines > 1 ? ` per engine, ${engines} engines` : ""}; worker pid ${data.pid}`;
   $("warning").hidden = !data.warning;
   $("warning").textContent = data.warning ? "Note: " + data.warning : "";
-  if (state.failing) {
-    state.failing = false;
-    say("");
-  }
 }
 
-function showFigures(now) {
-  const recent = state.steps.filter((s) => s.start >= now - RATE_WINDOW_S);
-  const tokens = recent.reduce((sum, s) => sum + s.sampled, 0);
-  const last = state.steps[state.steps.length - 1];
+function percent(share) {
+  return `${(100 * share).toFixed(1)}%`;
+}
+
+// What the lane's engine did over the last RATE_WINDOW_S, and runs now.
+function laneFigures(lane, now) {
+  const recent = lane.steps.filter((s) => s.start >= now - RATE_WINDOW_S);
+  const last = lane.steps[lane.steps.length - 1];
   const busy = last && now - (last.start + last.duration) < IDLE_S;
-  $("tokens-per-s").textContent = (tokens / RATE_WINDOW_S).toFixed(1);
-  $("batch").textContent = busy ? last.running : 0;
-  $("waiting").textContent = busy ? last.waiting : 0;
-  $("kv-usage").textContent = busy ? `${(100 * last.kv_usage).toFixed(1)}%` : "0.0%";
+  return {tokensPerS: recent.reduce((sum, s) => sum + s.sampled, 0) / RATE_WINDOW_S,
+          running: busy ? last.running : 0, waiting: busy ? last.waiting : 0, kvUsage: busy ? last.kv_usage : 0};
 }
 
-function showSummary(rows) {
+function showLaneFigures(lane, f) {
+  lane.view.figures.textContent = `${f.tokensPerS.toFixed(1)} tokens/s · batch ${f.running} · ` +
+    `${f.waiting} waiting · KV ${percent(f.kvUsage)}`;
+}
+
+function showFigures(figures) {
+  const total = (name) => figures.reduce((sum, f) => sum + f[name], 0);
+  $("tokens-per-s").textContent = total("tokensPerS").toFixed(1);
+  $("batch").textContent = total("running");
+  $("waiting").textContent = total("waiting");
+  // every engine has a KV cache of the same size, so the mean of their shares is the server's
+  $("kv-usage").textContent = percent(total("kvUsage") / figures.length);
+}
+
+function showSummary(lane, rows) {
   const count = {waiting: 0, prefill: 0, decoding: 0, finished: 0};
   for (const r of rows) count[phaseNow(r)] += 1;
-  $("summary").textContent = `${rows.length} requests in view: ${count.waiting} waiting, ` +
+  lane.view.summary.textContent = `${rows.length} requests in view: ${count.waiting} waiting, ` +
     `${count.prefill} in prefill, ${count.decoding} decoding, ${count.finished} finished`;
-  const canvas = $("timeline");  // for tests and scripts
+  const canvas = lane.view.timeline;  // for tests and scripts
   canvas.dataset.rows = rows.length;
   canvas.dataset.finished = count.finished;
 }
@@ -164,21 +239,29 @@ function timeAxis(ctx, plot, x, now) {
   }
 }
 
-function drawCounts(now) {
-  const {ctx, plot} = surface($("counts"));
+// The lanes share their scales, so that engines compare at a glance: the count at the top of the strips, and the
+// row height (as for the lane with the most requests in view).
+function sharedScale(lanes) {
+  return {
+    top: lanes.reduce((top, lane) => lane.steps.reduce((m, s) => Math.max(m, s.running, s.waiting), top), 1),
+    rows: lanes.reduce((most, lane) => Math.max(most, lane.requests.size), 1),
+  };
+}
+
+function drawCounts(lane, now, top) {
+  const {ctx, plot} = surface(lane.view.counts);
   const x = xScale(plot, now);
   timeAxis(ctx, plot, x, now);
-  const top = Math.max(1, ...state.steps.map((s) => Math.max(s.running, s.waiting)));
   const y = (v) => plot.y + plot.h - v / top * plot.h;
   ctx.fillStyle = PHASE_COLORS.decoding;
-  for (const s of state.steps) {
+  for (const s of lane.steps) {
     const x0 = x(s.start);
     ctx.fillRect(x0, y(s.running), Math.max(x(s.start + s.duration) - x0, 1), plot.h + plot.y - y(s.running));
   }
   ctx.strokeStyle = WAITING_LINE;
   ctx.lineWidth = 1.5;
   ctx.beginPath();
-  state.steps.forEach((s, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, x(s.start), y(s.waiting)));
+  lane.steps.forEach((s, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, x(s.start), y(s.waiting)));
   ctx.stroke();
   ctx.lineWidth = 1;
   ctx.textAlign = "right";
@@ -192,12 +275,12 @@ function drawCounts(now) {
   ctx.fillText("waiting", plot.x + 56, plot.y + 10);
 }
 
-function drawTimeline(now) {
-  const {ctx, plot} = surface($("timeline"));
+function drawTimeline(lane, now, maxRows) {
+  const {ctx, plot} = surface(lane.view.timeline);
   const x = xScale(plot, now);
   timeAxis(ctx, plot, x, now);
-  const rows = [...state.requests.values()].sort((a, b) => a.arrival - b.arrival || a.id - b.id);
-  const rowH = Math.min(14, plot.h / Math.max(rows.length, 1));
+  const rows = [...lane.requests.values()].sort((a, b) => a.arrival - b.arrival || a.id - b.id);
+  const rowH = Math.min(14, plot.h / maxRows);
   const barH = Math.max(rowH > 4 ? rowH - 2 : rowH, 0.5);
   ctx.save();
   ctx.beginPath();
@@ -215,8 +298,8 @@ function drawTimeline(now) {
     if (r.finish !== null) mark(ctx, x(r.finish), y, rowH, FINISHED_COLOR);
   });
   ctx.restore();
-  state.rows = rows;
-  showSummary(rows);
+  lane.rows = rows;
+  showSummary(lane, rows);
   return {plot, rowH};
 }
 
@@ -225,38 +308,48 @@ function mark(ctx, px, y, height, color) {
   ctx.fillRect(px - 1, y - 0.5, 2, height + 1);
 }
 
-let layout = null;
+// Each lane on its engine's clock: every lane's right edge is now.
+function draw(lanes) {
+  const scale = sharedScale(lanes);
+  const figures = lanes.map((lane) => {
+    const now = serverTime(lane);
+    drawCounts(lane, now, scale.top);
+    lane.layout = drawTimeline(lane, now, scale.rows);
+    const f = laneFigures(lane, now);
+    showLaneFigures(lane, f);
+    return f;
+  });
+  showFigures(figures);
+}
+
 let lastFrame = 0;
 
 function frame(t) {
-  if (state.origin !== null && t - lastFrame >= FRAME_MS) {
+  const shown = page.lanes.filter((lane) => lane.origin !== null);
+  if (shown.length && t - lastFrame >= FRAME_MS) {
     lastFrame = t;
-    const now = serverTime();
-    drawCounts(now);
-    layout = drawTimeline(now);
-    showFigures(now);
+    draw(shown);
   }
   requestAnimationFrame(frame);
 }
 
 // ---- interaction ----
 
-function describe(r) {
+function describe(lane, r) {
   const since = (t) => (t === null ? "–" : `${(t - r.arrival).toFixed(2)} s`);
   const lines = [
     `${r.request_id}: ${r.prompt_tokens} prompt tokens, ${r.max_tokens} asked, now ${phaseNow(r)}`,
-    `waited ${since(r.admitted ?? serverTime())}; first token after ${since(r.first_token)}; ` +
+    `waited ${since(r.admitted ?? serverTime(lane))}; first token after ${since(r.first_token)}; ` +
       `preempted ${r.preemptions}×`,
   ];
   if (r.finish !== null) lines.push(`finished (${r.finish_reason}) after ${since(r.finish)}`);
   return lines.join("\n");
 }
 
-function onHover(event) {
-  if (!layout) return;
-  const canvas = $("timeline");
-  const row = Math.floor((event.offsetY - layout.plot.y) / layout.rowH);
-  canvas.title = row >= 0 && row < state.rows.length ? describe(state.rows[row]) : "";
+function onHover(lane, event) {
+  if (!lane.layout) return;
+  const row = Math.floor((event.offsetY - lane.layout.plot.y) / lane.layout.rowH);
+  lane.view.timeline.title = row >= 0 && row < lane.rows.length ? describe(lane, lane.rows[row]) : "";
 }
 
 async function fireBurst() {
@@ -275,6 +368,6 @@ async function fireBurst() {
 $("key").value = localStorage.getItem(KEY_STORE) || "";
 $("key").addEventListener("input", () => localStorage.setItem(KEY_STORE, $("key").value.trim()));
 $("burst").addEventListener("click", fireBurst);
-$("timeline").addEventListener("mousemove", onHover);
+page.lanes.push(newLane(0, $("lane-0")));  // the others once the server says how many engines it has
 poll();
 requestAnimationFrame(frame);

@@ -19,6 +19,7 @@ sys.path.insert(0, str(REPO_DIR / "client"))  # the client's modules import each
 
 import experiment  # noqa: E402
 import plot  # noqa: E402
+import timeline_plot  # noqa: E402
 from client import RequestRecord  # noqa: E402
 from conftest import wait_until  # noqa: E402
 
@@ -128,6 +129,25 @@ def test_the_report_says_why_tpot_rises_with_batching(tmp_path):
     assert "![TPOT](tpot.png)\n\nTime per output token rises with batching" in report
 
 
+def engine_record(origin_unix: float, arrival: float) -> dict:
+    """An engine's /timeline of one request, waiting 0.1 s, then decoding for a second."""
+    admitted, finish = arrival + 0.1, arrival + 1.1
+    request = {"id": 0, "arrival": arrival, "phases": [[arrival, "waiting"], [admitted, "prefill"],
+                                                       [admitted, "decoding"], [finish, "finished"]]}
+    steps = [{"start": admitted, "duration": 1.0, "running": 1, "waiting": 0}]
+    return {"origin_unix": origin_unix, "now": finish, "steps": steps, "requests": [request]}
+
+
+def test_the_timeline_figure_draws_a_lane_per_engine_on_one_clock_and_reads_single_records(tmp_path):
+    timelines = {"nobatch": engine_record(100.0, 1.0),  # as older runs saved it
+                 "dynamic": [engine_record(100.0, 1.0), engine_record(102.0, 0.5)]}
+    lanes = timeline_plot.lanes_of(timelines)
+    assert [(lane.policy, lane.engine) for lane in lanes] == [("nobatch", 0), ("dynamic", 0), ("dynamic", 1)]
+    # engine 1 started 2 s after engine 0: its request, at 0.5 s on its clock, came 1.5 s after the first one
+    assert [lane.zero for lane in lanes] == [1.0, 1.0, -1.0]
+    assert all(path.stat().st_size > 0 for path in timeline_plot.plot_timelines(timelines, tmp_path / "timeline"))
+
+
 def test_short_comparison_of_all_three_policies_on_a_real_server(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("KV_CACHE_GB", "0.2")  # the tiny model needs no 2 GB cache
     exit_code = experiment.main(["--model", tiny_model_dir, "--weights", "pretrained", "--device", "cpu",
@@ -139,7 +159,7 @@ def test_short_comparison_of_all_three_policies_on_a_real_server(tiny_model_dir,
     for policy in POLICIES:
         stats = json.loads((tmp_path / f"stats_{policy}.json").read_text())
         assert stats["policy"] == policy and stats["requests-finished"] == 5
-        timeline = json.loads((tmp_path / f"timeline_{policy}.json").read_text())
+        [timeline] = json.loads((tmp_path / f"timeline_{policy}.json").read_text())  # a record per engine
         assert [r["finish_reason"] for r in timeline["requests"]] == ["length"] * 5
         with open(tmp_path / f"requests_{policy}.csv", newline="") as f:
             assert [row["error"] for row in csv.DictReader(f)] == [""] * 5

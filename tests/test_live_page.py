@@ -1,11 +1,18 @@
 """The live page in a real browser: headless Chromium (Debian's chromium and chromium-driver, driven by selenium)
 opens / on a real gunicorn server that has a key, is given the key, fires the demo burst with its button, and
-draws a row per request that gets its finish mark. .ci/run installs Chromium, so this runs in CI; elsewhere it
-skips, saying what is missing."""
+draws a row per request that gets its finish mark; on a server of two engines it draws a lane for each, and each
+lane shows the requests its engine served. .ci/run installs Chromium, so this runs in CI; elsewhere it skips,
+saying what is missing.
+
+What the tests read: engine 0's lane is section#lane-0 with the canvases #counts and #timeline and the line
+#summary, as the page had before it had lanes; engine N's (N >= 1) has the same ids ending in -N. Each lane's
+timeline canvas says what it drew in data-rows (requests in view) and data-finished (of those, finished)."""
+import re
 import shutil
 
 import pytest
 
+import requests
 from conftest import running_server, wait_until
 
 webdriver = pytest.importorskip("selenium.webdriver",
@@ -42,8 +49,35 @@ def server(tiny_model_dir):
         yield url
 
 
+@pytest.fixture(scope="module")
+def two_engines(tiny_model_dir):
+    with running_server("dynamic", tiny_model_dir, ENGINES="2") as url:
+        yield url
+
+
 def drawn(browser, name: str) -> int:
     return int(browser.find_element(By.ID, "timeline").get_attribute(f"data-{name}") or 0)
+
+
+# What the page shows, read in one go (between two frames, so that it all agrees): the headline batch, and per lane
+# what its timeline canvas drew, its title and its summary line.
+SHOWN = """return {batch: Number(document.getElementById("batch").textContent),
+                  lanes: [...document.querySelectorAll("section.lane")].map((lane) => ({
+                    id: lane.id,
+                    rows: Number(lane.querySelector("canvas[id^=timeline]").dataset.rows ?? 0),
+                    finished: Number(lane.querySelector("canvas[id^=timeline]").dataset.finished ?? 0),
+                    title: lane.querySelector(".lane-title").textContent,
+                    summary: lane.querySelector("p[id^=summary]").textContent}))};"""
+
+
+def lanes_shown(browser) -> list[dict]:
+    return browser.execute_script(SHOWN)["lanes"]
+
+
+def save_whole_page(browser, path) -> None:
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    browser.set_window_size(1280, height + 200)  # room for the window's frame: every lane in the picture
+    assert browser.save_screenshot(str(path))
 
 
 def test_a_burst_fired_from_the_page_shows_as_rows_that_finish(server, browser, tmp_path):
@@ -55,8 +89,35 @@ def test_a_burst_fired_from_the_page_shows_as_rows_that_finish(server, browser, 
         browser.find_element(By.ID, field).clear()
         browser.find_element(By.ID, field).send_keys(str(value))
     browser.find_element(By.ID, "burst").click()
-    wait_until(lambda: drawn(browser, "rows") >= BURST)
-    wait_until(lambda: drawn(browser, "finished") >= BURST)
+    wait_until(lambda: drawn(browser, "rows") >= BURST, timeout=120)
+    wait_until(lambda: drawn(browser, "finished") >= BURST, timeout=120)
     assert f"sent {BURST} requests" in browser.find_element(By.ID, "status").text
     assert f"{drawn(browser, 'rows')} requests in view" in browser.find_element(By.ID, "summary").text
+    assert not browser.find_element(By.CSS_SELECTOR, "#lane-0 .lane-title").is_displayed()  # one engine: no lanes
     assert browser.save_screenshot(str(tmp_path / "live.png"))
+
+
+def test_two_engines_get_a_lane_each_that_shows_the_requests_it_served(two_engines, browser, tmp_path):
+    browser.get(two_engines + "/")
+    wait_until(lambda: len(lanes_shown(browser)) == 2, timeout=120)
+    assert [browser.find_element(By.ID, f"{name}-1").tag_name for name in ("counts", "timeline", "summary")] == [
+        "canvas", "canvas", "p"]
+    assert requests.post(two_engines + "/demo-burst", json={"requests": BURST, "wait": 0.05},
+                         timeout=60).status_code == 202
+
+    def every_lane(condition) -> bool:
+        return all(condition(lane) for lane in lanes_shown(browser))
+
+    # the router sends each request to the engine with the least work outstanding: both get some
+    wait_until(lambda: every_lane(lambda lane: lane["rows"] > 0)
+               and sum(lane["rows"] for lane in lanes_shown(browser)) >= BURST, timeout=120)
+    # a finished request leaves the view 30 s later: on a slow machine the first may go before the last finishes
+    wait_until(lambda: every_lane(lambda lane: lane["finished"] > 0), timeout=120)
+    shown = browser.execute_script(SHOWN)
+    assert [lane["id"] for lane in shown["lanes"]] == ["lane-0", "lane-1"]
+    for engine, lane in enumerate(shown["lanes"]):
+        assert lane["title"].startswith(f"Engine {engine} ")
+        assert lane["summary"].startswith(f"{lane['rows']} requests in view")
+    assert shown["batch"] == sum(int(re.search(r"batch (\d+)", lane["title"]).group(1)) for lane in shown["lanes"])
+    assert "2 engines" in browser.find_element(By.ID, "model").text
+    save_whole_page(browser, tmp_path / "live_two_engines.png")
