@@ -67,9 +67,10 @@ class Router:
             client.abort(inf)
 
     def load(self) -> dict:
-        """The engines' loads added up, and each engine's own ("per-engine": its index and pid with it)."""
-        loads = [{"engine": c.index, "engine-pid": c.info["engine-pid"], **c.load()}
-                 for c in self.clients if c is not None and c.alive]
+        """The engines' loads added up, and each engine's own ("per-engine": its index, pid and start, the moment
+        from which its lifetime figures in /stats count, with it)."""
+        loads = [{"engine": c.index, "engine-pid": c.info["engine-pid"], "engine-started": c.info["engine-started"],
+                  **c.load()} for c in self.clients if c is not None and c.alive]
         total = {key: sum(load[key] for load in loads) for key in
                  ("running", "waiting", "outstanding-tokens", "kv-blocks-free", "kv-blocks-total", "preemptions",
                   "steps")}

@@ -1,8 +1,11 @@
-"""Engines that die on a real server, as the kernel's out-of-memory killer or a driver fault would kill them: the
-master starts a new one, the workers reconnect by themselves, and with two engines the other never stops serving."""
+"""Engines that die or stall on a real server, as the kernel's out-of-memory killer or a driver fault would do it:
+the master starts a new one, the workers reconnect by themselves, with two engines the other never stops serving,
+and a stalled engine's silence is a 503. And a server reloaded with SIGHUP still cleans up after itself."""
 import concurrent.futures
+import glob
 import os
 import signal
+import tempfile
 
 import requests
 
@@ -52,3 +55,34 @@ def test_with_two_engines_a_dying_one_loses_no_request(tiny_model_dir):
         assert all(a.result().json()["completion_tokens"] == 300 for a in answers)
         wait_until(lambda: len(engine_pids(url)) == 2 and first["engine-pids"][0] not in engine_pids(url),
                    timeout=60)
+
+
+def test_an_engine_that_does_not_answer_gives_503_not_500_and_answers_again_once_it_moves(tiny_model_dir):
+    """A stalled engine (stopped here with SIGSTOP, as a hung driver call would stop it): the worker's question
+    times out into a 503, and no late answer is taken for a later question."""
+    with running_server("dynamic", tiny_model_dir) as url:
+        [engine_pid] = health(url).json()["engine-pids"]
+        os.kill(engine_pid, signal.SIGSTOP)
+        try:
+            stalled = requests.get(url + "/stats", timeout=60)
+        finally:
+            os.kill(engine_pid, signal.SIGCONT)
+        assert stalled.status_code == 503 and "did not answer" in stalled.json()["error"]["message"]
+        assert stalled.headers["Retry-After"]
+        for _ in range(3):  # each answer is its own question's, whatever came late
+            assert "requests-finished" in requests.get(url + "/stats", timeout=60).json()
+            assert "steps" in requests.get(url + "/timeline", timeout=60).json()
+
+
+def test_a_reloaded_server_still_removes_its_metrics_directory_when_it_stops(tiny_model_dir):
+    """SIGHUP re-reads gunicorn's config and replaces the workers; the directory the server made is still its
+    own to remove."""
+    pattern = os.path.join(tempfile.gettempdir(), "effective-batching-metrics-*")
+    before = set(glob.glob(pattern))
+    with running_server("dynamic", tiny_model_dir) as url:
+        worker = health(url).json()["pid"]
+        [directory] = set(glob.glob(pattern)) - before  # made by this server as it started
+        os.kill(os.getpgid(worker), signal.SIGHUP)  # the master leads the server's process group
+        wait_until(lambda: health(url).status_code == 200 and health(url).json()["pid"] != worker, timeout=60)
+        assert generate(url, 2).json()["completion_tokens"] == 2
+    assert not os.path.exists(directory)
