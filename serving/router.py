@@ -18,6 +18,7 @@ from telemetry.stats import ServerStats
 log = logging.getLogger("effective-batching")
 
 RECONNECT_S = 0.5
+CONNECT_TIMEOUT_S = 300.0  # a new worker waits this long for an engine (gunicorn's WORKER_TIMEOUT, by default)
 
 
 class NoEngine(RuntimeError):
@@ -26,11 +27,20 @@ class NoEngine(RuntimeError):
 
 class Router:
 
-    def __init__(self, addresses: list[tuple[str, bytes]], max_waiting: int, data_dir: str):
+    def __init__(self, addresses: list[tuple[str, bytes]], max_waiting: int, data_dir: str,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
+        """Connects to every engine that serves now, waiting up to connect_timeout_s for the first (a worker forked
+        while its engines restart); those that do not serve yet are connected to once they do (`start`)."""
         self.addresses = addresses
         self.on_finish: list = [self._forget]  # then this process's own callbacks (metrics)
-        self.clients: list[EngineClient | None] = [self._connect(i) for i in range(len(addresses))]
-        self.info = {**self.clients[0].info, "engines": len(addresses)}
+        self.clients: list[EngineClient | None] = [None] * len(addresses)
+        deadline = time.monotonic() + connect_timeout_s
+        while not self._connect_all():
+            if time.monotonic() > deadline:
+                raise NoEngine(f"no engine answered within {connect_timeout_s:.0f} s")
+            time.sleep(RECONNECT_S)
+        first = next(c for c in self.clients if c is not None)
+        self.info = {**first.info, "engines": len(addresses)}
         for key in ("engine", "engine-pid", "engine-started"):
             self.info.pop(key, None)
         self.limits = Limits(self.info["max-context"], self.info["block-size"], self.info["kv-blocks-total"],
@@ -117,8 +127,11 @@ class Router:
         return max((c.last_step_time for c in self.clients if c is not None and c.alive), default=0.0)
 
     def start(self) -> None:
-        for client in self.clients:
-            client.start()
+        for index, client in enumerate(self.clients):
+            if client is None:
+                self._reconnect_soon(index)
+            else:
+                client.start()
 
     def stop(self) -> None:
         self._stopping = True
@@ -127,6 +140,16 @@ class Router:
                 client.stop()
 
     # ---- engines that die and come back ----
+
+    def _connect_all(self) -> bool:
+        """Connect to each engine not connected yet that serves now; True if any is connected."""
+        for index, client in enumerate(self.clients):
+            if client is None:
+                try:
+                    self.clients[index] = self._connect(index)
+                except (OSError, EOFError):  # not serving (yet, or again: the master restarts it)
+                    pass
+        return any(self.clients)
 
     def _connect(self, index: int) -> EngineClient:
         address, authkey = self.addresses[index]
@@ -148,8 +171,10 @@ class Router:
                 except NoEngine:
                     pass
             fail(inf, "error", client.fatal_error, self.on_finish)
-        threading.Thread(target=self._reconnect, args=(client.index,), name=f"engine-{client.index}-reconnect",
-                         daemon=True).start()
+        self._reconnect_soon(client.index)
+
+    def _reconnect_soon(self, index: int) -> None:
+        threading.Thread(target=self._reconnect, args=(index,), name=f"engine-{index}-reconnect", daemon=True).start()
 
     def _reconnect(self, index: int) -> None:
         while not self._stopping:

@@ -18,7 +18,7 @@ from conftest import request, wait_until
 from engine.config import Settings
 from serving.client import EngineClient
 from serving.master import Engines, describe_exit
-from serving.router import Router
+from serving.router import NoEngine, Router
 
 
 @contextlib.contextmanager
@@ -221,6 +221,21 @@ def test_an_engine_that_dies_takes_only_its_own_requests_and_comes_back(tiny_mod
 
 def test_an_engine_killed_by_a_signal_is_said_to_be():
     assert describe_exit(-signal.SIGKILL) == "signal SIGKILL" and describe_exit(3) == "exit code 3"
+
+
+def test_a_worker_that_starts_while_an_engine_restarts_serves_at_once_and_connects_to_it_later(tiny_model_dir):
+    with engines(tiny_model_dir, count=2) as (fleet, connect):
+        addresses = [(p.address, p.authkey) for p in fleet.processes]
+        old_pid = fleet.processes[1].process.pid
+        os.kill(old_pid, signal.SIGKILL)
+        fleet.processes[1].process.wait()
+        router = connect()  # engine 1 is dead or still loading: a worker gunicorn forks now
+        assert router.enqueue(request([1, 2], 3)).event.wait(60)
+        wait_until(lambda: router.clients[1] is not None and router.clients[1].alive
+                   and router.clients[1].info["engine-pid"] != old_pid, timeout=60)
+        fleet.stop()
+        with pytest.raises(NoEngine, match="no engine answered within 1 s"):
+            Router(addresses, max_waiting=1024, data_dir=os.environ["DATA_DIR"], connect_timeout_s=1)
 
 
 def test_engines_default_to_one_per_visible_gpu_and_one_on_a_cpu(monkeypatch):
