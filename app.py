@@ -4,8 +4,8 @@ streams (api/submission.py); knows no tensors.
 Endpoints: POST /inference (the original API), POST /v1/completions and GET /v1/models (OpenAI's, see
 api/completions.py), GET /stats, GET /metrics (Prometheus), GET /health, GET /timeline (the engine's schedule,
 telemetry/timeline.py), POST /demo-burst (api/demo.py), GET|POST / (the live page, static/, for a browser; a hint
-otherwise). Errors share one JSON shape (api/errors.py). The engine starts inside the gunicorn worker
-(api/server.py).
+otherwise). Errors share one JSON shape (api/errors.py), unknown paths and methods included. The engine starts
+inside the gunicorn worker (api/server.py).
 """
 import hmac
 import json
@@ -17,7 +17,7 @@ import time
 import uuid
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from api.completions import Completion, models_response, parse_completion_request
 from api.demo import parse_burst, start_burst
@@ -52,6 +52,29 @@ def body_too_large(e: RequestEntityTooLarge) -> Response:
     limit = running().settings.max_body_bytes
     return ApiError(413, f"the request body is larger than MAX_BODY_BYTES ({limit} bytes)",
                     code="body_too_large").response()
+
+
+ENDPOINTS = ("POST /inference {\"prompt\": str, \"num_tokens\": int}; POST /v1/completions; GET /v1/models; "
+             "GET /stats; GET /metrics; GET /health; GET /timeline")
+
+
+@app.errorhandler(NotFound)
+def unknown_path(e: NotFound) -> Response:
+    if request.path.rstrip("/") == "/v1/chat/completions":  # what OpenAI clients try first
+        message = ("this server has no chat endpoint: GPT-2 is a plain language model, with no chat template. "
+                   "Send the text to continue as 'prompt' to POST /v1/completions (client.completions.create)")
+    else:
+        path = request.path if len(request.path) <= 100 else request.path[:100] + "…"
+        message = f"nothing is served at {path}; the endpoints: {ENDPOINTS}"
+    return ApiError(404, message, code="not_found").response()
+
+
+@app.errorhandler(MethodNotAllowed)
+def wrong_method(e: MethodNotAllowed) -> Response:
+    valid = sorted(e.valid_methods or [])
+    takes = " or ".join(m for m in valid if m not in ("HEAD", "OPTIONS"))  # those Flask adds to every route
+    return ApiError(405, f"{request.path} takes {takes}, not {request.method}", code="method_not_allowed",
+                    headers={"Allow": ", ".join(valid)}).response()
 
 
 OPEN_PATHS = ("/", "/health", "/metrics")
@@ -152,9 +175,7 @@ def hint():
     if request.method == "GET" and request.accept_mimetypes.best_match(["text/plain", "text/html"]) == "text/html":
         resp = app.send_static_file("index.html")
     else:
-        resp = app.make_response("effective-batching: POST /inference {\"prompt\": str, \"num_tokens\": int}; "
-                                 "POST /v1/completions; GET /v1/models; GET /stats; GET /metrics; GET /health; "
-                                 "GET /timeline\n")
+        resp = app.make_response(f"effective-batching: {ENDPOINTS}\n")
     resp.vary.add("Accept")
     return resp
 

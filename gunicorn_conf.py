@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable
 
@@ -183,12 +184,24 @@ def when_ready(server):
         server.log.error("%s", e)
         on_exit(server)
         sys.exit(3)  # what gunicorn's own "worker failed to boot" exits with
+    threading.Thread(target=serve_or_stop, args=(server,), name="engine-start", daemon=True).start()
     timeout = struct.pack("ll", int(CLIENT_TIMEOUT_S), int(CLIENT_TIMEOUT_S % 1 * 1e6))  # struct timeval
     for listener in server.LISTENERS:
         for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
             listener.sock.setsockopt(socket.SOL_SOCKET, option, timeout)
     server.log.error_log.addFilter(OneLineForDroppedConnections())
     signal.signal(signal.SIGTERM, sigterm_handler(server))
+
+
+def serve_or_stop(server) -> None:
+    """In a thread of the master's, while the workers already answer (503 "starting"): wait until the engines
+    serve; if one cannot, say why in one line and stop the server, which then exits with status 3 (on_exit)."""
+    from api.server import StartupFailed, wait_for_engines
+    try:
+        wait_for_engines()
+    except StartupFailed as e:
+        server.log.error("%s", e)
+        os.kill(os.getpid(), signal.SIGQUIT)  # at once: there is nothing to drain
 
 
 def sigterm_handler(server) -> Callable[[int, Any], None]:
@@ -237,12 +250,8 @@ def post_fork(server, worker):
 
 
 def post_worker_init(worker):
-    from api.server import StartupFailed, start_engine
-    try:
-        start_engine()
-    except StartupFailed as e:
-        worker.log.error("%s", e)
-        sys.exit(3)  # gunicorn's "worker failed to boot": the master stops too, with this status
+    from api.server import start_engine_soon
+    start_engine_soon()
 
 
 def worker_exit(server, worker):
@@ -257,7 +266,9 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    from api.server import stop_engines
+    from api.server import startup_error, stop_engines
     stop_engines()  # after the workers: they have left them, their requests answered or aborted
     if os.environ.get(OWN_METRICS_DIR):
         shutil.rmtree(os.environ[OWN_METRICS_DIR], ignore_errors=True)
+    if startup_error:
+        sys.exit(3)  # the engines could not start: as gunicorn's own "worker failed to boot" exits

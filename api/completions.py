@@ -51,7 +51,9 @@ def parse_completion_request(body: dict, model: str, max_sequences: int) -> Comp
     reject_unknown(body, FIELDS)
     asked_model = typed(body, "model", (str,), default=model)
     if asked_model != model:
-        raise ApiError(404, f"The model `{asked_model}` does not exist.", "model", "model_not_found")
+        raise ApiError(404, f"The model `{asked_model}` does not exist. This server serves `{model}`: pass "
+                            f"\"model\": \"{model}\" or leave `model` out (GET /v1/models gives the id).", "model",
+                       "model_not_found")
     n = typed(body, "n", (int,), default=1)
     if not 1 <= n <= MAX_N:
         raise InvalidRequest(f"'n' must be between 1 and {MAX_N}; got {n}", "n")
@@ -104,18 +106,20 @@ def _include_usage(body: dict, stream: bool) -> bool:
 
 
 def prompt_list(prompt) -> list[str | list[int]]:
-    """A string, a list of strings, a list of token ids, or a list of such lists -> a list of prompts, each a
-    string or a list of token ids (checked, not yet tokenized)."""
+    """OpenAI's four forms -- a string, a list of strings, a list of token ids, or a list of token-id lists, one
+    form per request (never mixed) -> a list of prompts, each a string or a list of token ids (checked, not yet
+    tokenized)."""
     def is_ids(x) -> bool:
         return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
     if isinstance(prompt, str) or is_ids(prompt) and prompt:
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt) or
+                                                  all(is_ids(p) for p in prompt)):
         prompts = prompt
     else:
         raise InvalidRequest("'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                             "token-id lists", "prompt", "invalid_type")
+                             "token-id lists, not a mix of these", "prompt", "invalid_type")
     for p in prompts:
         if not p:
             raise InvalidRequest("'prompt' must not be empty", "prompt")

@@ -1,8 +1,8 @@
 """One error shape for every endpoint, plain or streamed: `{"error": {"message", "type", "param", "code"}}`.
 
 Status codes are vLLM's: 400 bad request, 401 missing key, 404 unknown model or path, 405 wrong method, 408 body
-not sent in time, 413 body too large, 415 body not sent as JSON, 503 overloaded, draining, or no engine serving
-(with Retry-After), 500 internal. `api_error` maps any exception to one.
+not sent in time, 409 a demo burst still being sent, 413 body too large, 415 body not sent as JSON, 503 overloaded,
+draining, or no engine serving (with Retry-After), 500 internal. `api_error` maps any exception to one.
 """
 import logging
 
@@ -17,9 +17,9 @@ from serving.router import NoEngine
 log = logging.getLogger("effective-batching")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
-               415: "invalid_request_error", 499: "client_closed_request", 500: "internal_server_error",
-               503: "server_overloaded"}
+               405: "invalid_request_error", 408: "invalid_request_error", 409: "conflict_error",
+               413: "invalid_request_error", 415: "invalid_request_error", 499: "client_closed_request",
+               500: "internal_server_error", 503: "server_overloaded"}
 
 
 class ApiError(Exception):

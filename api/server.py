@@ -2,9 +2,9 @@
 shared by every worker: serving/), metrics, and the drain when it is told to stop.
 
 gunicorn's master starts the engine processes (`start_engines`, from gunicorn_conf.when_ready) before it forks the
-workers, and restarts one that dies (serving/master.py). Each worker connects to every engine through a router
-(`start_engine`, from post_worker_init) that sends each request to the least busy engine and reconnects to an
-engine that comes back; a worker never touches CUDA, nor does the master: neither imports torch. The routes read
+workers, and restarts one that dies (serving/master.py). Each worker connects to every engine, as they come to
+serve, through a router (`start_engine_soon`, from post_worker_init) that sends each request to the least busy
+engine and reconnects to an engine that comes back; until then it answers 503 "starting"; a worker never touches CUDA, nor does the master: neither imports torch. The routes read
 the worker's state through `running()`. The HTTP side is typed against serving.protocol.Engine: the router here,
 a BatchingManager in one process (tests).
 
@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -55,7 +56,8 @@ current: Server | None = None
 
 def running() -> Server:
     if current is None:
-        raise ApiError(503, "the model is still loading", code="not_ready", headers={"Retry-After": "5"})
+        raise ApiError(503, "starting: the engines are loading the model (GET /health answers 200 once they serve)",
+                       code="starting", headers={"Retry-After": "5"})
     return current
 
 
@@ -78,11 +80,12 @@ def drain_expired() -> bool:
 
 
 engines: Engines | None = None  # the engines this process started; a forked worker inherits the handles
+startup_error: str | None = None  # why the engines could not start: the master then exits with status 3
 
 
 def start_engines(settings: Settings | None = None) -> Engines:
-    """Start the engine processes (they load the model side by side) and wait until they are ready, then watch
-    them: in gunicorn's master, before the workers are forked, or in a worker that no master gave any."""
+    """Start the engine processes, which load the model side by side (`wait_for_engines` waits for them): in
+    gunicorn's master, before it forks the workers, which answer 503 "starting" until the engines serve."""
     global engines
     s = settings or Settings.from_env()
     try:
@@ -90,8 +93,18 @@ def start_engines(settings: Settings | None = None) -> Engines:
         engines = Engines(s)
     except Exception as e:
         raise StartupFailed(startup_failure(s, e)) from e
-    engines.watch()
     return engines
+
+
+def wait_for_engines() -> None:
+    """Wait until every engine serves, then watch them (a dead one is started again)."""
+    global startup_error
+    try:
+        engines.wait_ready()
+    except Exception as e:
+        startup_error = startup_failure(engines.settings, e)
+        raise StartupFailed(startup_error) from e
+    engines.watch()
 
 
 def stop_engines() -> None:
@@ -99,9 +112,21 @@ def stop_engines() -> None:
         engines.stop()
 
 
+def start_engine_soon() -> None:
+    """`start_engine` in a thread of its own: the worker answers (503 "starting") while its engines load."""
+    def start() -> None:
+        try:
+            start_engine()
+        except Exception:
+            log.exception("this worker cannot reach its engines")
+            os._exit(3)  # gunicorn's "worker failed to boot": the master stops too, with this status
+
+    threading.Thread(target=start, name="engine-connect", daemon=True).start()
+
+
 def start_engine(settings: Settings | None = None) -> Server:
-    """Connect this worker to every engine (started here if no master did) and start the threads that take their
-    results."""
+    """Connect this worker to every engine as they come to serve (started here if no master did) and start the
+    threads that take their results."""
     if current is not None:
         return current
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -109,13 +134,12 @@ def start_engine(settings: Settings | None = None) -> Server:
     # runnable they would wait up to the default 5 ms switch interval for the GIL, longer than a whole step.
     sys.setswitchinterval(GIL_SWITCH_S)
     s = settings or Settings.from_env()
-    fleet = engines or start_engines(s)
-    if fleet.owner != os.getpid():
-        fleet.forget()  # the master's connections: an engine must see them close when the master goes
-    try:
-        router = Router([(p.address, p.authkey) for p in fleet.processes], s.max_waiting, s.data_dir)
-    except Exception as e:
-        raise StartupFailed(startup_failure(s, e)) from e
+    if engines is None:
+        start_engines(s)
+        wait_for_engines()
+    if engines.owner != os.getpid():
+        engines.forget()  # the master's connections: an engine must see them close when the master goes
+    router = Router([(p.address, p.authkey) for p in engines.processes], s.max_waiting, s.data_dir)
     get_tokenizer()  # a second or two: before this worker takes requests, not during its first burst
     serve(s, router, {k: v for k, v in router.info.items() if k not in ("block-size", "kv-blocks-total")})
     gc.freeze()  # what is loaded now lives as long as the worker: a full collection need not walk it

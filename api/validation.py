@@ -81,7 +81,7 @@ def check_text(text: str, name: str) -> None:
 def reject_unknown(body: dict, accepted: set[str]) -> None:
     unknown = sorted(set(body) - accepted)
     if unknown:
-        raise InvalidRequest(f"unknown field '{_short(unknown[0])}'; accepted: {', '.join(sorted(accepted))}",
+        raise InvalidRequest(f"unknown field {_short(unknown[0])}; accepted: {', '.join(sorted(accepted))}",
                              unknown[0], "unknown_field")
 
 
@@ -96,7 +96,8 @@ def stop_strings(body: dict) -> list[str]:
 
 
 def _short(value, limit: int = 60) -> str:
-    """A value for an error message: a 400-digit number or a long string is cut, not echoed whole."""
+    """A value for an error message, as Python writes it (a string comes quoted: write {_short(s)}, never
+    '{_short(s)}'); a 400-digit number or a long string is cut, not echoed whole."""
     if isinstance(value, int) and abs(value) >= 10 ** 20:
         return f"an integer of {len(str(abs(value)))} digits"
     text = repr(value)

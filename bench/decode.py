@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from bench import engine, ideal_step, peers, roofline
 from bench.common import ResultFile, resolve, run_info, sync
-from bench.workloads import Request
+from client.workload import Request
 from engine.runner import ModelRunner, kv_bytes_per_token
 
 CPU = dict(batches="1,8,32,64")

@@ -1,5 +1,5 @@
 """Our engine in-process: one model runner shared by the policies, a workload replayed through a
-BatchingManager stepped on this thread, and each finished request turned into a metrics.RequestRecord.
+BatchingManager stepped on this thread, and each finished request turned into a telemetry.latency.RequestRecord.
 
 `batching` is imported where it is used: it needs tiktoken (streamed detokenisation), and the HF peers of a
 benchmark must still run where tiktoken is not installed.
@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from bench.common import weights_for
-from bench.workloads import Request
+from client.workload import Request
 from telemetry.latency import RequestRecord
 from engine.device import resolve_attention, resolve_overlap
 from engine.loader import load_model
@@ -37,9 +37,9 @@ def make_manager(runner: ModelRunner, policy: str, max_batch: int, max_step_toke
 
 
 def make_inference(request: Request):
-    """Greedy with EOS ignored, so the request produces exactly output_len tokens."""
+    """Greedy with EOS ignored, so the request (of token ids) produces exactly num_tokens tokens."""
     from batching import Inference
-    return Inference("", request.prompt_ids, SamplingParams(max_tokens=request.output_len, temperature=0))
+    return Inference("", request.prompt, SamplingParams(max_tokens=request.num_tokens, temperature=0))
 
 
 def record(inf) -> RequestRecord:

@@ -12,9 +12,9 @@ import requests as http
 
 from bench import throughput
 from bench.common import ResultFile, resolve, run_info
-from bench.http_client import Load, run_load
-from bench.server import add_server_arguments, policy_server
-from bench.workloads import Request
+from bench.server import add_server_arguments, policy_server, send_load
+from client.load import Load
+from client.workload import Request
 
 WARM_UP = [Request(list(range(1, 33)), 4), Request([1, 2, 3], 8)]
 
@@ -34,14 +34,14 @@ def main(args: argparse.Namespace) -> str:
         try:
             with policy_server(args, policy, device, dtype) as (url, health):
                 result.data["server"] = health
-                run_load(url, WARM_UP)
+                send_load(url, WARM_UP)
                 for workload, requests in works.items():
                     requests = throughput.policy_requests(args, policy, requests)
                     for _ in range(args.repeats):
                         since = timeline(url)["step"]  # the step before this run (read before it starts)
-                        load = run_load(url, requests, desc=f"{policy} {workload}")
+                        load = send_load(url, requests, desc=f"{policy} {workload}")
                         row = dict(policy=policy, workload=workload, requests=len(requests), **load.outcome())
-                        if load.records and health["engines"] == 1:  # steps are numbered per engine
+                        if load.answered and health["engines"] == 1:  # steps are numbered per engine
                             row["engine"] = engine_side(timeline(url, since), load)
                         print(f"{policy} {workload}: {row.get('metrics', {}).get('output_tokens_per_s')} tok/s, "
                               f"{row['failed']} failed; {row.get('engine')}", flush=True)

@@ -10,7 +10,8 @@ import random
 
 from bench import engine
 from bench.common import ResultFile, resolve, run_info
-from bench.workloads import GPT2_VOCAB, Request
+from bench.workloads import GPT2_VOCAB
+from client.workload import Request
 from telemetry.latency import distribution
 from engine.runner import ModelRunner
 

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from bench.common import sync
-from bench.workloads import Request
+from client.workload import Request
 from model import SHAPES
 
 
@@ -35,9 +35,9 @@ def run_hf_continuous(hf, requests: list[Request], device: torch.device) -> tupl
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     from transformers.generation.continuous_batching.continuous_api import WorkloadHints
-    longest = max(r.output_len for r in requests)
+    longest = max(r.num_tokens for r in requests)
     config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    hints = WorkloadHints(max_prompt_length=max(len(r.prompt_ids) for r in requests),
+    hints = WorkloadHints(max_prompt_length=max(len(r.prompt) for r in requests),
                           max_generated_length=longest, num_requests=len(requests))
     on_cpu = device.type == "cpu"  # on the CPU HF cannot size the cache itself
     cb_config = ContinuousBatchingConfig(allow_block_sharing=False, num_blocks=256 if on_cpu else None,
@@ -46,7 +46,7 @@ def run_hf_continuous(hf, requests: list[Request], device: torch.device) -> tupl
                                                 block=True, timeout=30, workload_hints=hints) as manager:
         sync(device)
         t0 = time.perf_counter()
-        ids = [manager.add_request(r.prompt_ids, max_new_tokens=r.output_len) for r in requests]
+        ids = [manager.add_request(r.prompt, max_new_tokens=r.num_tokens) for r in requests]
         done, tokens = 0, 0
         with tqdm(total=len(ids), desc="hf continuous", unit="req", leave=False) as bar:
             while done < len(ids):
@@ -72,17 +72,17 @@ def run_hf_static(hf, requests: list[Request], batch_size: int, device: torch.de
     useful = 0
     for i in tqdm(range(0, len(requests), batch_size), desc=f"hf static {batch_size}", leave=False):
         chunk = requests[i:i + batch_size]
-        width = max(len(r.prompt_ids) for r in chunk)
+        width = max(len(r.prompt) for r in chunk)
         ids = torch.zeros(len(chunk), width, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for j, r in enumerate(chunk):
-            ids[j, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[j, width - len(r.prompt_ids):] = 1
-        n_new = max(r.output_len for r in chunk)
+            ids[j, width - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[j, width - len(r.prompt):] = 1
+        n_new = max(r.num_tokens for r in chunk)
         out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n_new,
                           min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert out.shape[1] == width + n_new, out.shape
-        useful += sum(r.output_len for r in chunk)
+        useful += sum(r.num_tokens for r in chunk)
     sync(device)
     return time.perf_counter() - t0, useful
 

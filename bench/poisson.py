@@ -9,9 +9,8 @@ import argparse
 
 from bench import throughput
 from bench.common import ResultFile, resolve, run_info
-from bench.http_client import run_load
 from bench.http_throughput import WARM_UP
-from bench.server import add_server_arguments, policy_server
+from bench.server import add_server_arguments, policy_server, send_load
 from bench.workloads import long_tailed, poisson_arrivals
 
 CPU = dict(qps="1,2,4", requests=16, prompt_median=48, output_median=32, slo_ttft=2.0, slo_tpot=0.25)
@@ -39,18 +38,18 @@ def main(args: argparse.Namespace) -> str:
     requests = long_tailed(args.requests, args.prompt_median, args.output_median, args.sigma, context=1024,
                            seed=args.seed)
     result = ResultFile(args, "poisson", run_info(device, dtype, args.model))
-    result.data["lengths"] = dict(prompt=[len(r.prompt_ids) for r in requests], output=[r.output_len for r in requests])
+    result.data["lengths"] = dict(prompt=[len(r.prompt) for r in requests], output=[r.num_tokens for r in requests])
     for policy in args.policies.split(","):
         try:
             with policy_server(args, policy, device, dtype) as (url, health):
                 result.data["server"] = health
-                run_load(url, WARM_UP)
+                send_load(url, WARM_UP)
                 saturated_at = None
                 for qps in rates:
                     if saturated_at is not None:
                         result.add(dict(policy=policy, qps=qps, skipped=f"saturated at {saturated_at} QPS"))
                         continue
-                    load = run_load(url, poisson_arrivals(requests, qps, args.seed), desc=f"{policy} {qps} QPS")
+                    load = send_load(url, poisson_arrivals(requests, qps, args.seed), desc=f"{policy} {qps} QPS")
                     result.data["streaming"] = load.streaming
                     row = dict(policy=policy, qps=qps, requests=len(requests),
                                **load.outcome(slo_ttft=args.slo_ttft, slo_tpot=args.slo_tpot))

@@ -6,9 +6,8 @@ import argparse
 
 from bench import throughput
 from bench.common import ResultFile, resolve, run_info
-from bench.http_client import run_load
 from bench.http_throughput import WARM_UP
-from bench.server import policy_server
+from bench.server import policy_server, send_load
 from bench.workloads import long_tailed
 from serving.master import visible_gpus
 
@@ -46,10 +45,10 @@ def main(args: argparse.Namespace) -> str:
         args.engines = engines
         with policy_server(args, "dynamic", device, dtype) as (url, health):
             result.data.setdefault("servers", []).append(health)
-            run_load(url, WARM_UP)
+            send_load(url, WARM_UP)
             for workload, requests in works.items():
                 for _ in range(args.repeats):
-                    load = run_load(url, requests, desc=f"{engines} engine(s) {workload}")
+                    load = send_load(url, requests, desc=f"{engines} engine(s) {workload}")
                     row = dict(system=f"{engines} engine{'s' * (engines > 1)}", workload=workload, engines=engines,
                                gpus=min(engines, gpus), requests=len(requests), **load.outcome())
                     row["output_tokens_per_s"] = row.get("metrics", {}).get("output_tokens_per_s")

@@ -1,4 +1,5 @@
-"""The real server an HTTP benchmark runs against (server_process.py starts and stops it)."""
+"""The real server an HTTP benchmark runs against (client/server_process.py starts and stops it), and the load a
+benchmark sends it (client/load.py)."""
 import argparse
 import contextlib
 
@@ -6,7 +7,9 @@ import torch
 
 from bench.common import weights_for
 from bench.throughput import overlap_setting
-from server_process import running_server
+from client.load import Load, run_load
+from client.server_process import running_server
+from client.workload import Request
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,3 +29,9 @@ def policy_server(args: argparse.Namespace, policy: str, device: torch.device,
     settings.update(MODEL=args.model, WEIGHTS=weights_for(args.model), DEVICE=str(device),
                     DTYPE=str(dtype).removeprefix("torch."))
     return running_server(policy, settings)
+
+
+def send_load(url: str, requests: list[Request], desc: str | None = None) -> Load:
+    """A benchmark's load: streamed where the server streams (TTFT and ITL as a client sees them), and exact (greedy,
+    EOS ignored), so that every system and every run produces the same tokens."""
+    return run_load(url, requests, stream=True, exact=True, desc=desc)

@@ -10,7 +10,8 @@ import argparse
 
 from bench import engine, peers
 from bench.common import ResultFile, resolve, run_info
-from bench.workloads import Request, offline, seed_burst
+from bench.workloads import offline, seed_burst
+from client.workload import Request
 from telemetry.latency import summarize
 
 CPU = dict(burst_requests=30, offline_requests=32, offline_min=32, offline_max=128, nobatch_requests=10,
@@ -70,7 +71,7 @@ def policy_requests(args: argparse.Namespace, policy: str, requests: list[Reques
 def kv_blocks_for(works: dict[str, list[Request]], block_size: int = 16) -> int:
     """A KV pool that holds every request of the largest workload at full length: no preemption, and on a GPU
     the rest of the memory stays free for the peers."""
-    return max(sum(-(-(len(r.prompt_ids) + r.output_len) // block_size) for r in reqs) for reqs in works.values())
+    return max(sum(-(-(len(r.prompt) + r.num_tokens) // block_size) for r in reqs) for reqs in works.values())
 
 
 def ratios(rows: list[dict]) -> list[dict]:

@@ -1,23 +1,16 @@
 """The seeded workloads of the benchmarks (bench/README.md): what each request asks for, and when it arrives.
 
-A request is its prompt's token ids, an exact output length (EOS is ignored) and an arrival offset. `seed_burst`
-and `offline` replay the HF peer driver's draws exactly, so token totals are the same for every system (seed
-burst 8,410 output tokens, offline-256 72,412). Over HTTP, `as_text` turns the ids into a prompt that encodes to
-exactly as many tokens.
+A request (client/workload.py) is here its prompt's token ids, an exact output length (the benchmarks ask for
+greedy tokens with EOS ignored) and an arrival offset. `seed_burst` and `offline` replay the HF peer driver's
+draws exactly, so token totals are the same for every system (seed burst 8,410 output tokens, offline-256
+72,412).
 """
-import functools
 import math
 import random
-import re
-from typing import NamedTuple
+
+from client.workload import Request
 
 GPT2_VOCAB = 50257
-
-
-class Request(NamedTuple):
-    prompt_ids: list[int]
-    output_len: int
-    arrival: float = 0.0  # seconds after the first request
 
 
 def seed_burst(n: int, vocab: int = GPT2_VOCAB, seed: int = 0) -> list[Request]:
@@ -58,20 +51,3 @@ def poisson_arrivals(requests: list[Request], qps: float, seed: int = 0) -> list
         timed.append(r._replace(arrival=at / qps))
         at += rng.expovariate(1.0)
     return timed
-
-
-@functools.cache
-def _single_token_words() -> list[str]:
-    """Vocabulary entries that are a space and lowercase letters: GPT-2's pre-tokenizer cuts text at each space,
-    and a piece that is itself a vocabulary entry encodes to that one token, so a run of them re-encodes to
-    exactly as many tokens."""
-    from engine.tokenizer import EOT_TOKEN, get_tokenizer
-    enc = get_tokenizer()
-    words = (enc.decode_single_token_bytes(i) for i in range(EOT_TOKEN))
-    return [w.decode() for w in words if re.fullmatch(rb" [a-z]+", w)]
-
-
-def as_text(prompt_ids: list[int]) -> str:
-    """A prompt of exactly len(prompt_ids) tokens, one word per id."""
-    words = _single_token_words()
-    return "".join(words[i % len(words)] for i in prompt_ids)

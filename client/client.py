@@ -1,7 +1,7 @@
-"""The load-generating client: sends a seeded workload to a running server, one thread per request, then reads
+"""The original client: sends a seeded workload to a running server (client/load.py sends it), then reads
 `/stats` and writes the results.
 
-Owns talking to the server (URL, API key, requests, errors), timing each request, and the files of one run:
+Owns finding the server (URL, API key, whether it is up), reading its /stats, and the files of one run:
 `stats.txt`, `token_data_<policy>.csv` (mean latency per requested token count, what the plot draws) and
 `requests_<policy>.csv` (one row per request). `experiment.py` reuses these functions for its comparison.
 
@@ -19,54 +19,25 @@ import json
 import os
 import signal
 import sys
-import threading
-import time
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import requests
-from dotenv import load_dotenv
-from tqdm import tqdm
+if __package__ in (None, ""):  # run as a script (python client/client.py): the package from the checkout instead
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from data import DEFAULT_NUM_TOKENS_RANGE, SELECTIONS, PromptData, Sample
+import requests  # noqa: E402
+from dotenv import load_dotenv  # noqa: E402
+
+from client.load import auth_headers, error_text, run_load  # noqa: E402
+from client.workload import DEFAULT_NUM_TOKENS_RANGE, SELECTIONS, PromptData, Request  # noqa: E402
+from telemetry.latency import RequestRecord  # noqa: E402
 
 CLIENT_DIR = Path(__file__).resolve().parent
 DEFAULT_PORT = 8500
-# Connect fast, but let a request wait as long as a slow policy keeps it queued.
-REQUEST_TIMEOUT = (10, 3600)
 
 
 class ServerUnavailable(Exception):
     """The server is down, still loading, or refuses our key; the message says what to do."""
-
-
-@dataclass
-class RequestRecord:
-    rid: int
-    prompt: str
-    num_tokens: int
-    start: float  # seconds since the workload began, when the request was sent
-    finish: float  # when its response arrived
-    latency: float  # end-to-end, measured by the client
-    ttft: float | None = None  # from the server: arrival -> first token
-    server_latency: float | None = None  # from the server: arrival -> last token
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    error: str | None = None
-    completion: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    @property
-    def tpot(self) -> float | None:
-        """Time per output token after the first (vLLM's definition), from the server's timings."""
-        if self.ttft is None or self.server_latency is None or (self.completion_tokens or 0) < 2:
-            return None
-        return (self.server_latency - self.ttft) / (self.completion_tokens - 1)
 
 
 # --- talking to the server ------------------------------------------------------------------------------------
@@ -75,16 +46,8 @@ def server_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def auth_headers(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def error_message(response: requests.Response) -> str:
-    """The server's `{"error": {"message": ...}}` text, or the raw body when it is not that shape."""
-    try:
-        return f"HTTP {response.status_code}: {response.json()['error']['message']}"
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}: {response.text[:200]}"
+    return error_text(response.status_code, response.content)
 
 
 def check_server(url: str, key: str | None = None) -> None:
@@ -107,29 +70,6 @@ def check_server(url: str, key: str | None = None) -> None:
                                 f"or pass --key ({error_message(stats)})")
 
 
-def send_inference(url: str, rid: int, prompt: str, num_tokens: int, key: str | None = None, t0: float = 0.0,
-                   ) -> RequestRecord:
-    """POST one request; never raises, so one failure does not take down the other threads."""
-    start = time.perf_counter()
-    result: dict = {}
-    error = None
-    try:
-        response = requests.post(f"{url}/inference", json={"prompt": prompt, "num_tokens": num_tokens},
-                                 headers=auth_headers(key), timeout=REQUEST_TIMEOUT)
-        if response.status_code == 200:
-            result = response.json()
-        else:
-            error = error_message(response)
-    except requests.RequestException as e:
-        error = f"{type(e).__name__}: {e}"
-    finish = time.perf_counter()
-    return RequestRecord(
-        rid=rid, prompt=prompt, num_tokens=num_tokens, start=start - t0, finish=finish - t0, latency=finish - start,
-        ttft=result.get("ttft"), server_latency=result.get("latency"), prompt_tokens=result.get("prompt_tokens"),
-        completion_tokens=result.get("completion_tokens"), error=error, completion=result.get("completion"),
-    )
-
-
 def fetch_stats(url: str, key: str | None = None, since: float | None = None) -> dict:
     """The server's /stats; with `since` (a `server-time` it reported earlier), over the requests since then."""
     params = {} if since is None else {"since": since}
@@ -138,47 +78,13 @@ def fetch_stats(url: str, key: str | None = None, since: float | None = None) ->
     return response.json()
 
 
-def run_workload(url: str, samples: list[Sample], key: str | None = None,
-                 on_finish: Callable[[RequestRecord], None] | None = None, desc: str = "requests",
-                 progress: bool = True) -> list[RequestRecord]:
-    """Launch every sample on its own thread at its offset, wait for all, return records in launch order.
-
-    `on_finish(record)` is called (serialised) as each response arrives, e.g. to print the completion; a
-    caller that prints asks for no progress bar, which would interleave with its lines.
-    """
-    records: list[RequestRecord | None] = [None] * len(samples)
-    lock = threading.Lock()
-    bar = tqdm(total=len(samples), desc=desc, unit="req", dynamic_ncols=True, disable=not progress)
-    t0 = time.perf_counter()
-
-    def send(rid: int, sample: Sample) -> None:
-        record = send_inference(url, rid, sample.prompt, sample.num_tokens, key, t0)
-        with lock:
-            records[rid] = record
-            bar.update()
-            if on_finish:
-                on_finish(record)
-
-    threads = []
-    for rid, sample in enumerate(samples):
-        # Sleep to an absolute offset so the schedule does not drift with thread start-up cost.
-        time.sleep(max(0.0, t0 + sample.launch_at - time.perf_counter()))
-        thread = threading.Thread(target=send, args=(rid, sample), daemon=True)
-        thread.start()
-        threads.append(thread)
-    for thread in threads:
-        thread.join()
-    bar.close()
-    return records
-
-
 # --- results --------------------------------------------------------------------------------------------------
 
 def mean_latency_by_num_tokens(records: list[RequestRecord]) -> dict[int, float]:
     by_tokens = defaultdict(list)
     for record in records:
         if record.ok:
-            by_tokens[record.num_tokens].append(record.latency)
+            by_tokens[record.requested_tokens].append(record.e2e)
     return {n: sum(latencies) / len(latencies) for n, latencies in sorted(by_tokens.items())}
 
 
@@ -190,16 +96,29 @@ def write_latency_csv(path: Path, records: list[RequestRecord]) -> None:
         writer.writerows(mean_latency_by_num_tokens(records).items())
 
 
-RECORD_COLUMNS = [f.name for f in fields(RequestRecord) if f.name != "completion"] + ["tpot"]
+REQUEST_COLUMNS = ("rid", "prompt", "num_tokens", "start", "finish", "latency", "ttft", "server_latency",
+                   "prompt_tokens", "completion_tokens", "error", "tpot")
+
+
+def request_row(rid: int, record: RequestRecord, t0: float) -> dict[str, object]:
+    """A request's row: start and finish in seconds since the first request was sent; ttft, server_latency (the
+    server's arrival -> last token) and tpot as the server measured them, latency as the client did."""
+    return {"rid": rid, "prompt": record.prompt, "num_tokens": record.requested_tokens,
+            "start": record.arrival - t0, "finish": record.finish - t0, "latency": record.e2e, "ttft": record.ttft,
+            "server_latency": None if record.last_token is None else record.last_token - record.arrival,
+            "prompt_tokens": record.prompt_tokens, "completion_tokens": record.output_tokens if record.ok else None,
+            "error": record.error, "tpot": record.tpot}
 
 
 def write_records_csv(path: Path, records: list[RequestRecord]) -> None:
-    """One row per request, every timing; the completion text stays out (printed, not plotted)."""
+    """One row per request in launch order (rid), every timing; the completion text stays out (printed, not
+    plotted)."""
+    t0 = min((record.arrival for record in records), default=0.0)
+    rows = [request_row(rid, record, t0) for rid, record in enumerate(records)]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORD_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=REQUEST_COLUMNS)
         writer.writeheader()
-        for record in records:
-            writer.writerow({**asdict(record), "tpot": record.tpot})
+        writer.writerows(rows)
 
 
 def write_run_files(out_dir: Path, label: str, records: list[RequestRecord]) -> None:
@@ -212,7 +131,7 @@ def write_run_files(out_dir: Path, label: str, records: list[RequestRecord]) -> 
 
 def print_completion(head: str, record: RequestRecord) -> None:
     body = record.completion if record.ok else f"FAILED: {record.error}"
-    print(f"{'=' * 50}\n{head}: {record.num_tokens} tokens in {record.latency:.2f} s\n{body}\n{'=' * 50}\n",
+    print(f"{'=' * 50}\n{head}: {record.requested_tokens} tokens in {record.e2e:.2f} s\n{body}\n{'=' * 50}\n",
           flush=True)
 
 
@@ -251,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def single_inference(args: argparse.Namespace) -> int:
-    record = send_inference(args.url, 0, args.prompt, args.numtokens, args.key)
+    [record] = run_load(args.url, [Request(args.prompt, args.numtokens)], args.key, progress=False).records
     print_completion(f"Prompt {args.prompt!r}", record)
     return 0 if record.ok else 1
 
@@ -261,10 +180,10 @@ def benchmark(args: argparse.Namespace) -> int:
     start = fetch_stats(args.url, args.key).get("server-time")  # the run's window starts here
     answered = itertools.count(1)
 
-    def show(record: RequestRecord) -> None:  # the count is the progress: no bar between the completions
-        print_completion(f"Request {record.rid} ({next(answered)}/{len(workload.samples)} answered)", record)
+    def show(rid: int, record: RequestRecord) -> None:  # the count is the progress: no bar between the completions
+        print_completion(f"Request {rid} ({next(answered)}/{len(workload.requests)} answered)", record)
 
-    records = run_workload(args.url, workload.samples, args.key, on_finish=show, progress=False)
+    records = run_load(args.url, workload.requests, args.key, on_finish=show, progress=False).records
     stats = fetch_stats(args.url, args.key, since=start)
     print(f"\n======== END STATS (this run's requests) ========\n{json.dumps(stats, indent=2)}")
     args.out.mkdir(parents=True, exist_ok=True)

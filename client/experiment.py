@@ -21,19 +21,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import requests
-from tqdm import tqdm
+if __package__ in (None, ""):  # run as a script (python client/experiment.py): the package from the checkout
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import plot
-import timeline_plot
-from client import CLIENT_DIR, RequestRecord, ShowDefaults, fetch_stats, interrupted, mean_latency_by_num_tokens, \
-    run_workload, stopping_cleanly_on_signals, write_run_files
-from data import DEFAULT_NUM_TOKENS_RANGE, PromptData
+import requests  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from client import plot, timeline_plot  # noqa: E402
+from client.client import CLIENT_DIR, ShowDefaults, fetch_stats, interrupted, mean_latency_by_num_tokens, \
+    stopping_cleanly_on_signals, write_run_files  # noqa: E402
+from client.load import run_load  # noqa: E402
+from client.server_process import ServerFailed, running_server  # noqa: E402
+from client.workload import DEFAULT_NUM_TOKENS_RANGE, PromptData  # noqa: E402
+# telemetry/ is the server's: both sides compute TTFT/TPOT/E2E figures alike
+from telemetry.latency import RequestRecord, distribution  # noqa: E402
 
 REPO_DIR = CLIENT_DIR.parent
-sys.path.append(str(REPO_DIR))  # telemetry/ is the server's: both sides compute TTFT/TPOT/E2E figures alike
-from telemetry.latency import distribution  # noqa: E402
-from server_process import ServerFailed, running_server  # noqa: E402
 
 POLICIES = ("nobatch", "static", "dynamic")
 # The original setup, for a GPU; on a CPU a smaller model and sample so all three runs finish in minutes.
@@ -115,7 +118,7 @@ def run_policy(policy: str, workload: PromptData, args: argparse.Namespace) -> P
     try:
         with running_server(policy, server_settings(args), log_path=str(log_path),
                             timeout=args.startup_timeout) as (url, _):
-            records = run_workload(url, workload.samples, desc=policy)
+            records = run_load(url, workload.requests, desc=policy).records
             stats = fetch_stats(url)
             timelines = fetch_timelines(url)
     except ServerFailed as e:
@@ -151,14 +154,14 @@ def ok_values(records: list[RequestRecord], metric: str) -> list[float]:
 def client_metrics(records: list[RequestRecord]) -> dict[str, float]:
     """Measured by the client, the same way for every policy: wall-clock is first request sent to last response."""
     ok = [r for r in records if r.ok]
-    output_tokens = sum(r.completion_tokens or r.num_tokens for r in ok)
-    duration = max((r.finish for r in ok), default=0.0) - min((r.start for r in ok), default=0.0)
+    output_tokens = sum(r.output_tokens for r in ok)
+    duration = max((r.finish for r in ok), default=0.0) - min((r.arrival for r in ok), default=0.0)
     metrics = {"requests": len(records), "failed": len(records) - len(ok), "output-tokens": output_tokens,
                "duration-s": duration, "output-tokens-per-s": output_tokens / duration if duration else 0.0,
                "requests-per-s": len(ok) / duration if duration else 0.0}
-    for metric in ("ttft", "tpot", "latency"):
+    for metric in ("ttft", "tpot", "e2e"):
         for name, value in distribution(ok_values(records, metric)).items():
-            metrics[f"{'e2e' if metric == 'latency' else metric}-{name}"] = value
+            metrics[f"{metric}-{name}"] = value
     return metrics
 
 
@@ -192,7 +195,7 @@ def write_figures(runs: list[PolicyRun], metrics: dict[str, dict[str, float]], a
         ("ttft", "ttft", "time to first token (s)", "TTFT per request (server-measured)", True),
         ("tpot", "tpot", "time per output token (s)", "TPOT per request, after the first token (server-measured)",
          False),
-        ("latency", "e2e_latency", "end-to-end latency (s)", "E2E latency per request (client-measured)", True),
+        ("e2e", "e2e_latency", "end-to-end latency (s)", "E2E latency per request (client-measured)", True),
     ):
         samples = {p: ok_values(records, metric) for p, records in by_policy.items()}
         paths += plot.plot_distribution(samples, ylabel, title, out / name, caption, log=log)

@@ -16,13 +16,16 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import matplotlib.patches as mpatches
-import matplotlib.pyplot as plt
-import numpy as np
-from matplotlib.ticker import MaxNLocator
+if __package__ in (None, ""):  # run as a script (python client/timeline_plot.py): the package from the checkout
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import plot
-from plot import label_and_color, ordered
+import matplotlib.patches as mpatches  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from client import plot  # noqa: E402
+from client.plot import label_and_color, ordered  # noqa: E402
 
 # the live page's colours (static/live.css)
 PHASE_COLORS = {"waiting": "#c9c9c9", "preempted": "#c9c9c9", "prefill": "#f28e2b", "decoding": "#4e79a7"}

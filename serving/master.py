@@ -146,7 +146,8 @@ def describe_exit(code: int | None) -> str:
 
 
 class Engines:
-    """The server's engine processes: started together, each restarted when it dies, stopped together."""
+    """The server's engine processes: started together (`Engines(settings)` launches them, `wait_ready` waits for
+    their models), each restarted when it dies (`watch`), stopped together."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -158,8 +159,15 @@ class Engines:
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         try:
-            for process in self.processes:  # the models load side by side
+            for process in self.processes:  # the models load side by side, while the master goes on
                 process.launch()
+        except BaseException:
+            self.stop()
+            raise
+
+    def wait_ready(self) -> None:
+        """Wait until every engine has built its model; if one cannot, stop them all and raise its error."""
+        try:
             for process in self.processes:
                 process.wait_ready()
         except BaseException:

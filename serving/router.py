@@ -8,6 +8,7 @@ nothing to its client yet (no streamed text) is resubmitted to another engine, t
 master starts a new engine on the same address, and a thread of this worker's connects to it again.
 """
 import logging
+import math
 import threading
 import time
 
@@ -18,7 +19,6 @@ from telemetry.stats import ServerStats
 log = logging.getLogger("effective-batching")
 
 RECONNECT_S = 0.5
-CONNECT_TIMEOUT_S = 300.0  # a new worker waits this long for an engine (gunicorn's WORKER_TIMEOUT, by default)
 
 
 class NoEngine(RuntimeError):
@@ -28,15 +28,18 @@ class NoEngine(RuntimeError):
 class Router:
 
     def __init__(self, addresses: list[tuple[str, bytes]], max_waiting: int, data_dir: str,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S):
-        """Connects to every engine that serves now, waiting up to connect_timeout_s for the first (a worker forked
-        while its engines restart); those that do not serve yet are connected to once they do (`start`)."""
+                 connect_timeout_s: float = math.inf):
+        """Connects to every engine, waiting for those that do not serve yet (a server's engines load their model
+        meanwhile; a worker forked while one restarts waits for it): a worker serves once it reaches them all.
+        After connect_timeout_s it goes on with those it reached, and connects to the others once they serve."""
         self.addresses = addresses
         self.on_finish: list = [self._forget]  # then this process's own callbacks (metrics)
         self.clients: list[EngineClient | None] = [None] * len(addresses)
         deadline = time.monotonic() + connect_timeout_s
-        while not self._connect_all():
+        while not all(self._connect_all()):
             if time.monotonic() > deadline:
+                if any(self.clients):
+                    break
                 raise NoEngine(f"no engine answered within {connect_timeout_s:.0f} s")
             time.sleep(RECONNECT_S)
         first = next(c for c in self.clients if c is not None)
@@ -141,15 +144,15 @@ class Router:
 
     # ---- engines that die and come back ----
 
-    def _connect_all(self) -> bool:
-        """Connect to each engine not connected yet that serves now; True if any is connected."""
+    def _connect_all(self) -> list[bool]:
+        """Connect to each engine not connected yet that serves now; which are connected."""
         for index, client in enumerate(self.clients):
             if client is None:
                 try:
                     self.clients[index] = self._connect(index)
                 except (OSError, EOFError):  # not serving (yet, or again: the master restarts it)
                     pass
-        return any(self.clients)
+        return [client is not None for client in self.clients]
 
     def _connect(self, index: int) -> EngineClient:
         address, authkey = self.addresses[index]

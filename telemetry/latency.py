@@ -1,8 +1,10 @@
-"""Latency and throughput figures of finished requests, with vLLM `bench serve`'s definitions.
+"""Latency and throughput figures of finished requests, with vLLM `bench serve`'s definitions, and the record of a
+request they are computed from.
 
-TTFT: arrival -> first output token. TPOT: (E2E - TTFT) / (output tokens - 1). ITL: gaps between consecutive
-tokens, pooled over requests. Throughput: output tokens over wall-clock time. Used by the server's /stats and by
-every benchmark, so both report the same thing.
+TTFT: arrival -> first output token. TPOT: first -> last output token over output tokens - 1 (the last at finish,
+so vLLM's (E2E - TTFT) / (output tokens - 1), unless a plain answer said when its last token came). ITL: gaps
+between consecutive tokens, pooled over requests. Throughput: output tokens over wall-clock time. Used by the
+server's /stats, by the client and by every benchmark, so all of them report the same thing.
 """
 from dataclasses import dataclass, field
 
@@ -11,13 +13,26 @@ import numpy as np
 
 @dataclass
 class RequestRecord:
+    """One request, timed on one monotonic clock: the server's (arrival: when it took the request) or a client's
+    (arrival: when it sent it). A client's request that failed keeps its error, with its finish when the failure
+    came back."""
     arrival: float  # seconds, any monotonic clock shared by the records being summarised
-    first_token: float | None
     finish: float
-    prompt_tokens: int
-    output_tokens: int
+    first_token: float | None = None
+    prompt_tokens: int | None = None  # None where the client sent text and the server did not say
+    output_tokens: int = 0
     requested_tokens: int = 0
     token_times: list[float] = field(default_factory=list)  # when each output token was produced (for ITL)
+    # When the last token was produced, where a client learns it apart from finish: a plain (not streamed) answer
+    # says, in its server-measured latency. None: at finish.
+    last_token: float | None = None
+    prompt: str | None = None  # the text a client sent,
+    completion: str | None = None  # the text it got back,
+    error: str | None = None  # or why it got none
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
     @property
     def e2e(self) -> float:
@@ -31,7 +46,8 @@ class RequestRecord:
     def tpot(self) -> float | None:
         if self.first_token is None or self.output_tokens < 2:
             return None
-        return (self.finish - self.first_token) / (self.output_tokens - 1)
+        last = self.finish if self.last_token is None else self.last_token
+        return (last - self.first_token) / (self.output_tokens - 1)
 
     @property
     def itls(self) -> list[float]:
@@ -73,7 +89,7 @@ def summarize(records: list[RequestRecord], slo_ttft: float = 1.0, slo_tpot: flo
     return dict(
         requests=len(records),
         duration_s=span,
-        prompt_tokens=sum(r.prompt_tokens for r in records),
+        prompt_tokens=sum(r.prompt_tokens for r in records if r.prompt_tokens is not None),
         output_tokens=out_tokens,
         output_tokens_per_s=out_tokens / span if span > 0 else None,
         requests_per_s=len(records) / span if span > 0 else None,

@@ -68,7 +68,7 @@ from batching import BatchingManager, Inference, make_policy  # noqa: E402
 from engine.loader import from_pretrained  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
 from engine.params import SampledToken, SamplingParams  # noqa: E402
-import server_process  # noqa: E402
+from client import server_process  # noqa: E402
 from telemetry.stats import ServerStats  # noqa: E402
 from telemetry.timeline import Timeline  # noqa: E402
 

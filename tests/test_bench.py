@@ -10,9 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from bench.__main__ import parser
-from bench.http_client import Load, run_load
 from bench.http_throughput import engine_side
-from bench.workloads import Request, as_text, long_tailed, offline, poisson_arrivals, seed_burst
+from bench.server import send_load
+from bench.workloads import long_tailed, offline, poisson_arrivals, seed_burst
+from client.load import Load
+from client.workload import Request
 from engine.tokenizer import encode
 from telemetry.latency import RequestRecord
 
@@ -44,16 +46,16 @@ def test_throughput_runs_our_policies_and_the_peers_on_one_workload(out, tiny_mo
         for policy in ("nobatch", "static", "dynamic"):
             row = rows[(f"ours-{policy}", workload)]
             assert "error" not in row, row
-            assert row["output_tokens"] == sum(r.output_len for r in row_requests(workload, row["requests"]))
+            assert row["output_tokens"] == sum(r.num_tokens for r in row_requests(workload, row["requests"]))
             assert row["metrics"]["ttft_s"]["p50"] > 0
-            longest = max(r.output_len for r in row_requests(workload, row["requests"]))
+            longest = max(r.num_tokens for r in row_requests(workload, row["requests"]))
             assert row["steps"] >= longest  # at least one step per token of the longest request
             assert row["ms_per_step"] == pytest.approx(row["seconds"] * 1e3 / row["steps"])
         assert rows[("ours-nobatch", workload)]["requests"] == 2
         for peer in ("hf-continuous", "hf-static16"):  # a peer that failed is a failed benchmark, not a row
             row = rows[(peer, workload)]
             assert "error" not in row, row
-            assert row["output_tokens"] == sum(r.output_len for r in row_requests(workload, row["requests"]))
+            assert row["output_tokens"] == sum(r.num_tokens for r in row_requests(workload, row["requests"]))
             assert row["output_tokens_per_s"] > 0
     assert {(r["ours"], r["peer"]) for r in data["ratios"] if r["workload"] == "burst"} == {
         (f"ours-{p}", peer) for p in ("nobatch", "static", "dynamic") for peer in ("hf-continuous", "hf-static16")}
@@ -73,7 +75,7 @@ def test_http_engine_columns_count_the_run_from_its_first_send_not_the_probe_bef
                     steps=[dict(start=99.9, duration=0.002)] + [dict(start=sent + 0.001 + 0.003 * i, duration=0.002)
                                                               for i in range(3)])
     load = Load([RequestRecord(arrival=sent + d, first_token=sent + 0.01, finish=sent + 0.02, prompt_tokens=3,
-                               output_tokens=2) for d in (0, 0.0001)], [], True)
+                               output_tokens=2) for d in (0, 0.0001)], True)
     engine = engine_side(snapshot, load)
     assert engine["steps"] == 3 and engine["last_arrival_ms"] == pytest.approx(2, abs=0.01)
     assert engine["arrival_p50_ms"] == pytest.approx(1.25, abs=0.01)  # of this run's two requests
@@ -87,11 +89,11 @@ def test_http_measures_each_policy_through_a_real_server(out, tiny_model_dir):
     assert len(data["results"]) == 2  # one row per repeat
     for row in data["results"]:
         assert (row["policy"], row["workload"], row["failed"]) == ("dynamic", "burst", 0)
-        assert row["metrics"]["output_tokens"] == sum(r.output_len for r in seed_burst(2))
+        assert row["metrics"]["output_tokens"] == sum(r.num_tokens for r in seed_burst(2))
         if row["streaming"]:
             assert row["metrics"]["itl_s"]["p50"] > 0
         engine = row["engine"]  # the run as the server's /timeline saw it: this run's steps only
-        longest = max(r.output_len for r in seed_burst(2))
+        longest = max(r.num_tokens for r in seed_burst(2))
         assert longest <= engine["steps"] <= 2 * longest
         assert 0 <= engine["arrival_p50_ms"] <= engine["last_arrival_ms"] <= row["metrics"]["duration_s"] * 1e3
         assert engine["step_ms"] > 0 and 0 <= engine["gap_ms_p50"] <= engine["gap_ms_p99"] <= engine["gap_ms_max"]
@@ -143,22 +145,22 @@ def test_interference_compares_chunked_and_whole_prefill(out, tiny_model_dir):
 # ---- workloads ----
 
 def test_workloads_replay_the_peer_tables_token_totals():
-    assert sum(r.output_len for r in seed_burst(100)) == 8410
-    assert sum(r.output_len for r in offline(256, 64, 512)) == 72412
-    assert sum(r.output_len for r in seed_burst(30)) == 2470  # cpu burst
-    assert sum(r.output_len for r in offline(32, 32, 128)) == 2441  # cpu offline
+    assert sum(r.num_tokens for r in seed_burst(100)) == 8410
+    assert sum(r.num_tokens for r in offline(256, 64, 512)) == 72412
+    assert sum(r.num_tokens for r in seed_burst(30)) == 2470  # cpu burst
+    assert sum(r.num_tokens for r in offline(32, 32, 128)) == 2441  # cpu offline
 
 
 def test_text_prompts_encode_to_exactly_their_token_count():
     for r in offline(5, 1, 900, seed=3):
-        assert len(encode(as_text(r.prompt_ids))) == len(r.prompt_ids)
+        assert len(encode(r.text)) == len(r.prompt)
 
 
 def test_long_tailed_lengths_fit_the_context():
     requests = long_tailed(500, 140, 120, 1.0, context=1024)
-    assert all(len(r.prompt_ids) >= 4 and r.output_len >= 4 for r in requests)
-    assert all(len(r.prompt_ids) + r.output_len <= 1024 for r in requests)
-    assert max(r.output_len for r in requests) > 4 * 120  # a long tail
+    assert all(len(r.prompt) >= 4 and r.num_tokens >= 4 for r in requests)
+    assert all(len(r.prompt) + r.num_tokens <= 1024 for r in requests)
+    assert max(r.num_tokens for r in requests) > 4 * 120  # a long tail
 
 
 def test_poisson_arrivals_replay_one_pattern_at_every_rate():
@@ -193,7 +195,7 @@ def test_client_falls_back_to_plain_responses_without_streaming():
     server = ThreadingHTTPServer(("127.0.0.1", 0), PlainServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        load = run_load(f"http://127.0.0.1:{server.server_port}", [Request([1, 2, 3], 5), Request([4], 7)])
+        load = send_load(f"http://127.0.0.1:{server.server_port}", [Request([1, 2, 3], 5), Request([4], 7)])
     finally:
         server.shutdown()
     assert not load.streaming and not load.errors
@@ -230,7 +232,7 @@ def test_client_reads_chunked_event_streams_and_replaces_connections_the_server_
     server = ThreadingHTTPServer(("127.0.0.1", 0), ChunkedStreamServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:  # three requests, each on a connection the last one's response left for dead
-        load = run_load(f"http://127.0.0.1:{server.server_port}",
+        load = send_load(f"http://127.0.0.1:{server.server_port}",
                         [Request([1, 2, 3], 5), Request([4], 3), Request([5], 4, arrival=1.5)])
     finally:
         server.shutdown()

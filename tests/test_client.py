@@ -4,24 +4,29 @@ import json
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
+from client import client, plot
+from client.load import run_load
+from client.workload import PromptData, Request
+from conftest import running_server
+from telemetry.latency import RequestRecord
+
 REPO_DIR = Path(__file__).resolve().parent.parent
 CLIENT_DIR = REPO_DIR / "client"
-sys.path.insert(0, str(CLIENT_DIR))  # the client's modules import each other as scripts do: `from data import ...`
-
-import client  # noqa: E402
-import plot  # noqa: E402
-from conftest import running_server  # noqa: E402
-from data import PromptData  # noqa: E402
 
 
-def record(rid: int, num_tokens: int, latency: float, **kwargs) -> client.RequestRecord:
-    return client.RequestRecord(rid=rid, prompt=f"Request {rid}", num_tokens=num_tokens, start=float(rid),
-                                finish=rid + latency, latency=latency, **kwargs)
+def record(rid: int, num_tokens: int, latency: float, ttft: float | None = None,
+           server_latency: float | None = None, **kwargs) -> RequestRecord:
+    """Request `rid`, sent at `rid` s, answered `latency` s later; ttft and server_latency are the server's."""
+    return RequestRecord(arrival=float(rid), finish=rid + latency, first_token=None if ttft is None else rid + ttft,
+                         last_token=None if server_latency is None else rid + server_latency,
+                         requested_tokens=num_tokens, prompt=f"Request {rid}", **kwargs)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -32,36 +37,36 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 # --- workload -------------------------------------------------------------------------------------------------
 
 def test_same_seed_gives_the_same_workload():
-    assert PromptData(50, [1, 25, 100], seed=3).samples == PromptData(50, [1, 25, 100], seed=3).samples
+    assert PromptData(50, [1, 25, 100], seed=3).requests == PromptData(50, [1, 25, 100], seed=3).requests
 
 
 def test_another_seed_gives_another_workload():
-    assert PromptData(50, [1, 25, 100], seed=0).samples != PromptData(50, [1, 25, 100], seed=1).samples
+    assert PromptData(50, [1, 25, 100], seed=0).requests != PromptData(50, [1, 25, 100], seed=1).requests
 
 
 def test_prompts_are_numbered_requests_asking_for_one_of_the_choices():
-    samples = PromptData(40, [1, 25, 100]).samples
+    samples = PromptData(40, [1, 25, 100]).requests
     assert [s.prompt for s in samples] == [f"Request {i}" for i in range(40)]
     assert {s.num_tokens for s in samples} == {1, 25, 100}
 
 
 def test_descend_sends_the_same_draws_longest_first():
-    drawn = PromptData(40, [1, 25, 100], "random").samples
-    descending = PromptData(40, [1, 25, 100], "descend").samples
+    drawn = PromptData(40, [1, 25, 100], "random").requests
+    descending = PromptData(40, [1, 25, 100], "descend").requests
     assert [s.num_tokens for s in descending] == sorted((s.num_tokens for s in drawn), reverse=True)
     assert sorted(s.prompt for s in descending) == sorted(s.prompt for s in drawn)
-    assert [s.launch_at for s in descending] == [s.launch_at for s in drawn]
+    assert [s.arrival for s in descending] == [s.arrival for s in drawn]
 
 
 def test_launches_start_at_once_and_are_at_most_wait_apart():
-    offsets = [s.launch_at for s in PromptData(30, wait=0.5).samples]
+    offsets = [s.arrival for s in PromptData(30, wait=0.5).requests]
     gaps = [b - a for a, b in zip(offsets, offsets[1:])]
     assert offsets[0] == 0.0
     assert all(0.0 <= gap <= 0.5 for gap in gaps)
 
 
 def test_wait_changes_when_requests_launch_but_not_which():
-    fast, slow = PromptData(30, wait=0.1).samples, PromptData(30, wait=2.0).samples
+    fast, slow = PromptData(30, wait=0.1).requests, PromptData(30, wait=2.0).requests
     assert [(s.prompt, s.num_tokens) for s in fast] == [(s.prompt, s.num_tokens) for s in slow]
 
 
@@ -75,8 +80,8 @@ def test_invalid_workload_is_refused(kwargs):
 # --- results files --------------------------------------------------------------------------------------------
 
 def test_tpot_is_decode_time_per_token_after_the_first():
-    assert record(0, 5, 1.2, ttft=0.2, server_latency=1.0, completion_tokens=5).tpot == pytest.approx(0.2)
-    assert record(0, 1, 0.3, ttft=0.2, server_latency=0.2, completion_tokens=1).tpot is None
+    assert record(0, 5, 1.2, ttft=0.2, server_latency=1.0, output_tokens=5).tpot == pytest.approx(0.2)
+    assert record(0, 1, 0.3, ttft=0.2, server_latency=0.2, output_tokens=1).tpot is None
     assert record(0, 5, 0.3, error="HTTP 503: overloaded").tpot is None
 
 
@@ -88,15 +93,67 @@ def test_latency_csv_holds_the_mean_latency_of_answered_requests_per_num_tokens(
 
 
 def test_records_csv_has_one_row_per_request_with_its_timings(tmp_path):
-    records = [record(0, 5, 1.2, ttft=0.2, server_latency=1.0, completion_tokens=5, completion="Request 0 ..."),
+    records = [record(0, 5, 1.2, ttft=0.2, server_latency=1.0, output_tokens=5, completion="Request 0 ..."),
                record(1, 25, 0.1, error="HTTP 500: boom")]
     client.write_run_files(tmp_path, "static", records)
     rows = read_rows(tmp_path / "requests_static.csv")
+    assert list(rows[0]) == ["rid", "prompt", "num_tokens", "start", "finish", "latency", "ttft", "server_latency",
+                             "prompt_tokens", "completion_tokens", "error", "tpot"]  # the original's columns
     assert [row["rid"] for row in rows] == ["0", "1"]
+    timings = [[float(row[column]) for column in ("start", "finish", "latency")] for row in rows]
+    assert timings == [pytest.approx([0.0, 1.2, 1.2]), pytest.approx([1.0, 1.1, 0.1])]  # since the first send
+    assert (float(rows[0]["ttft"]), float(rows[0]["server_latency"])) == pytest.approx((0.2, 1.0))
     assert float(rows[0]["tpot"]) == pytest.approx(0.2)
+    assert rows[0]["completion_tokens"] == "5" and rows[1]["completion_tokens"] == ""
     assert rows[1]["error"] == "HTTP 500: boom"
-    assert "completion" not in rows[0]
     assert (tmp_path / "token_data_static.csv").exists()
+
+
+# --- sending ------------------------------------------------------------------------------------------------
+
+class OriginalServer(BaseHTTPRequestHandler):
+    """/inference answering as the server does, behind the key "secret"; it refuses any field but the original
+    client's two."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.headers.get("Authorization") != "Bearer secret":
+            status, payload = 401, {"error": {"message": "invalid API key"}}
+        elif set(body) != {"prompt", "num_tokens"}:
+            status, payload = 400, {"error": {"message": f"unexpected fields {sorted(body)}"}}
+        else:
+            status, payload = 200, {"completion": body["prompt"] + " ...", "prompt_tokens": 2, "ttft": 0.25,
+                                    "completion_tokens": body["num_tokens"], "latency": 1.25}
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_):
+        pass
+
+
+def test_plain_answers_keep_the_servers_timings_and_refusals_their_message():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OriginalServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    workload = [Request("Request 0", 5), Request("Request 1", 3, arrival=0.2)]
+    finished = []
+    try:
+        answered = run_load(url, workload, key="secret", progress=False,
+                            on_finish=lambda rid, record: finished.append(rid)).records
+        [refused] = run_load(url, workload[:1], progress=False).records
+    finally:
+        server.shutdown()
+    assert finished == [0, 1] and not any(record.error for record in answered)
+    first, second = answered
+    assert (first.prompt, first.completion) == ("Request 0", "Request 0 ...")
+    assert (first.prompt_tokens, first.requested_tokens, first.output_tokens) == (2, 5, 5)
+    assert first.ttft == pytest.approx(0.25) and first.tpot == pytest.approx((1.25 - 0.25) / 4)  # the server's
+    assert second.arrival - first.arrival == pytest.approx(0.2, abs=0.1)  # sent at its offset
+    assert refused.error == "HTTP 401: invalid API key" and refused.ttft is None
 
 
 # --- plot -----------------------------------------------------------------------------------------------------

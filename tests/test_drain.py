@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-import server_process
+from client import server_process
 from conftest import open_request, wait_until
 
 TIMEOUT = 120  # for any one answer: generous, so that a slow machine fails no test and nothing hangs

@@ -28,6 +28,7 @@ def engines(tiny_model_dir: str, count: int = 1, **settings):
     settings = dict(model=tiny_model_dir, weights="pretrained", device="cpu", kv_blocks=256, block_size=4,
                     check_invariants=True, engines=count) | settings
     fleet = Engines(Settings(**settings))
+    fleet.wait_ready()
     fleet.watch()
     routers = []
 
@@ -223,16 +224,23 @@ def test_an_engine_killed_by_a_signal_is_said_to_be():
     assert describe_exit(-signal.SIGKILL) == "signal SIGKILL" and describe_exit(3) == "exit code 3"
 
 
-def test_a_worker_that_starts_while_an_engine_restarts_serves_at_once_and_connects_to_it_later(tiny_model_dir):
+def test_a_worker_that_starts_while_an_engine_restarts_reaches_every_engine_or_goes_on_without_it(tiny_model_dir):
     with engines(tiny_model_dir, count=2) as (fleet, connect):
         addresses = [(p.address, p.authkey) for p in fleet.processes]
         old_pid = fleet.processes[1].process.pid
         os.kill(old_pid, signal.SIGKILL)
         fleet.processes[1].process.wait()
-        router = connect()  # engine 1 is dead or still loading: a worker gunicorn forks now
-        assert router.enqueue(request([1, 2], 3)).event.wait(60)
-        wait_until(lambda: router.clients[1] is not None and router.clients[1].alive
-                   and router.clients[1].info["engine-pid"] != old_pid, timeout=60)
+        router = connect()  # engine 1 is dead or loading again: a worker gunicorn forks now waits for it
+        assert all(c is not None and c.alive for c in router.clients)
+        assert router.clients[1].info["engine-pid"] == fleet.processes[1].process.pid != old_pid
+        fleet.processes[1].process.kill()
+        fleet.processes[1].process.wait()
+        impatient = Router(addresses, max_waiting=1024, data_dir=os.environ["DATA_DIR"], connect_timeout_s=0)
+        assert impatient.clients[1] is None  # goes on with engine 0, and reaches engine 1 once it is back
+        impatient.start()
+        assert impatient.enqueue(request([1, 2], 3)).event.wait(60)
+        wait_until(lambda: impatient.clients[1] is not None and impatient.clients[1].alive, timeout=60)
+        impatient.stop()
         fleet.stop()
         with pytest.raises(NoEngine, match="no engine answered within 1 s"):
             Router(addresses, max_waiting=1024, data_dir=os.environ["DATA_DIR"], connect_timeout_s=1)

@@ -14,23 +14,20 @@ from pathlib import Path
 
 import pytest
 
-REPO_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_DIR / "client"))  # the client's modules import each other as scripts do
+from client import experiment, plot, timeline_plot
+from conftest import wait_until
+from telemetry.latency import RequestRecord
 
-import experiment  # noqa: E402
-import plot  # noqa: E402
-import timeline_plot  # noqa: E402
-from client import RequestRecord  # noqa: E402
-from conftest import wait_until  # noqa: E402
+REPO_DIR = Path(__file__).resolve().parent.parent
 
 POLICIES = ("nobatch", "static", "dynamic")
 FIGURES = ("latency_vs_tokens", "throughput", "ttft", "tpot", "e2e_latency", "timeline")
 
 
 def fake_run(policy: str, slowdown: float) -> experiment.PolicyRun:
-    records = [RequestRecord(rid=i, prompt=f"Request {i}", num_tokens=n, start=0.1 * i, finish=0.1 * i + slowdown * n,
-                             latency=slowdown * n, ttft=0.05 * slowdown, server_latency=slowdown * n - 0.01,
-                             prompt_tokens=3, completion_tokens=n)
+    records = [RequestRecord(arrival=0.1 * i, finish=0.1 * i + slowdown * n, first_token=0.1 * i + 0.05 * slowdown,
+                             last_token=0.1 * i + slowdown * n - 0.01, prompt_tokens=3, output_tokens=n,
+                             requested_tokens=n, prompt=f"Request {i}")
                for i, n in enumerate((1, 25, 100, 25))]
     stats = {"latency-per-token": slowdown, "throughput": 1 / slowdown, "total-tokens-handled": 151,
              "total-elapsed-time": 151 * slowdown, "ttft": {"mean": 0.1, "p50": 0.1, "p90": 0.2, "p99": 0.3},
@@ -75,7 +72,7 @@ def test_nested_stats_become_one_row_each():
 
 def test_client_metrics_count_only_answered_requests():
     records = fake_run("static", 0.1).records
-    records.append(RequestRecord(rid=9, prompt="Request 9", num_tokens=100, start=0.0, finish=60.0, latency=60.0,
+    records.append(RequestRecord(arrival=0.0, finish=60.0, requested_tokens=100, prompt="Request 9",
                                  error="HTTP 500: boom"))
     metrics = experiment.client_metrics(records)
     assert (metrics["requests"], metrics["failed"], metrics["output-tokens"]) == (5, 1, 151)
@@ -246,7 +243,7 @@ def test_a_server_process_dies_with_the_process_that_started_it_even_by_sigkill(
     """server_process starts servers with _terminate_when_parent_dies: a stand-in 'server' (sleep), started the
     same way by a process that is then SIGKILLed, goes with it."""
     starter = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time; sys.path.insert(0, sys.argv[1]); import server_process; "
+        "import subprocess, sys, time; sys.path.insert(0, sys.argv[1]); from client import server_process; "
         "p = subprocess.Popen(['sleep', '600'], preexec_fn=server_process._terminate_when_parent_dies); "
         "print(p.pid, flush=True); time.sleep(600)"), str(REPO_DIR)], stdout=subprocess.PIPE, text=True)
     server = int(starter.stdout.readline())

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 import netns
-import server_process
+from client import server_process
 from conftest import server_stats, wait_until
 from test_streaming import events
 

@@ -137,6 +137,8 @@ def test_models_lists_the_served_model(client):
     (dict(logit_bias={"50256": -100}), "logit_bias"),
     (dict(prompt=[]), "prompt"),
     (dict(prompt=[50257]), "prompt"),
+    (dict(prompt=[[64], "a"]), "prompt"),  # the four prompt forms do not mix
+    (dict(prompt=["a", [64]]), "prompt"),
     (dict(stream_options={"include_usage": True}), "stream_options"),
     (dict(extra_body={"repetition_penalty": 1.2}), "repetition_penalty"),
 ])
@@ -161,6 +163,13 @@ def test_unknown_model_raises_not_found(client):
     with pytest.raises(openai.NotFoundError) as e:
         complete(client, model="gpt-4", prompt="x")
     assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    assert f'serves `{MODEL}`: pass "model": "{MODEL}"' in e.value.message
+
+
+def test_chat_completions_raises_not_found_pointing_to_completions(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["code"] == "not_found" and "POST /v1/completions" in e.value.message
 
 
 def test_wrong_key_raises_authentication_error(url):

@@ -1,14 +1,17 @@
-"""Engines that die or stall on a real server, as the kernel's out-of-memory killer or a driver fault would do it:
+"""Engines that start, die or stall on a real server, as the kernel's out-of-memory killer or a driver fault would do it:
 the master starts a new one, the workers reconnect by themselves, with two engines the other never stops serving,
 and a stalled engine's silence is a 503. And a server reloaded with SIGHUP still cleans up after itself."""
 import concurrent.futures
+import contextlib
 import glob
 import os
 import signal
 import tempfile
+import time
 
 import requests
 
+from client import server_process
 from conftest import running_server, wait_until
 
 
@@ -86,3 +89,24 @@ def test_a_reloaded_server_still_removes_its_metrics_directory_when_it_stops(tin
         wait_until(lambda: health(url).status_code == 200 and health(url).json()["pid"] != worker, timeout=60)
         assert generate(url, 2).json()["completion_tokens"] == 2
     assert not os.path.exists(directory)
+
+
+def test_a_starting_server_answers_503_starting_until_its_engines_serve(tiny_model_dir, tmp_path):
+    """The workers answer while the engines load the model (they import torch and build it; a worker imports
+    neither): a load balancer or a Kubernetes probe gets "starting", not a connection that hangs."""
+    settings = {"MODEL": tiny_model_dir, "WEIGHTS": "pretrained", "DEVICE": "cpu", "KV_CACHE_GB": "0.2",
+                "ENGINES": "2"}
+    with open(tmp_path / "server.log", "w+") as log:
+        server = server_process.start_server("dynamic", settings, log)
+        try:
+            answers = []
+            while not answers or answers[-1].status_code != 200:
+                with contextlib.suppress(requests.ConnectionError):  # gunicorn not listening yet
+                    answers.append(requests.get(server.url + "/health", timeout=60))
+                assert server.proc.poll() is None, "the server exited"
+                time.sleep(0.05)
+            starting = [r for r in answers if r.status_code == 503]
+            assert starting and all(r.json()["error"]["code"] == "starting" for r in starting)
+            assert answers[-1].json()["engines-serving"] == 2  # a worker serves once it reaches every engine
+        finally:
+            server.stop()

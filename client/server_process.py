@@ -1,6 +1,7 @@
 """A real server in a child process: `./server.sh POLICY [KEY]` (gunicorn) on a free localhost port, waited for
-until /health answers, stopped with its whole process group. The comparison, the HTTP benchmarks and the tests
-all start servers this way.
+until /health answers, stopped with its whole process group. It lives with the client because the comparison
+that users run (client/experiment.py) starts its servers this way; the HTTP benchmarks (bench/server.py) and the
+tests start theirs with it too.
 
 The server never outlives the process that started it: leaving the `with` block stops it, and on Linux the
 kernel sends it SIGTERM if that process dies without leaving it (SIGKILL), so no server is left behind
@@ -26,7 +27,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import IO
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout: server.sh
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
