@@ -227,6 +227,20 @@ def test_a_test_server_writes_its_data_into_a_temporary_directory(server):
 
 # ---- keys ----
 
+def loads_torch(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "libtorch" in f.read()
+
+
+def test_only_the_engine_process_loads_torch(server):
+    """gunicorn's master and its workers import no torch: a worker forks and starts in a third of a second, in a
+    quarter of the memory (bench/results/cpu/notes.md)."""
+    h = requests.get(server + "/health", timeout=10).json()
+    worker, [engine] = h["pid"], h["engine-pids"]
+    assert not loads_torch(worker) and not loads_torch(os.getpgid(worker))  # the master leads the process group
+    assert loads_torch(engine)
+
+
 @pytest.fixture(scope="module")
 def keyed(tiny_model_dir):
     with running_server("dynamic", tiny_model_dir, key="s3cret") as url:
