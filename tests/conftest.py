@@ -10,7 +10,9 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 import pytest
@@ -225,6 +227,34 @@ def running_server(policy: str, model_dir: str, key: str | None = None, timeout:
         with open(log_path) as log:
             text = log.read()
         assert "AssertionError" not in text, f"the engine broke an invariant; its log ends:\n{text[-3000:]}"
+
+
+# ---- a stand-in server ----
+
+@contextlib.contextmanager
+def json_server(answer):
+    """A local HTTP server whose POSTs are answered by `answer(headers, body) -> (status, payload)` as JSON;
+    yields its URL."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            status, payload = answer(self.headers, body)
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *_):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
 
 
 # ---- watching a real server ----

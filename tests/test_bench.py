@@ -15,6 +15,7 @@ from bench.server import send_load
 from bench.workloads import long_tailed, offline, poisson_arrivals, seed_burst
 from client.load import Load
 from client.workload import Request
+from conftest import json_server
 from engine.tokenizer import encode
 from telemetry.latency import RequestRecord
 
@@ -173,31 +174,16 @@ def test_poisson_arrivals_replay_one_pattern_at_every_rate():
 
 # ---- the client without streaming ----
 
-class PlainServer(BaseHTTPRequestHandler):
+def plain_server(headers, body: dict) -> tuple[int, dict]:
     """An /inference without streaming: it rejects the unknown 'stream' field, as the original server did."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        status, payload = (400, {"error": {"message": "unknown field 'stream'"}}) if "stream" in body else (
-            200, {"ttft": 0.25, "prompt_tokens": 99, "completion_tokens": body["num_tokens"]})
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_):
-        pass
+    if "stream" in body:
+        return 400, {"error": {"message": "unknown field 'stream'"}}
+    return 200, {"ttft": 0.25, "prompt_tokens": 99, "completion_tokens": body["num_tokens"]}
 
 
 def test_client_falls_back_to_plain_responses_without_streaming():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), PlainServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        load = send_load(f"http://127.0.0.1:{server.server_port}", [Request([1, 2, 3], 5), Request([4], 7)])
-    finally:
-        server.shutdown()
+    with json_server(plain_server) as url:
+        load = send_load(url, [Request([1, 2, 3], 5), Request([4], 7)])
     assert not load.streaming and not load.errors
     assert sorted(r.output_tokens for r in load.records) == [5, 7]
     assert {r.prompt_tokens for r in load.records} == {1, 3}  # the workload's own count

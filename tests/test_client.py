@@ -4,8 +4,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import requests
 from client import client, plot
 from client.load import run_load
 from client.workload import PromptData, Request
-from conftest import running_server
+from conftest import json_server, running_server
 from telemetry.latency import RequestRecord
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -111,42 +109,24 @@ def test_records_csv_has_one_row_per_request_with_its_timings(tmp_path):
 
 # --- sending ------------------------------------------------------------------------------------------------
 
-class OriginalServer(BaseHTTPRequestHandler):
+def original_server(headers, body: dict) -> tuple[int, dict]:
     """/inference answering as the server does, behind the key "secret"; it refuses any field but the original
     client's two."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.headers.get("Authorization") != "Bearer secret":
-            status, payload = 401, {"error": {"message": "invalid API key"}}
-        elif set(body) != {"prompt", "num_tokens"}:
-            status, payload = 400, {"error": {"message": f"unexpected fields {sorted(body)}"}}
-        else:
-            status, payload = 200, {"completion": body["prompt"] + " ...", "prompt_tokens": 2, "ttft": 0.25,
-                                    "completion_tokens": body["num_tokens"], "latency": 1.25}
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *_):
-        pass
+    if headers.get("Authorization") != "Bearer secret":
+        return 401, {"error": {"message": "invalid API key"}}
+    if set(body) != {"prompt", "num_tokens"}:
+        return 400, {"error": {"message": f"unexpected fields {sorted(body)}"}}
+    return 200, {"completion": body["prompt"] + " ...", "prompt_tokens": 2, "ttft": 0.25,
+                 "completion_tokens": body["num_tokens"], "latency": 1.25}
 
 
 def test_plain_answers_keep_the_servers_timings_and_refusals_their_message():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), OriginalServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}"
     workload = [Request("Request 0", 5), Request("Request 1", 3, arrival=0.2)]
     finished = []
-    try:
+    with json_server(original_server) as url:
         answered = run_load(url, workload, key="secret", progress=False,
                             on_finish=lambda rid, record: finished.append(rid)).records
         [refused] = run_load(url, workload[:1], progress=False).records
-    finally:
-        server.shutdown()
     assert finished == [0, 1] and not any(record.error for record in answered)
     first, second = answered
     assert (first.prompt, first.completion) == ("Request 0", "Request 0 ...")
