@@ -297,9 +297,14 @@ def report_header(server: dict, args: argparse.Namespace, defaults_note: str) ->
     return "\n".join(lines)
 
 
+def client_table(metrics: dict[str, dict[str, float]]) -> str:
+    """The headline figures, one row per policy (report.md's first table, and what the comparison prints)."""
+    rows = [[policy, *(m[k] for k in HEADLINE)] for policy, m in metrics.items()]
+    return markdown_table(["policy", *HEADLINE], rows)
+
+
 def write_report(path: Path, runs: list[PolicyRun], metrics: dict[str, dict[str, float]],
                  args: argparse.Namespace, defaults_note: str) -> None:
-    client_rows = [[policy, *(m[k] for k in HEADLINE)] for policy, m in metrics.items()]
     path.write_text(f"""# Batching comparison
 
 {report_header(runs[0].stats, args, defaults_note)}
@@ -309,7 +314,7 @@ def write_report(path: Path, runs: list[PolicyRun], metrics: dict[str, dict[str,
 Throughput is output tokens over wall-clock time, first request sent to last response. TTFT and TPOT come from
 the server's per-request timings; E2E latency is measured by the client. Times in seconds.
 
-{markdown_table(["policy", *HEADLINE], client_rows)}
+{client_table(metrics)}
 
 ## Mean latency (s) by requested tokens (the original figure)
 
@@ -395,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as e:
         return interrupted(e)
+    print(client_table({run.policy: client_metrics(run.records) for run in runs}))
     print("wrote " + ", ".join(p.name for p in paths) + f" in {args.out}")
     failed = sum(not r.ok for run in runs for r in run.records)
     if failed:

@@ -160,8 +160,10 @@ def plot_timelines(timelines: dict[str, dict | list[dict]], stem: Path, caption:
     legend = [mpatches.Patch(color=PHASE_COLORS[p], label=p) for p in ("waiting", "prefill", "decoding")]
     legend += [plt.Line2D([], [], color=c, marker="|", linestyle="", markersize=10, label=name)
                for name, c in (("finished", FINISHED_COLOR), ("preempted", PREEMPTED_COLOR))]
-    fig.suptitle("What the scheduler did: a row per request, the batch per step", fontsize=12)
-    fig.legend(handles=legend, loc="outside lower center", ncols=5, fontsize=9, frameon=False)
+    # the title and the legend at the top, the caption alone at the bottom: constrained layout makes room for an
+    # outside legend but not beside a caption (supxlabel), which it would cover
+    fig.legend(handles=legend, loc="outside upper center", ncols=5, fontsize=9, frameon=False,
+               title="What the scheduler did: a row per request, the batch per step", title_fontsize=12)
     return plot.save_figure(fig, stem, caption)
 
 

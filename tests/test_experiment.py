@@ -145,12 +145,14 @@ def test_the_timeline_figure_draws_a_lane_per_engine_on_one_clock_and_reads_sing
     assert all(path.stat().st_size > 0 for path in timeline_plot.plot_timelines(timelines, tmp_path / "timeline"))
 
 
-def test_short_comparison_of_all_three_policies_on_a_real_server(tiny_model_dir, tmp_path, monkeypatch):
+def test_short_comparison_of_all_three_policies_on_a_real_server(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KV_CACHE_GB", "0.2")  # the tiny model needs no 2 GB cache
     exit_code = experiment.main(["--model", tiny_model_dir, "--weights", "pretrained", "--device", "cpu",
                                  "--numsamples", "5", "--wait", "0.1", "--numtokens_range", "1", "5", "20",
                                  "--out", str(tmp_path)])
     assert exit_code == 0
+    printed = capsys.readouterr().out  # the figures, not only where they went
+    assert "| policy | output-tokens-per-s |" in printed and all(f"| {p} |" in printed for p in POLICIES)
     report = check_outputs(tmp_path)
     assert "weights: pretrained; device: cpu; dtype: float32" in report
     for policy in POLICIES:
