@@ -5,8 +5,9 @@
 # decode and throughput run in-process (torch + transformers; our engine's requests also need tiktoken), then
 # interference and timeline-overhead, then http, poisson and scale if flask, gunicorn and tiktoken import. Each
 # sub-command runs in its own process with a share of the time left: one that fails or runs out of time keeps the
-# rows it already wrote (the JSON is rewritten after every row) and the next still runs. results.md and the plots are redrawn
-# from the JSON at the end (`python -m bench report --out DIR` redraws them elsewhere if matplotlib is missing).
+# rows it already wrote (the JSON is rewritten after every row) and the next still runs. results.md and the plots
+# are redrawn from the JSON at the end (`python -m bench report --out DIR` redraws them elsewhere if matplotlib is
+# missing).
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
