@@ -3,11 +3,12 @@
 `Inference` is one request as its client sees it: prompt, sampling parameters, text, stream, and the
 `threading.Event` its HTTP thread waits on; the engine runs it as a `Sequence` (token ids, cache and scheduling
 state, timestamps) and hands it a `Result` when it finishes. `BatchingManager` owns one engine thread that runs
-steps: each step the `Scheduler` picks which sequences run and how many tokens each contributes (a prefill chunk or one decode token), the
-model runner does one packed forward and one sampler call, and finished sequences release their KV blocks and
-set their Event. On a GPU the steps overlap: step N+1 is scheduled and launched before step N's tokens are read
-(`BatchingManager.step`), so the host's work hides behind the GPU's. (The server runs the same steps in a process
-of their own, serving/engine_main.py, whose loop calls `step()`; tests and in-process benchmarks use the thread.)
+steps: each step the `Scheduler` picks which sequences run and how many tokens each contributes (a prefill chunk
+or one decode token), the model runner does one packed forward and one sampler call, and finished sequences
+release their KV blocks and set their Event. On a GPU the steps overlap: step N+1 is scheduled and launched before
+step N's tokens are read (`BatchingManager.step`), so the host's work hides behind the GPU's. (The server runs the
+same steps in a process of their own, serving/engine_main.py, whose loop calls `step()`; tests and in-process
+benchmarks use the thread.)
 
 The three policies of the original project differ only in their admission rule, i.e. when waiting requests
 may join the running ones:
@@ -93,7 +94,7 @@ class Inference:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.arrival_time = time.perf_counter()
-        self.stream: StreamSink | None = None  # a streaming reader's: put(delta) at steps it is due, put(None) at the end
+        self.stream: StreamSink | None = None  # a reader's: put(delta) at steps it is due, put(None) at the end
         self.output_ids: list[int] = []  # the tokens of `text`: not a generated EOS, not those past a stop string
         self.logprobs: list[SampledToken] = []  # one per output id, when asked for
         self.text = ""  # generated text, cut at a stop string

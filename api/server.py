@@ -4,9 +4,9 @@ shared by every worker: serving/), metrics, and the drain when it is told to sto
 gunicorn's master starts the engine processes (`start_engines`, from gunicorn_conf.when_ready) before it forks the
 workers, and restarts one that dies (serving/master.py). Each worker connects to every engine, as they come to
 serve, through a router (`start_engine_soon`, from post_worker_init) that sends each request to the least busy
-engine and reconnects to an engine that comes back; until then it answers 503 "starting"; a worker never touches CUDA, nor does the master: neither imports torch. The routes read
-the worker's state through `running()`. The HTTP side is typed against serving.protocol.Engine: the router here,
-a BatchingManager in one process (tests).
+engine and reconnects to an engine that comes back; until then it answers 503 "starting". A worker never touches
+CUDA, nor does the master: neither imports torch. The routes read the worker's state through `running()`. The HTTP
+side is typed against serving.protocol.Engine: the router here, a BatchingManager in one process (tests).
 
 A worker told to stop drains (gunicorn_conf.ServingThreadWorker calls `start_draining`): new work is refused with
 a 503 at once, and requests still running at the drain's deadline are ended with an error (api/submission.py).

@@ -140,5 +140,5 @@ def timeline_overhead(plt, data: dict):
     return fig
 
 
-DRAW = {"throughput": throughput, "http": http, "scale": scale, "decode": decode, "poisson": poisson, "interference": interference,
-        "timeline-overhead": timeline_overhead}
+DRAW = {"throughput": throughput, "http": http, "scale": scale, "decode": decode, "poisson": poisson,
+        "interference": interference, "timeline-overhead": timeline_overhead}

@@ -157,5 +157,6 @@ def timeline_overhead_table(data: dict) -> str:
                      "tok/s without", "tok/s with", "full snapshot ms"], rows))
 
 
-TABLES = {"throughput": throughput_table, "http": http_table, "scale": scale_table, "decode": decode_table, "poisson": poisson_table,
-          "interference": interference_table, "timeline-overhead": timeline_overhead_table}
+TABLES = {"throughput": throughput_table, "http": http_table, "scale": scale_table, "decode": decode_table,
+          "poisson": poisson_table, "interference": interference_table,
+          "timeline-overhead": timeline_overhead_table}

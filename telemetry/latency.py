@@ -79,7 +79,8 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def summarize(records: list[RequestRecord], slo_ttft: float = 1.0, slo_tpot: float = 0.05) -> dict:
-    """Every figure the benchmarks report for a set of finished requests. Wall-clock span: first arrival -> last finish."""
+    """Every figure the benchmarks report for a set of finished requests. Wall-clock span: first arrival -> last
+    finish."""
     if not records:
         return dict(requests=0)
     span = max(r.finish for r in records) - min(r.arrival for r in records)

@@ -1,4 +1,4 @@
-"""Engines that start, die or stall on a real server, as the kernel's out-of-memory killer or a driver fault would do it:
+"""Engines that start, die or stall on a real server (as the kernel's out-of-memory killer or a driver fault would):
 the master starts a new one, the workers reconnect by themselves, with two engines the other never stops serving,
 and a stalled engine's silence is a 503. And a server reloaded with SIGHUP still cleans up after itself."""
 import concurrent.futures
