@@ -1,17 +1,20 @@
 """The GPU path against the CPU fp32 reference (skipped without CUDA; run on the device machine): Triton attention,
 decode CUDA graphs, bf16."""
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import requests
 import torch
 
-from conftest import assert_nothing_leaked, request, run_until_idle
+from conftest import assert_nothing_leaked, request, run_until_idle, running_server
 from batching import BatchingManager, make_policy
 from engine.loader import from_pretrained
 from engine.runner import ModelRunner
 from engine.params import SamplingParams
+from engine.tokenizer import decode, encode
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -194,3 +197,19 @@ def test_bf16_logits_are_close_to_fp32_and_greedy_tokens_mostly_agree(tiny_model
     want = greedy(cpu_runner(tiny_model_dir), w)
     first_tokens_equal = sum(a[0] == b[0] for a, b in zip(ours, want))
     assert first_tokens_equal >= 6  # bf16 may flip a near-tie; most first tokens must agree
+
+
+def test_two_engines_on_the_gpus_serve_one_server_and_give_the_cpu_tokens(tiny_model_dir):
+    """ENGINES=2: on a machine of several GPUs each engine has its own, on one GPU they share it (each its part of
+    the memory). Greedy requests spread over both give the tokens of the CPU's fp32 engine."""
+    prompts = [" ".join(["hello"] * (i + 1)) for i in range(8)]
+    with running_server("dynamic", tiny_model_dir, DEVICE="cuda", DTYPE="float32", ENGINES="2") as url:
+        health = requests.get(url + "/health", timeout=30).json()
+        assert health["engines"] == health["engines-serving"] == 2 and len(set(health["engine-pids"])) == 2
+        with ThreadPoolExecutor(len(prompts)) as pool:  # at once: the router spreads them over both engines
+            answers = list(pool.map(lambda p: requests.post(url + "/inference", timeout=120, json={
+                "prompt": p, "num_tokens": 12, "temperature": 0}).json(), prompts))
+        per_engine = requests.get(url + "/stats", timeout=30).json()["per-engine"]
+    want = greedy(cpu_runner(tiny_model_dir), [(encode(p), 12) for p in prompts])
+    assert [a["text"] for a in answers] == [decode(ids) for ids in want]
+    assert [e["steps"] > 0 for e in per_engine] == [True, True]  # both engines ran
