@@ -27,7 +27,7 @@ STOP_TIMEOUT_S = 30.0
 
 
 class EngineStalled(TimeoutError):
-    """The engine did not answer a question in time (HTTP 503)."""
+    """The engine did not answer a question: it stalled, or it died meanwhile (HTTP 503)."""
 
 
 class EngineClient:
@@ -83,6 +83,8 @@ class EngineClient:
                 self._send(Ask(question, what, arg))
             if not waiting[0].wait(ASK_TIMEOUT_S):
                 raise EngineStalled(f"engine {self.index} did not answer for its {what} within {ASK_TIMEOUT_S:.0f} s")
+            if self.fatal_error is not None and waiting[1] is None:  # woken by the engine's end, not an answer
+                raise EngineStalled(self.fatal_error)
             return waiting[1]
         finally:
             self._answers.pop(question, None)
@@ -153,6 +155,8 @@ class EngineClient:
 
     def _lost(self, error: str) -> None:
         self.fatal_error = f"engine {self.index} died: {error}"
+        for waiting in list(self._answers.values()):  # no answer will come: the askers need not wait it out
+            waiting[0].set()
         if self._stopping:
             return
         log.error("%s", self.fatal_error)

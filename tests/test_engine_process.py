@@ -1,6 +1,7 @@
 """Engines in processes of their own (serving/), driven through workers' handles as their HTTP threads drive them:
 one engine shared by workers, several engines behind a worker's router, peers that are not workers, and an engine
 that dies."""
+import concurrent.futures
 import contextlib
 import multiprocessing
 import os
@@ -16,7 +17,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from conftest import request, wait_until
 from engine.config import Settings
-from serving.client import EngineClient
+from serving.client import EngineClient, EngineStalled
 from serving.master import Engines, describe_exit
 from serving.router import NoEngine, Router
 
@@ -140,6 +141,19 @@ def test_each_question_gets_its_own_answer_when_a_worker_asks_several_in_a_row(t
         assert stats["requests-finished"] == stats_again["requests-finished"] == 1 and "steps" not in stats
         assert timeline["steps"] and timeline["engine"] == 0 and "requests-finished" not in timeline
         assert router.write_token_csv().endswith(".csv")
+
+
+def test_a_question_to_an_engine_that_dies_meanwhile_ends_with_its_death(tiny_model_dir):
+    with engines(tiny_model_dir) as (fleet, connect):
+        client = connect().clients[0]
+        engine = fleet.processes[0].process.pid
+        os.kill(engine, signal.SIGSTOP)  # the question waits, unanswered
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            asked = pool.submit(client.ask, "stats")
+            wait_until(lambda: client._answers)
+            os.kill(engine, signal.SIGKILL)
+            with pytest.raises(EngineStalled, match="engine 0 died"):  # not "did not answer within 10 s"
+                asked.result()
 
 
 # ---- peers that are not workers ----
