@@ -223,6 +223,9 @@ def running_server(policy: str, model_dir: str, key: str | None = None, timeout:
     with tempfile.TemporaryDirectory() as directory:
         log_path = os.path.join(directory, "server.log")
         with server_process.running_server(policy, settings, key, log_path, timeout=timeout) as (url, _):
+            # healthy is one worker serving; the others start within moments (a worker answers 503 "starting"
+            # until it reaches its engines), and tests may ask any of them
+            wait_until(lambda: all(requests.get(url + "/health", timeout=30).status_code == 200 for _ in range(8)))
             yield url
         with open(log_path) as log:
             text = log.read()
