@@ -221,8 +221,9 @@ def stats():
     arrived since then: how a run measures itself on a server that served others before."""
     server = running()
     since = window_start()
-    server.engine.write_token_csv()
-    return jsonify({**server.engine.stats(since), **server.engine.load(), **server.info})
+    stats = server.engine.stats()
+    stats.write_token_csv()
+    return jsonify({**stats.snapshot(since), **server.engine.load(), **server.info})
 
 
 def window_start() -> float | None:

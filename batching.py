@@ -467,11 +467,8 @@ class BatchingManager:
 
     # ---- what the HTTP side reads (serving.protocol.Engine) ----
 
-    def stats(self, since: float | None = None) -> dict:
-        return self.statistics.snapshot(since)
-
-    def write_token_csv(self) -> str:
-        return self.statistics.write_token_csv()
+    def stats(self) -> ServerStats:
+        return self.statistics
 
     def timeline_since(self, since: int = 0, engine: int = 0) -> dict:
         return {**self.timeline.snapshot(since), "engine": engine}
@@ -683,8 +680,9 @@ class BatchingManager:
         s, bm = self.scheduler, self.runner.block_manager
         with self._lock:
             inbox = list(self._inbox)
+        # copies of the queues first: HTTP threads ask while the engine thread moves sequences between them
         outstanding = sum(len(seq.token_ids) - seq.num_computed + seq.params.max_tokens - seq.num_generated
-                          for seq in itertools.chain(inbox, s.waiting, s.preempted, s.running))
+                          for seq in inbox + self._in_queues())
         return {"running": len(s.running), "waiting": s.num_waiting + len(inbox), "outstanding-tokens": outstanding,
                 "kv-cache-usage": bm.usage, "kv-blocks-free": bm.num_free, "kv-blocks-total": bm.num_blocks,
                 "preemptions": s.num_preemptions, "steps": self.steps}

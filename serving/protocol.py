@@ -20,6 +20,7 @@ from typing import Protocol
 
 from batching import Inference, Limits, Result  # Result: a finished request's account, sent as it is
 from engine.params import SampledToken, SamplingParams
+from telemetry.stats import ServerStats
 
 
 @dataclass
@@ -131,11 +132,9 @@ class Engine(Protocol):
 
     def load(self) -> dict: ...
 
-    def stats(self, since: float | None = None) -> dict: ...
+    def stats(self) -> ServerStats: ...  # every engine's requests (/stats figures, the token CSV)
 
     def timeline_since(self, since: int = 0, engine: int = 0) -> dict: ...
-
-    def write_token_csv(self) -> str: ...
 
     def start(self) -> None: ...
 

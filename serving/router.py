@@ -64,10 +64,7 @@ class Router:
     def pick(self, inf: Inference) -> EngineClient:
         """The engine for a request: the one with the least outstanding work. (Prefix-aware routing belongs here:
         the engine that holds the prompt's first blocks, unless it is much busier than the least busy.)"""
-        live = [c for c in self.clients if c is not None and c.alive]
-        if not live:
-            raise NoEngine(self.fatal_error or "no engine is serving")
-        return min(live, key=lambda c: c.load()["outstanding-tokens"])
+        return min(self._live(), key=lambda c: c.load()["outstanding-tokens"])
 
     def _forget(self, inf: Inference) -> None:
         with self._lock:
@@ -83,22 +80,16 @@ class Router:
         """The engines' loads added up, and each engine's own ("per-engine": its index, pid and start, the moment
         from which its lifetime figures in /stats count, with it)."""
         loads = [{"engine": c.index, "engine-pid": c.info["engine-pid"], "engine-started": c.info["engine-started"],
-                  **c.load()} for c in self.clients if c is not None and c.alive]
+                  **c.load()} for c in self._serving()]
         total = {key: sum(load[key] for load in loads) for key in
                  ("running", "waiting", "outstanding-tokens", "kv-blocks-free", "kv-blocks-total", "preemptions",
                   "steps")}
         total["kv-cache-usage"] = 1 - total["kv-blocks-free"] / total["kv-blocks-total"] if loads else 0.0
         return {**total, "engines-serving": len(loads), "per-engine": loads}
 
-    def stats(self, since: float | None = None) -> dict:
-        return self._merged_stats().snapshot(since)
-
-    def write_token_csv(self) -> str:
-        return self._merged_stats().write_token_csv()
-
-    def _merged_stats(self) -> ServerStats:
-        live = self._live()
-        return ServerStats.merged([c.ask("stats") for c in live], self.data_dir)
+    def stats(self) -> ServerStats:
+        """Every serving engine's statistics, merged: one question to each."""
+        return ServerStats.merged([c.ask("stats") for c in self._live()], self.data_dir)
 
     def timeline_since(self, since: int = 0, engine: int = 0) -> dict:
         client = self.clients[engine] if 0 <= engine < len(self.clients) else None
@@ -107,15 +98,19 @@ class Router:
                            else f"there is no engine {engine}; this server has {len(self.clients)}")
         return client.ask("timeline", since)
 
+    def _serving(self) -> list[EngineClient]:
+        return [c for c in self.clients if c is not None and c.alive]
+
     def _live(self) -> list[EngineClient]:
-        live = [c for c in self.clients if c is not None and c.alive]
+        """The serving engines; NoEngine if none is."""
+        live = self._serving()
         if not live:
             raise NoEngine(self.fatal_error or "no engine is serving")
         return live
 
     @property
     def alive(self) -> bool:
-        return any(c is not None and c.alive for c in self.clients)
+        return bool(self._serving())
 
     @property
     def fatal_error(self) -> str | None:
@@ -127,7 +122,7 @@ class Router:
 
     @property
     def last_step_time(self) -> float:
-        return max((c.last_step_time for c in self.clients if c is not None and c.alive), default=0.0)
+        return max((c.last_step_time for c in self._serving()), default=0.0)
 
     def start(self) -> None:
         for index, client in enumerate(self.clients):
@@ -166,7 +161,7 @@ class Router:
             for inf in in_flight:
                 self._where.pop(inf.id, None)
         for inf in in_flight:
-            if inf.streamed_tokens == 0 and not inf.logprobs and self.alive:
+            if inf.streamed_tokens == 0 and self.alive:  # nothing has reached its client yet
                 try:
                     self.enqueue(inf)
                     log.info("%s: resubmitted to another engine", inf.request_id)

@@ -66,7 +66,7 @@ def test_two_workers_share_one_engine_and_each_gets_only_its_own_results(tiny_mo
         second.enqueue(theirs)
         assert mine.event.wait(60) and theirs.event.wait(60)
         assert (len(mine.output_ids), len(theirs.output_ids)) == (5, 7) and finished == [mine]
-        assert first.stats()["requests-finished"] == 2  # the engine counts every worker's
+        assert first.stats().snapshot()["requests-finished"] == 2  # the engine counts every worker's
 
 
 def test_a_worker_that_leaves_has_its_requests_aborted_and_the_others_go_on(tiny_model_dir):
@@ -137,10 +137,10 @@ def test_each_question_gets_its_own_answer_when_a_worker_asks_several_in_a_row(t
     with engines(tiny_model_dir) as (fleet, connect):
         router = connect()
         assert router.enqueue(request([1, 2], 3)).event.wait(60)
-        stats, timeline, stats_again = router.stats(), router.timeline_since(), router.stats()
+        stats, timeline, stats_again = router.stats().snapshot(), router.timeline_since(), router.stats().snapshot()
         assert stats["requests-finished"] == stats_again["requests-finished"] == 1 and "steps" not in stats
         assert timeline["steps"] and timeline["engine"] == 0 and "requests-finished" not in timeline
-        assert router.write_token_csv().endswith(".csv")
+        assert router.stats().write_token_csv().endswith(".csv")
 
 
 def test_a_question_to_an_engine_that_dies_meanwhile_ends_with_its_death(tiny_model_dir):
