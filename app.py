@@ -25,7 +25,7 @@ from api.errors import ApiError, api_error
 from api.server import draining, running
 from api.sse import sse_response
 from api.submission import Submission
-from api.validation import InvalidRequest, checked, number, reject_unknown, stop_strings, typed
+from api.validation import InvalidRequest, cache_salt, checked, number, reject_unknown, stop_strings, typed
 from batching import Inference
 from engine.params import SamplingParams
 from engine.tokenizer import encode
@@ -144,7 +144,7 @@ def submit(infs: list[Inference], stream: bool, max_tokens_param: str) -> Submis
 # ---- the original API ----
 
 INFERENCE_FIELDS = {"prompt", "num_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos",
-                    "logprobs", "stream"}
+                    "logprobs", "stream", "cache_salt"}
 
 
 def parse_inference(body: dict) -> tuple[str, list[int], SamplingParams]:
@@ -200,14 +200,15 @@ def health():
 def inference():
     body = json_body()
     prompt, prompt_ids, params = parse_inference(body)
-    inf = Inference(prompt, prompt_ids, params, request_id=g.request_id)
+    inf = Inference(prompt, prompt_ids, params, request_id=g.request_id, cache_salt=cache_salt(body))
     sub = submit([inf], typed(body, "stream", (bool,), default=False), "num_tokens")
     if inf.stream is not None:
         return sse_response(({"text": d.text, "finish_reason": d.finish_reason} for batch in sub.deltas()
                              for d in batch), sub.release)
     sub.wait()
     body = {"completion": inf.completion, "text": inf.text, "finish_reason": inf.finish_reason,
-            "prompt_tokens": len(inf.prompt_ids), "completion_tokens": len(inf.output_ids),
+            "prompt_tokens": len(inf.prompt_ids), "cached_tokens": inf.cached_tokens,
+            "completion_tokens": len(inf.output_ids),
             "ttft": inf.first_token_time - inf.arrival_time, "latency": inf.finish_time - inf.arrival_time}
     if params.logprobs is not None:
         body["logprobs"] = [{"token": t.token, "logprob": t.logprob, "top_logprobs": t.top_logprobs}

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from engine.params import SampledToken, SamplingParams
+from engine.prefix import salt_key
 from engine.tokenizer import EOT_TOKEN, StreamDecoder
 from telemetry.stats import ServerStats
 from telemetry.timeline import Timeline
@@ -72,6 +73,7 @@ class Result:
     token_times: list[float]
     finish_time: float
     num_preemptions: int
+    cached_tokens: int  # prompt tokens whose K/V came from the prefix cache at its first admission
 
 
 class Inference:
@@ -87,12 +89,14 @@ class Inference:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: str, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+    def __init__(self, prompt: str, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 cache_salt: str | None = None):
         self.id = next(Inference._ids)
         self.request_id = request_id or f"req-{self.id}"
         self.prompt = prompt
         self.prompt_ids = list(prompt_ids)
         self.params = params
+        self.cache_salt = cache_salt  # requests share cached KV blocks only under the same salt (or none)
         self.arrival_time = time.perf_counter()
         self.stream: StreamSink | None = None  # a reader's: put(delta) at steps it is due, put(None) at the end
         self.output_ids: list[int] = []  # the tokens of `text`: not a generated EOS, not those past a stop string
@@ -112,6 +116,7 @@ class Inference:
         self.token_times: list[float] = []
         self.finish_time: float | None = None
         self.num_preemptions = 0
+        self.cached_tokens = 0
         self.event = threading.Event()
 
     @property
@@ -167,7 +172,7 @@ class Inference:
         self.output_ids, self.logprobs, self.text = r.output_ids, r.logprobs, r.text
         self.scheduled_time, self.first_token_time, self.finish_time = r.scheduled_time, r.first_token_time, \
             r.finish_time
-        self.token_times, self.num_preemptions = r.token_times, r.num_preemptions
+        self.token_times, self.num_preemptions, self.cached_tokens = r.token_times, r.num_preemptions, r.cached_tokens
 
 
 class Sequence:
@@ -184,6 +189,8 @@ class Sequence:
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.num_pending = 0  # sampled by a step in flight, not read yet (see BatchingManager.step)
         self.seed = inf.params.seed  # the sampler's key for this request's draws; the runner sets one if None
+        self.salt = salt_key(inf.cache_salt)  # where its blocks' hash chain starts (engine/prefix.py)
+        self.num_cached_tokens = 0  # of its prompt, found in the prefix cache at its first admission
         self.state = WAITING
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -223,7 +230,7 @@ class Sequence:
         inf = self.inf
         return Result(self.id, self.finish_reason, self.error, inf.output_ids, inf.logprobs, inf.text, self.seed,
                       self.scheduled_time, self.first_token_time, self.token_times, self.finish_time,
-                      self.num_preemptions)
+                      self.num_preemptions, self.num_cached_tokens)
 
 
 def announce_finished(inf: Inference, on_finish: list) -> None:
@@ -355,20 +362,26 @@ class Scheduler:
 
     def _admit(self, source: deque, limit: int, plan: list, budget: int) -> int:
         """Move up to `limit` sequences from the head of `source` into running (first come, first served:
-        stop at the first that does not fit in the pool) and give each a first chunk from the budget."""
+        stop at the first that does not fit in the pool), each starting after its cached prefix, and give each a
+        first chunk from the budget."""
         for _ in range(min(limit, len(source))):
             seq = source[0]
-            if seq.num_pending or not self.blocks.can_allocate(len(seq.token_ids)):
-                break  # (preempted while a step in flight samples its next token: resumed once it is read)
+            if seq.num_pending:  # preempted while a step in flight samples its next token: resumed once it is read
+                break
+            cached = self.blocks.allocate(seq.id, seq.token_ids, seq.salt)
+            if cached is None:
+                break
             source.popleft()
-            self.blocks.allocate(seq.id, len(seq.token_ids))
+            seq.num_computed = cached
             seq.state = RUNNING
-            seq.scheduled_time = seq.scheduled_time or time.perf_counter()
+            if seq.scheduled_time is None:  # first admission (not a preempted sequence's return)
+                seq.scheduled_time = time.perf_counter()
+                seq.num_cached_tokens = cached
             if self.timeline:
-                self.timeline.admitted(seq)
+                self.timeline.admitted(seq, cached)
             self.running.append(seq)
             if budget:
-                n = min(len(seq.token_ids), budget)
+                n = min(seq.num_unscheduled, budget)
                 plan.append((seq, n))
                 budget -= n
         return budget
@@ -586,9 +599,11 @@ class BatchingManager:
             self._step_failed(plan, e)
             return None
         sampling = set(launched.ids)
+        blocks = self.runner.block_manager
         for seq, n in plan:
             seq.num_computed += n
             seq.num_pending += seq.id in sampling
+            blocks.cache_computed(seq.id, seq.token_ids, seq.num_computed)
         return _Launched(plan, launched, started)
 
     def _read(self, step: _Launched) -> None:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from api.errors import ApiError
 from api.submission import Delta
-from api.validation import InvalidRequest, checked, check_text, number, reject_unknown, \
+from api.validation import InvalidRequest, cache_salt, checked, check_text, number, reject_unknown, \
     stop_strings, typed
 from batching import Inference
 from engine.params import SamplingParams
@@ -22,7 +22,7 @@ from engine.tokenizer import EOT_TOKEN, decode, encode
 
 MAX_N = 128  # OpenAI's own limit
 FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "echo", "logprobs",
-          "stream", "stream_options", "user",
+          "stream", "stream_options", "user", "cache_salt",
           "best_of", "suffix", "presence_penalty", "frequency_penalty", "logit_bias",  # accepted only when inert
           "top_k", "ignore_eos"}  # vLLM's extensions (the openai client sends them via extra_body)
 
@@ -36,11 +36,13 @@ class CompletionRequest:
     echo: bool
     stream: bool
     include_usage: bool
+    cache_salt: str | None
 
     def inferences(self, request_id: str) -> list[Inference]:
         samples = [(text, token_ids, j) for text, token_ids in self.prompts for j in range(self.n)]
         return [Inference(text, token_ids, self._params_of_sample(j),
-                          request_id=request_id if len(samples) == 1 else f"{request_id}-{i}")
+                          request_id=request_id if len(samples) == 1 else f"{request_id}-{i}",
+                          cache_salt=self.cache_salt)
                 for i, (text, token_ids, j) in enumerate(samples)]
 
     def _params_of_sample(self, j: int) -> SamplingParams:
@@ -80,7 +82,8 @@ def parse_completion_request(body: dict, model: str, max_sequences: int) -> Comp
                              f"this server queues at most {max_sequences} (MAX_WAITING)", "n" if n > 1 else "prompt",
                              "too_many_sequences")
     prompts = [tokenized(p) for p in prompts]  # each must fit the context: batching.admit
-    return CompletionRequest(asked_model, prompts, params, n, echo, stream, _include_usage(body, stream))
+    return CompletionRequest(asked_model, prompts, params, n, echo, stream, _include_usage(body, stream),
+                             cache_salt(body))
 
 
 def _reject_unsupported(body: dict, n: int) -> None:
@@ -163,7 +166,9 @@ class Completion:
     def usage(self) -> dict:
         prompt = sum(len(ids) for _, ids in self.req.prompts)
         completion = sum(len(inf.output_ids) for inf in self.infs)  # the text's tokens, as /inference counts
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(inf.cached_tokens for inf in self.infs[::self.req.n])  # a prompt's n samples count it once
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _choice(self, delta: Delta) -> dict:
         i = delta.index

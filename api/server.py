@@ -161,7 +161,7 @@ def startup_failure(s: Settings, e: Exception) -> str:
 def serve(settings: Settings, engine: Engine, info: dict) -> Server:
     """Attach this worker's metrics to an engine, start it and route requests to it."""
     global current
-    metrics = EngineMetrics(settings.served_model_name or settings.model, settings.policy)
+    metrics = EngineMetrics(settings.served_model_name or settings.model, settings.policy, settings.prefix_caching)
     engine.on_finish.append(metrics.record)
     engine.start()
     metrics.start_publisher(engine)

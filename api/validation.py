@@ -85,6 +85,18 @@ def reject_unknown(body: dict, accepted: set[str]) -> None:
                              unknown[0], "unknown_field")
 
 
+MAX_CACHE_SALT = 256  # characters
+
+
+def cache_salt(body: dict) -> str | None:
+    """vLLM's per-request `cache_salt`: requests share cached KV blocks only when their salts are equal."""
+    salt = typed(body, "cache_salt", (str,))
+    if salt is not None and not 0 < len(salt) <= MAX_CACHE_SALT:
+        raise InvalidRequest(f"'cache_salt' must be a non-empty string of at most {MAX_CACHE_SALT} characters",
+                             "cache_salt")
+    return salt
+
+
 def stop_strings(body: dict) -> list[str]:
     stop = typed(body, "stop", (str, list), default=[])
     stop = [stop] if isinstance(stop, str) else stop

@@ -69,7 +69,7 @@ def eager_step_launch_share(runner) -> None:
     bm = runner.block_manager
     ids = list(range(128))
     for i in ids:
-        bm.allocate(i, 300)
+        bm.allocate(i, [0] * 300)  # nothing is cached: no cache_computed here
     query = np.array([1] * 127 + [288])
     ctx = np.array([300] * 127 + [288])
     step = pack_step(query, ctx, bm.table_array(ids), bm.block_size)

@@ -24,12 +24,12 @@ def build_runner(s: Settings) -> tuple[ModelRunner, dict]:
     runner = ModelRunner(model, device, dtype, block_size=s.block_size, num_blocks=s.kv_blocks,
                          kv_cache_gb=s.kv_cache_gb, gpu_memory_utilization=s.gpu_memory_utilization, seed=s.seed,
                          attention=attention, cuda_graphs=s.cuda_graphs, max_batch=s.max_batch,
-                         max_step_tokens=s.max_step_tokens, vocab_size=VOCAB_SIZE)
+                         max_step_tokens=s.max_step_tokens, vocab_size=VOCAB_SIZE, prefix_caching=s.prefix_caching)
     info = {"policy": s.policy, "model": s.model, "weights": weights,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "dtype": str(dtype).removeprefix("torch."), "attention": attention, "overlap-steps": overlap,
             "max-batch": s.max_batch, "max-context": model.config.block_size,
-            "kv-cache-tokens": runner.block_manager.num_blocks * s.block_size,
+            "kv-cache-tokens": runner.block_manager.num_blocks * s.block_size, "prefix-caching": s.prefix_caching,
             "cuda-graphs": 0, **runner.capture,  # on a GPU: how many, their capture time and memory
             "startup-s": round(time.perf_counter() - start, 2)}
     if weights == "random":

@@ -22,6 +22,7 @@ class Settings:
     kv_cache_gb: float = 2.0  # CPU; on a GPU the cache takes what GPU_MEMORY_UTILIZATION leaves
     kv_blocks: int | None = None  # exact pool size, overrides the two above
     block_size: int = 16
+    prefix_caching: bool = True  # share the KV blocks of prompts' common prefixes (engine/kv_cache.py)
     gpu_memory_utilization: float = 0.9
     key: str | None = None
     seed: int | None = None

@@ -1,15 +1,26 @@
-"""Paged KV memory: a pool of fixed-size blocks and a block table per sequence.
+"""Paged KV memory: a pool of fixed-size blocks, a block table per sequence, and the prefix cache.
 
 Only bookkeeping lives here (which block belongs to whom, and where a token's K/V sits); the cache tensors
-themselves belong to the model runner. The scheduler asks before it acts: `can_allocate` / `allocate` at
-admission, `can_grow` / `grow` before each step, `free` when a sequence finishes, fails, is aborted or preempted.
+themselves belong to the model runner. The scheduler asks before it acts: `allocate` at admission (it says how
+many of the sequence's tokens the cache already holds, or None if the pool is short), `can_grow` / `grow` before
+each step, `cache_computed` after it, `free` when a sequence finishes, fails, is aborted or preempted.
+
+Prefix caching (engine/prefix.py names the blocks): every full block whose tokens are known and computed is
+registered under its chained hash. Blocks are reference-counted, so sequences with the same prefix share its
+blocks. A block no sequence holds keeps its K/V and its name while it waits among the cached free blocks, least
+recently released first; the pool takes a block from there (forgetting its name) only when no plain free block
+is left, so free space counts both. A sequence admitted later (or a preempted one coming back) starts from its
+longest chain of cached blocks and computes the rest. Shared blocks are always full, and a sequence only ever
+writes past its cached prefix, so no sequence writes into a block another reads.
 
 The pool has one block more than it hands out: padding rows of a CUDA-graph step write their K/V into that
 spare block (`pad_slot`), so a padded step never touches a block that belongs to a sequence.
 """
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
+
+from engine.prefix import NO_SALT, block_hashes, cacheable_blocks
 
 
 def slot_mapping(block_tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
@@ -22,41 +33,77 @@ class BlockManager:
     """Block tables live twice: as lists (the bookkeeping) and as rows of one numpy array, so a step gathers
     all of its tables with one indexing operation instead of a Python loop over sequences."""
 
-    def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int = 64):
+    def __init__(self, num_blocks: int, block_size: int, max_blocks_per_seq: int = 64, prefix_caching: bool = True):
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.prefix_caching = prefix_caching
         self.pad_slot = num_blocks * block_size  # first slot of the spare block, past every block handed out
-        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_blocks: deque[int] = deque(range(num_blocks))  # hold nothing worth keeping
+        self.cached_free: OrderedDict[int, None] = OrderedDict()  # held by no sequence, named: LRU order
+        self.ref_counts = [0] * num_blocks
+        self.block_of_hash: dict[int, int] = {}
+        self.hash_of_block: dict[int, int] = {}
+        self.tokens_of_block: dict[int, tuple[int, ...]] = {}  # a named block's tokens: a hash hit is checked
         self.tables: dict[int, list[int]] = {}  # sequence id -> its block ids, in order
+        self.hashes: dict[int, list[int]] = {}  # sequence id -> names of its first full, computed blocks
+        self.salts: dict[int, int] = {}  # sequence id -> its chain's start (engine/prefix.py)
         self.rows: dict[int, int] = {}  # sequence id -> its row of table_rows
         self.free_rows: list[int] = []
         self.table_rows = np.zeros((0, max_blocks_per_seq), dtype=np.int32)
+        self.hit_tokens = self.queried_tokens = 0  # over every allocation, for the engine's load()
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     @property
     def num_free(self) -> int:
-        return len(self.free_blocks)
+        return len(self.free_blocks) + len(self.cached_free)
 
     @property
     def usage(self) -> float:
         return 1 - self.num_free / self.num_blocks
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) <= self.num_free
+    def cached_prefix(self, token_ids: list[int], salt: int = NO_SALT) -> list[int]:
+        """The cached blocks of the longest cached chain of token_ids' first full blocks (never its last token)."""
+        if not self.prefix_caching:
+            return []
+        blocks = []
+        for h, tokens in block_hashes(token_ids[:cacheable_blocks(len(token_ids), self.block_size) *
+                                                self.block_size], self.block_size, salt):
+            block = self.block_of_hash.get(h)
+            if block is None or self.tokens_of_block[block] != tokens:
+                break
+            blocks.append(block)
+        return blocks
 
-    def allocate(self, seq_id: int, num_tokens: int) -> None:
+    def allocate(self, seq_id: int, token_ids: list[int], salt: int = NO_SALT) -> int | None:
+        """Give a sequence blocks for its tokens, its cached prefix shared: how many of its tokens the cache holds
+        already, or None (nothing done) if the pool cannot hold the rest."""
         assert seq_id not in self.tables, f"sequence {seq_id} already holds blocks"
-        self.tables[seq_id] = []
+        cached = self.cached_prefix(token_ids, salt)
+        revived = sum(self.ref_counts[b] == 0 for b in cached)  # counted free until now
+        if self.blocks_needed(len(token_ids)) - len(cached) > self.num_free - revived:
+            return None
+        for block in cached:
+            if self.ref_counts[block] == 0:
+                del self.cached_free[block]
+            self.ref_counts[block] += 1
         if not self.free_rows:  # twice the rows: amortised growth
             n = len(self.table_rows)
             self.table_rows = np.concatenate([self.table_rows, np.zeros((max(n, 16), self.table_rows.shape[1]),
                                                                         dtype=np.int32)])
             self.free_rows = list(range(len(self.table_rows) - 1, n - 1, -1))
-        self.rows[seq_id] = self.free_rows.pop()
-        self.grow(seq_id, num_tokens)
+        self.rows[seq_id] = row = self.free_rows.pop()
+        self.table_rows[row, :len(cached)] = cached
+        self.tables[seq_id] = list(cached)
+        self.hashes[seq_id] = [self.hash_of_block[b] for b in cached]
+        self.salts[seq_id] = salt
+        self.grow(seq_id, len(token_ids))
+        if self.prefix_caching:
+            self.queried_tokens += len(token_ids)
+            self.hit_tokens += len(cached) * self.block_size
+        return len(cached) * self.block_size
 
     def can_grow(self, seq_id: int, num_tokens: int) -> bool:
         return self.blocks_needed(num_tokens) - len(self.tables[seq_id]) <= self.num_free
@@ -68,24 +115,85 @@ class BlockManager:
         if missing <= 0:
             return
         assert missing <= self.num_free, "grow() without can_grow()"
-        new = [self.free_blocks.popleft() for _ in range(missing)]
+        new = [self._take_block() for _ in range(missing)]
         self.table_rows[self.rows[seq_id], len(table):len(table) + missing] = new
         table.extend(new)
 
+    def _take_block(self) -> int:
+        if self.free_blocks:
+            block = self.free_blocks.popleft()
+        else:  # evict the least recently released cached block
+            block = self._evict()
+        self.ref_counts[block] = 1
+        return block
+
+    def _evict(self) -> int:
+        block, _ = self.cached_free.popitem(last=False)
+        del self.block_of_hash[self.hash_of_block.pop(block)], self.tokens_of_block[block]
+        return block
+
+    def clear_cache(self) -> None:
+        """Forget every cached block that no sequence holds (a benchmark's cold start)."""
+        while self.cached_free:
+            self.free_blocks.append(self._evict())
+
+    def cache_computed(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+        """Name the sequence's full blocks whose tokens are all known and computed (`num_computed` of
+        `token_ids`), so that later sequences can share them. A block whose name another block holds already
+        (computed twice, by sequences admitted together) stays unnamed and returns to the plain free blocks."""
+        if not self.prefix_caching:
+            return
+        hashes = self.hashes[seq_id]
+        full = min(num_computed, len(token_ids)) // self.block_size
+        if full <= len(hashes):
+            return
+        table = self.tables[seq_id]
+        for h, tokens in block_hashes(token_ids[:full * self.block_size], self.block_size, self.salts[seq_id],
+                                      start=len(hashes), previous=hashes[-1] if hashes else None):
+            block = table[len(hashes)]
+            hashes.append(h)
+            if h not in self.block_of_hash:
+                self.block_of_hash[h], self.hash_of_block[block], self.tokens_of_block[block] = block, h, tokens
+
     def free(self, seq_id: int) -> None:
-        self.free_blocks.extend(self.tables.pop(seq_id, ()))
+        """Release a sequence's blocks; a named one stays cached until the pool needs it. The last block is
+        released first, so of one sequence's blocks the tail is evicted first and the shared head stays."""
+        for block in reversed(self.tables.pop(seq_id, ())):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                if block in self.hash_of_block:
+                    self.cached_free[block] = None
+                else:
+                    self.free_blocks.append(block)
+        self.hashes.pop(seq_id, None)
+        self.salts.pop(seq_id, None)
         if seq_id in self.rows:
             self.free_rows.append(self.rows.pop(seq_id))
 
     def check(self, owners: set[int]) -> None:
-        """Raise AssertionError unless every block and every table row is free (once) or held by exactly one of
-        `owners` (the live sequences that should hold blocks), and each row spells its sequence's table."""
-        assert set(self.tables) == owners, f"blocks held by {sorted(set(self.tables) ^ owners)}: not live, or lost"
-        assert set(self.rows) == owners, f"table rows held by {sorted(set(self.rows) ^ owners)}: not live, or lost"
-        held = [b for table in self.tables.values() for b in table]
-        everything = held + list(self.free_blocks)
-        assert len(everything) == len(set(everything)) == self.num_blocks and set(everything) == set(
-            range(self.num_blocks)), "a block is held twice, held and free, listed free twice, or lost"
+        """Raise AssertionError unless every block is either held (its reference count is the number of tables
+        that list it) or free exactly once (plain, or cached with a name), names and blocks map one to one, only
+        named blocks are shared, every table row is free (once) or held by exactly one of `owners` (the live
+        sequences that should hold blocks), and each row spells its sequence's table."""
+        for name, d in (("blocks", self.tables), ("table rows", self.rows), ("hashes", self.hashes)):
+            assert set(d) == owners, f"{name} held by {sorted(set(d) ^ owners)}: not live, or lost"
+        counts = [0] * self.num_blocks
+        for seq_id, table in self.tables.items():
+            assert len(table) == len(set(table)), f"sequence {seq_id} lists a block twice"
+            for block in table:
+                counts[block] += 1
+        assert counts == self.ref_counts, "a block's reference count is not the number of tables that hold it"
+        free = list(self.free_blocks) + list(self.cached_free)
+        assert len(free) == len(set(free)), "a block is listed free twice"
+        assert sorted(free) == [b for b in range(self.num_blocks) if counts[b] == 0], "a block is held and free, or lost"
+        assert all(b in self.hash_of_block for b in self.cached_free), "an unnamed block waits among the cached"
+        assert not any(b in self.hash_of_block for b in self.free_blocks), "a named block is among the plain free"
+        assert all(self.hash_of_block.get(b) == h for h, b in self.block_of_hash.items()) and \
+            len(self.block_of_hash) == len(self.hash_of_block) == len(self.tokens_of_block), "names and blocks differ"
+        assert all(counts[b] <= 1 or b in self.hash_of_block for b in range(self.num_blocks)), \
+            "an unnamed block is shared"
+        for seq_id, hashes in self.hashes.items():
+            assert len(hashes) <= len(self.tables[seq_id]), f"sequence {seq_id} names blocks it does not hold"
         rows = list(self.rows.values()) + self.free_rows
         assert len(rows) == len(set(rows)) == len(self.table_rows) and set(rows) == set(range(len(self.table_rows))), \
             "a table row is held twice, held and free, listed free twice, or lost"

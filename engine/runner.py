@@ -58,7 +58,8 @@ class ModelRunner:
     def __init__(self, model: GPT, device: torch.device, dtype: torch.dtype, block_size: int = 16,
                  num_blocks: int | None = None, kv_cache_gb: float = 2.0, gpu_memory_utilization: float = 0.9,
                  seed: int | None = None, attention: str = "reference", cuda_graphs: bool = False,
-                 max_batch: int = 128, max_step_tokens: int = 2048, vocab_size: int | None = None):
+                 max_batch: int = 128, max_step_tokens: int = 2048, vocab_size: int | None = None,
+                 prefix_caching: bool = True):
         self.device, self.dtype, self.attention = device, dtype, attention
         if device.type == "cuda":
             # cuDNN's attention builds a new plan for every new shape (tens of ms each); the reference path's
@@ -74,7 +75,7 @@ class ModelRunner:
         for i, block in enumerate(self.model.transformer.h):
             block.attn.k_cache, block.attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         self.table_width = -(-c.block_size // block_size)  # blocks of the longest context
-        self.block_manager = BlockManager(num_blocks, block_size, self.table_width)
+        self.block_manager = BlockManager(num_blocks, block_size, self.table_width, prefix_caching)
         self.sampler = Sampler(device, min(vocab_size or c.vocab_size, c.vocab_size), seed)
         self.max_batch = max_batch
         self.sampled = torch.zeros(max_batch, dtype=torch.int64, device=device)  # the last step's ids, by row

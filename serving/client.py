@@ -58,7 +58,7 @@ class EngineClient:
             self._submitted += 1
             self._unreceived.append(outstanding_work(inf))
             self._send(Submit(inf.id, inf.request_id, inf.prompt_ids, inf.params, inf.arrival_time,
-                              inf.stream is not None))
+                              inf.stream is not None, inf.cache_salt))
         return inf
 
     def abort(self, inf: Inference) -> None:
@@ -182,5 +182,5 @@ def end_stream_and_announce(inf: Inference, on_finish: list) -> None:
 def fail(inf: Inference, reason: str, error: str, on_finish: list) -> None:
     """End a request whose engine cannot (it is gone): what it was sent so far stands."""
     inf.take_result(Result(inf.id, reason, error, inf.output_ids, inf.logprobs, inf.text, inf.seed, None,
-                           inf.first_token_time, inf.token_times, time.perf_counter(), 0))
+                           inf.first_token_time, inf.token_times, time.perf_counter(), 0, inf.cached_tokens))
     end_stream_and_announce(inf, on_finish)

@@ -102,7 +102,7 @@ def main(address: str) -> None:
     info = {**info, "engine": spec.index, "engine-pid": os.getpid(), "engine-started": time.time(),
             "block-size": bm.block_size, "kv-blocks-total": bm.num_blocks}
     control.send(Started(info))
-    orphans = EngineMetrics(settings.served_model_name or settings.model, settings.policy)
+    orphans = EngineMetrics(settings.served_model_name or settings.model, settings.policy, settings.prefix_caching)
     gc.freeze()  # the model, torch and the graphs live as long as the engine: a full collection (tens of ms with
     # them in it, a gap in the steps) need not walk them
     EngineLoop(manager, stats, orphans, listener, control, info, settings.stream_interval_ms / 1000).run()
@@ -199,7 +199,7 @@ class EngineLoop:
             self.manager.abort(inf)
 
     def _submit(self, worker: _Worker, s: Submit) -> None:
-        inf = Inference("", s.prompt_ids, s.params, s.request_id)
+        inf = Inference("", s.prompt_ids, s.params, s.request_id, s.cache_salt)
         inf.arrival_time = s.arrival_time
         if s.stream:
             inf.stream = _Collector(inf, s.id, worker, self.stream_interval_s)

@@ -58,6 +58,7 @@ class Submit:
     params: SamplingParams
     arrival_time: float
     stream: bool
+    cache_salt: str | None
 
 
 @dataclass

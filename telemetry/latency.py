@@ -22,6 +22,7 @@ class RequestRecord:
     prompt_tokens: int | None = None  # None where the client sent text and the server did not say
     output_tokens: int = 0
     requested_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the server's prefix cache
     token_times: list[float] = field(default_factory=list)  # when each output token was produced (for ITL)
     # When the last token was produced, where a client learns it apart from finish: a plain (not streamed) answer
     # says, in its server-measured latency. None: at finish.

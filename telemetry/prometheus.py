@@ -2,7 +2,9 @@
 Grafana dashboards and alerts work unchanged; our extra `policy` label says which batching policy served.
 
 Requests are accounted when they finish (an `on_finish` callback: the thread that hands a worker its results):
-tokens, preemptions, success by finish reason (stop, length, abort, error), and the latency and length
+tokens, preemptions, prefix-cache queries and hits (in prompt tokens, as vLLM counts them, once a request has
+been admitted; only while prefix caching is on), success by finish reason (stop, length, abort, error), and the
+latency and length
 histograms of completed (stop or length) requests. Gauges (running, waiting, KV-cache usage) are sampled from
 the engine's load once a second, and again when this worker serves a scrape.
 
@@ -41,6 +43,8 @@ KV_USAGE = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 0-1 (1 = every blo
 PREEMPTIONS = Counter("vllm:num_preemptions", "Sequences preempted (blocks freed, recomputed later)", LABELS)
 PROMPT_TOKENS = Counter("vllm:prompt_tokens", "Prompt tokens prefilled", LABELS)
 GENERATION_TOKENS = Counter("vllm:generation_tokens", "Tokens generated", LABELS)
+PREFIX_QUERIES = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", LABELS)
+PREFIX_HITS = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", LABELS)
 SUCCESS = Counter("vllm:request_success", "Finished requests by finish reason", LABELS + ("finished_reason",))
 TTFT = Histogram("vllm:time_to_first_token_seconds", "Arrival to first token", LABELS, buckets=TTFT_BUCKETS)
 ITL = Histogram("vllm:inter_token_latency_seconds", "Time between consecutive tokens", LABELS,
@@ -57,9 +61,11 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 class EngineMetrics:
     """This worker's engine, as Prometheus sees it."""
 
-    def __init__(self, model_name: str, policy: str):
+    def __init__(self, model_name: str, policy: str, prefix_caching: bool = True):
         labels = dict(model_name=model_name, policy=policy)
         self.labels = labels
+        self.prefix_caching = prefix_caching
+        self.prefix_queries, self.prefix_hits = PREFIX_QUERIES.labels(**labels), PREFIX_HITS.labels(**labels)
         self.preemptions = PREEMPTIONS.labels(**labels)
         self.prompt_tokens, self.generation_tokens = PROMPT_TOKENS.labels(**labels), GENERATION_TOKENS.labels(**labels)
         self.success = {r: SUCCESS.labels(**labels, finished_reason=r) for r in FINISH_REASONS}  # all 4 from the start
@@ -73,6 +79,9 @@ class EngineMetrics:
         self.preemptions.inc(inf.num_preemptions)  # counted when the request ends, by the worker that served it
         if inf.first_token_time is not None:
             self.prompt_tokens.inc(len(inf.prompt_ids))
+        if self.prefix_caching and inf.scheduled_time is not None:
+            self.prefix_queries.inc(len(inf.prompt_ids))
+            self.prefix_hits.inc(inf.cached_tokens)
         self.generation_tokens.inc(len(inf.token_times))
         if inf.finish_reason not in ("stop", "length"):
             return

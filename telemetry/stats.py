@@ -80,7 +80,7 @@ class ServerStats:
         """Account one finished Inference (engine thread)."""
         rec = RequestRecord(arrival=inf.arrival_time, first_token=inf.first_token_time, finish=inf.finish_time,
                             prompt_tokens=len(inf.prompt_ids), output_tokens=len(inf.token_times),
-                            requested_tokens=inf.params.max_tokens)
+                            requested_tokens=inf.params.max_tokens, cached_tokens=inf.cached_tokens)
         with self._lock:
             self._lifetime.add(inf.finish_reason, rec)
             self._recent.append((inf.finish_reason, rec))
@@ -125,6 +125,8 @@ class ServerStats:
             totals = {**window.figures(), "since": since}
         completed = [rec for reason, rec in recent if reason not in FAILED]
         busy = busy_seconds([(r.arrival, r.finish) for r in completed])
+        prefilled = [rec for _, rec in recent if rec.first_token is not None]
+        queried, hits = sum(r.prompt_tokens for r in prefilled), sum(r.cached_tokens for r in prefilled)
         return {
             **totals,
             "wall-clock-throughput": sum(r.output_tokens for r in completed) / busy if busy else 0.0,
@@ -132,6 +134,8 @@ class ServerStats:
             "ttft": distribution([r.ttft for r in completed if r.ttft is not None]),
             "tpot": distribution([r.tpot for r in completed if r.tpot is not None]),
             "e2e-latency": distribution([r.e2e for r in completed]),
+            # prompt tokens whose KV came from the prefix cache, of the requests that got a token
+            "prefix-cache": {"queried-tokens": queried, "hit-tokens": hits, "hit-rate": hits / queried if queried else 0.0},
             "server-time": time.perf_counter(),  # the clock of arrivals: a later ?since= starts here
         }
 

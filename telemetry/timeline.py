@@ -5,7 +5,8 @@ runs count from the end of that one), its prefill and decode tokens, the tokens 
 waiting counts and KV-cache usage it ran with. Per request: the phases it went through, each with the time it
 began -- waiting, prefill, decoding, preempted (waiting again, its blocks freed), prefill (recomputing), decoding,
 finished -- and its prefill chunks (step, tokens). Its admission is its first prefill, its first token its first
-decoding.
+decoding. With prefix caching, the prompt tokens found in the cache at its first admission (`cached_tokens`); a
+step counts the cached tokens of the requests whose prefill began in it (their first chunk follows that prefix).
 
 Bounded: ring buffers of the last STEPS_KEPT steps and of the REQUESTS_KEPT requests that changed last, so a
 server that runs for weeks holds a few MB here. Cheap: only the engine thread writes, one short lock per call; a
@@ -25,14 +26,14 @@ REQUESTS_KEPT = 2048  # more than MAX_BATCH + MAX_WAITING (128 + 1024): every re
 
 WAITING, PREFILL, DECODING, PREEMPTED, FINISHED = "waiting", "prefill", "decoding", "preempted", "finished"
 STEP_FIELDS = ("step", "start", "duration", "prefill_tokens", "decode_tokens", "sampled", "running", "waiting",
-               "kv_usage")
+               "kv_usage", "cached_tokens")
 
 
 class RequestTrack:
     """One request's schedule. Written by the engine thread under the Timeline's lock."""
 
     __slots__ = ("id", "request_id", "prompt_tokens", "max_tokens", "phases", "chunks", "preemptions",
-                 "finish_reason", "output_tokens", "changed_at")
+                 "finish_reason", "output_tokens", "changed_at", "cached_tokens", "cached_now")
 
     def __init__(self, inf):
         self.id = inf.id
@@ -45,16 +46,19 @@ class RequestTrack:
         self.finish_reason: str | None = None
         self.output_tokens: int | None = None
         self.changed_at = 0  # the step during (or before) which this record last changed
+        self.cached_tokens: int | None = None  # found in the prefix cache at its first admission
+        self.cached_now: int | None = None  # at its latest admission, until its first chunk's step counts them
 
     def frozen(self) -> tuple:
         """Its fields, copied so that a reader formats them outside the lock while the engine goes on."""
         return (self.id, self.request_id, self.prompt_tokens, self.max_tokens, tuple(self.phases), tuple(self.chunks),
-                self.preemptions, self.finish_reason, self.output_tokens)
+                self.preemptions, self.finish_reason, self.output_tokens, self.cached_tokens)
 
 
 def request_json(frozen: tuple, origin: float) -> dict:
     """A request's record in /timeline: its fields, and the times of its admission, first token and finish."""
-    id_, request_id, prompt_tokens, max_tokens, phases, chunks, preemptions, finish_reason, output_tokens = frozen
+    (id_, request_id, prompt_tokens, max_tokens, phases, chunks, preemptions, finish_reason, output_tokens,
+     cached_tokens) = frozen
 
     def began(phase: str) -> float | None:
         return next((round(t - origin, 6) for t, p in phases if p == phase), None)
@@ -63,7 +67,7 @@ def request_json(frozen: tuple, origin: float) -> dict:
             "arrival": round(phases[0][0] - origin, 6), "admitted": began(PREFILL), "first_token": began(DECODING),
             "finish": began(FINISHED), "finish_reason": finish_reason, "output_tokens": output_tokens,
             "preemptions": preemptions, "phases": [[round(t - origin, 6), p] for t, p in phases],
-            "prefill_chunks": [list(c) for c in chunks]}
+            "prefill_chunks": [list(c) for c in chunks], "cached_tokens": cached_tokens}
 
 
 class Timeline:
@@ -88,12 +92,16 @@ class Timeline:
             for inf in infs:
                 self._track(inf)
 
-    def admitted(self, inf) -> None:
-        """Admitted, or resumed after a preemption: its tokens are prefilled (again) from now on."""
+    def admitted(self, inf, cached_tokens: int = 0) -> None:
+        """Admitted, or resumed after a preemption: its tokens after the first `cached_tokens` (found in the prefix
+        cache) are prefilled (again) from now on."""
         now = time.perf_counter()
         with self._lock:
             track = self._track(inf)
             track.phases.append((now, PREFILL))
+            if track.cached_tokens is None:
+                track.cached_tokens = cached_tokens
+            track.cached_now = cached_tokens
             self._prefilling[inf.id] = track
 
     def preempted(self, inf) -> None:
@@ -110,11 +118,11 @@ class Timeline:
         are decodes of one token each. Readers see the step once it is closed (`step_closed`)."""
         with self._lock:
             step = self.num_steps + 1
-            prefill_tokens = prefill_rows = 0
+            prefill_tokens = prefill_rows = cached_tokens = 0
             if self._prefilling:  # else the plan is not visited: a step of decodes costs the same at any batch
-                prefill_tokens, prefill_rows = self._prefill_chunks(step, plan, sampled, end)
+                prefill_tokens, prefill_rows, cached_tokens = self._prefill_chunks(step, plan, sampled, end)
             self._open_step = (step, start, end - start, prefill_tokens, len(plan) - prefill_rows, len(sampled),
-                               len(scheduler.running), scheduler.num_waiting, blocks.usage)
+                               len(scheduler.running), scheduler.num_waiting, blocks.usage, cached_tokens)
 
     def step_closed(self) -> None:
         """The step's sequences have taken their tokens, and those that ended have finished: readers see the step
@@ -123,20 +131,24 @@ class Timeline:
             self._steps.append(self._open_step)
             self.num_steps = self._open_step[0]
 
-    def _prefill_chunks(self, step: int, plan: list, sampled: dict, end: float) -> tuple[int, int]:
-        """Record the chunks of requests in prefill; returns their tokens and how many requests had one."""
-        tokens = rows = 0
+    def _prefill_chunks(self, step: int, plan: list, sampled: dict, end: float) -> tuple[int, int, int]:
+        """Record the chunks of requests in prefill; returns their tokens, how many requests had one, and the
+        cached tokens of those whose prefill began here."""
+        tokens = rows = cached = 0
         for inf, n in plan:
             track = self._prefilling.get(inf.id)
             if track is None:
                 continue
             tokens, rows = tokens + n, rows + 1
             track.chunks.append((step, n))
+            if track.cached_now is not None:
+                cached += track.cached_now
+                track.cached_now = None
             if inf.id in sampled:  # its last chunk: the step ended with its next token
                 track.phases.append((end, DECODING))
                 del self._prefilling[inf.id]
             self._touch(track)
-        return tokens, rows
+        return tokens, rows, cached
 
     def finished(self, inf) -> None:
         with self._lock:
@@ -177,7 +189,7 @@ class Timeline:
             first_step = self._steps[0][0] if self._steps else last + 1
         requests = [request_json(track, self.origin) for track in reversed(tracks)]  # least recently changed first
         origin = self.origin
-        steps = [dict(zip(STEP_FIELDS, (s[0], round(s[1] - origin, 6), round(s[2], 6), *s[3:8], round(s[8], 4))))
+        steps = [dict(zip(STEP_FIELDS, (s[0], round(s[1] - origin, 6), round(s[2], 6), *s[3:8], round(s[8], 4), s[9])))
                  for s in new_steps]
         return {"origin_unix": self.origin_unix, "now": round(now - origin, 6), "step": last, "since": since,
                 "first_step": first_step, "steps_kept": self.steps_kept, "requests_kept": self.requests_kept,

@@ -99,7 +99,7 @@ def decode_plan(runner: ModelRunner, n: int, ctx: int, seed: int = 0):
     seqs = [DecodingSequence(i, [rng.randrange(50257) for _ in range(ctx + i)], ctx + i - 1,
                              SamplingParams(temperature=0)) for i in range(n)]
     for s in seqs:
-        runner.block_manager.allocate(s.id, len(s.token_ids))
+        runner.block_manager.allocate(s.id, s.token_ids)
     return seqs
 
 

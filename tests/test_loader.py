@@ -17,7 +17,7 @@ def prefill_logits(gpt: GPT, ids: list[int], device: str = "cpu", dtype: torch.d
     runner = ModelRunner(gpt, torch.device(device), dtype, block_size=4, num_blocks=64, attention=attention)
     bm = runner.block_manager
     n = len(ids)
-    bm.allocate(0, n)
+    bm.allocate(0, ids)
     step = pack_step(np.array([n]), np.array([n]), bm.table_array([0], bm.blocks_needed(n)), bm.block_size)
     rows = np.arange(n)
     with torch.inference_mode():

@@ -95,7 +95,7 @@ def test_histograms_time_each_request_from_its_arrival():
     metrics = EngineMetrics("known-timestamps", "dynamic")
     metrics.record(SimpleNamespace(arrival_time=10.0, scheduled_time=10.5, first_token_time=12.0,
                                    token_times=[12.0, 12.5, 13.5], finish_time=13.5, prompt_ids=[1, 2, 3],
-                                   num_preemptions=0, finish_reason="length"))
+                                   num_preemptions=0, finish_reason="length", cached_tokens=2))
     labels = {"model_name": "known-timestamps", "policy": "dynamic"}
 
     def sample(name: str) -> float:
@@ -106,6 +106,7 @@ def test_histograms_time_each_request_from_its_arrival():
     assert sample("request_queue_time_seconds_sum") == 0.5
     assert (sample("inter_token_latency_seconds_sum"), sample("inter_token_latency_seconds_count")) == (1.5, 2)
     assert sample("request_generation_tokens_sum") == 3 and sample("request_prompt_tokens_sum") == 3
+    assert (sample("prefix_cache_queries_total"), sample("prefix_cache_hits_total")) == (3, 2)
 
 
 def stale_counter(directory: str) -> None:

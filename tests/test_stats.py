@@ -10,11 +10,13 @@ from telemetry import stats as stats_module
 from telemetry.stats import RECENT, ServerStats
 
 
-def finished(arrival: float, latency: float, num_tokens: int, reason: str = "length") -> SimpleNamespace:
+def finished(arrival: float, latency: float, num_tokens: int, reason: str = "length",
+             cached_tokens: int = 0) -> SimpleNamespace:
     """What ServerStats reads of a finished Inference."""
     return SimpleNamespace(arrival_time=arrival, first_token_time=arrival + latency / 2, finish_time=arrival + latency,
-                           prompt_ids=[1, 2], token_times=[arrival + latency] * num_tokens,
-                           params=SimpleNamespace(max_tokens=num_tokens), finish_reason=reason)
+                           prompt_ids=[1, 2, 3, 4], token_times=[arrival + latency] * num_tokens,
+                           params=SimpleNamespace(max_tokens=num_tokens), finish_reason=reason,
+                           cached_tokens=cached_tokens)
 
 
 def read_csv(path: str) -> list[dict]:
@@ -86,3 +88,12 @@ def test_memory_stays_bounded_however_many_requests_finish():
     grown = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert grown < 100_000  # bytes: one latency kept per request would be over 1 MB here
+
+
+def test_prefix_cache_hit_rate_is_over_the_window():
+    stats = ServerStats("dynamic")
+    stats.record(finished(0.0, 1.0, 4, cached_tokens=0))
+    stats.record(finished(5.0, 1.0, 4, cached_tokens=4))
+    stats.record(finished(6.0, 1.0, 4, cached_tokens=2))
+    assert stats.snapshot()["prefix-cache"] == {"queried-tokens": 12, "hit-tokens": 6, "hit-rate": 0.5}
+    assert stats.snapshot(since=5.0)["prefix-cache"] == {"queried-tokens": 8, "hit-tokens": 6, "hit-rate": 0.75}
