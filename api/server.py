@@ -140,7 +140,8 @@ def start_engine(settings: Settings | None = None) -> Server:
     if engines.owner != os.getpid():
         engines.forget()  # the master's connections: an engine must see them close when the master goes
     get_tokenizer()  # a second or two, while the engines load: before this worker serves, not in its first burst
-    router = Router([(p.address, p.authkey) for p in engines.processes], s.max_waiting, s.data_dir)
+    router = Router([(p.address, p.authkey) for p in engines.processes], s.max_waiting, s.data_dir,
+                    slack_tokens=s.routing_slack_tokens)
     serve(s, router, {k: v for k, v in router.info.items() if k not in ("block-size", "kv-blocks-total")})
     gc.freeze()  # what is loaded now lives as long as the worker: a full collection need not walk it
     log.info("serving %s with policy %s on %d engine(s)", s.model, s.policy, router.info["engines"])

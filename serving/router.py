@@ -3,7 +3,11 @@ per GPU (serving/master.py), all reached from every worker.
 
 Each request goes to the engine with the least outstanding work: the prompt tokens it has still to prefill and
 the tokens it has still to generate, as the engine last said (at least every HEARTBEAT_S while it runs), plus what
-this worker sent it since (`pick`). An engine that dies takes down only its own requests: one that has sent
+this worker sent it since (`pick`) -- unless another engine likely holds the prompt's first blocks in its prefix
+cache and is not much busier: the request goes there and its cached prefix is not computed again. Which engine
+holds what is this worker's guess (`PrefixIndex`: where it sent each block last), as SGLang's router guesses
+from its own radix tree: other workers send too and engines evict, so a guess can miss, which costs only the
+prefill the cache would have saved. An engine that dies takes down only its own requests: one that has sent
 nothing to its client yet (no streamed text) is resubmitted to another engine, the rest end with an error; the
 master starts a new engine on the same address, and a thread of this worker's connects to it again.
 """
@@ -11,14 +15,47 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 
 from batching import Inference, Limits
+from engine.prefix import block_hashes, cacheable_blocks, salt_key
 from serving.client import EngineClient, fail
 from telemetry.stats import ServerStats
 
 log = logging.getLogger("effective-batching")
 
 RECONNECT_S = 0.5
+
+
+class PrefixIndex:
+    """Which engine this worker last sent each prompt block to (by the block's name, engine/prefix.py): a guess
+    at what each engine's prefix cache holds, bounded like the engines' KV pools."""
+
+    def __init__(self, block_size: int, capacity: int):
+        self.block_size, self.capacity = block_size, capacity
+        self._engine_of: OrderedDict[int, int] = OrderedDict()  # block name -> engine index, least recent first
+
+    def names(self, inf: Inference) -> list[int]:
+        """The names of the prompt's blocks that a cache could supply."""
+        ids = inf.prompt_ids[:cacheable_blocks(len(inf.prompt_ids), self.block_size) * self.block_size]
+        return [h for h, _ in block_hashes(ids, self.block_size, salt_key(inf.cache_salt))]
+
+    def longest(self, names: list[int]) -> tuple[int | None, int]:
+        """The engine that was sent the longest run of these blocks from the first, and how many."""
+        engine = self._engine_of.get(names[0]) if names else None
+        if engine is None:
+            return None, 0
+        run = 1
+        while run < len(names) and self._engine_of.get(names[run]) == engine:
+            run += 1
+        return engine, run
+
+    def sent(self, names: list[int], engine: int) -> None:
+        for name in names:
+            self._engine_of[name] = engine
+            self._engine_of.move_to_end(name)
+        while len(self._engine_of) > self.capacity:
+            self._engine_of.popitem(last=False)
 
 
 class NoEngine(RuntimeError):
@@ -28,11 +65,14 @@ class NoEngine(RuntimeError):
 class Router:
 
     def __init__(self, addresses: list[tuple[str, bytes]], max_waiting: int, data_dir: str,
-                 connect_timeout_s: float = math.inf):
+                 connect_timeout_s: float = math.inf, slack_tokens: int = 2048):
         """Connects to every engine, waiting for those that do not serve yet (a server's engines load their model
         meanwhile; a worker forked while one restarts waits for it): a worker serves once it reaches them all.
-        After connect_timeout_s it goes on with those it reached, and connects to the others once they serve."""
+        After connect_timeout_s it goes on with those it reached, and connects to the others once they serve.
+        slack_tokens: how much more outstanding work than the least busy engine the engine that likely caches a
+        request's prompt may have and still be sent it (ROUTING_SLACK_TOKENS)."""
         self.addresses = addresses
+        self.slack_tokens = slack_tokens
         self.on_finish: list = [self._forget]  # then this process's own callbacks (metrics)
         self.clients: list[EngineClient | None] = [None] * len(addresses)
         deadline = time.monotonic() + connect_timeout_s
@@ -48,6 +88,8 @@ class Router:
             self.info.pop(key, None)
         self.limits = Limits(self.info["max-context"], self.info["block-size"], self.info["kv-blocks-total"],
                              max_waiting)
+        self.prefixes = PrefixIndex(self.info["block-size"], self.info["kv-blocks-total"] * len(addresses)) \
+            if self.info.get("prefix-caching") and len(addresses) > 1 else None
         self.data_dir = data_dir
         self._lock = threading.Lock()
         self._where: dict[int, EngineClient] = {}  # Inference.id -> the engine it runs on
@@ -62,9 +104,21 @@ class Router:
         return client.enqueue(inf)
 
     def pick(self, inf: Inference) -> EngineClient:
-        """The engine for a request: the one with the least outstanding work. (Prefix-aware routing belongs here:
-        the engine that holds the prompt's first blocks, unless it is much busier than the least busy.)"""
-        return min(self._live(), key=lambda c: c.load()["outstanding-tokens"])
+        """The engine for a request: the one likely to hold the longest cached prefix of its prompt, unless that
+        one has more than slack_tokens more outstanding work than the least busy engine, which takes it then."""
+        live = self._live()
+        outstanding = {c.index: c.load()["outstanding-tokens"] for c in live}
+        chosen = min(live, key=lambda c: outstanding[c.index])
+        if self.prefixes is None:
+            return chosen
+        with self._lock:
+            names = self.prefixes.names(inf)
+            engine, blocks = self.prefixes.longest(names)
+            if blocks and engine in outstanding and \
+                    outstanding[engine] - outstanding[chosen.index] <= self.slack_tokens:
+                chosen = next(c for c in live if c.index == engine)
+            self.prefixes.sent(names, chosen.index)
+        return chosen
 
     def _forget(self, inf: Inference) -> None:
         with self._lock:

@@ -1,14 +1,20 @@
 """Prefix caching: the block manager's bookkeeping (names, reference counts, LRU eviction, salts), and the floor:
 requests that start from cached blocks -- shared with running requests or left by finished ones, after chunked
 prefill, a preemption, with overlapped steps or the Triton kernels -- still get HF's greedy tokens."""
+import concurrent.futures
 import random
+import time
 
 import pytest
+import requests
 
-from conftest import assert_nothing_leaked, make_manager, request, run_until_idle
+from batching import Inference
+from conftest import assert_nothing_leaked, make_manager, request, run_until_idle, running_server
 from engine import prefix
 from engine.kv_cache import BlockManager
+from engine.params import SamplingParams
 from engine.prefix import salt_key
+from serving.router import PrefixIndex
 from test_oracle import OVERLAP, hf_greedy
 
 BS = 4  # block size of these tests
@@ -185,3 +191,73 @@ def test_prefix_caching_off_gives_the_same_tokens_and_no_hits(tiny_model_dir, sh
     manager.runner.block_manager.prefix_caching = False
     reqs = run_in_waves(manager, work, waves=3)
     assert [r.output_ids for r in reqs] == want and all(r.cached_tokens == 0 for r in reqs)
+
+
+# ---- over HTTP: a real server (its engine in a process of its own) ----
+
+def test_a_server_reports_cached_tokens_and_keeps_salted_requests_apart(tiny_model_dir):
+    prompt = list(range(1000, 1040))  # 40 tokens: 2 full blocks of 16 can be shared
+    with running_server("dynamic", tiny_model_dir) as url:
+        def complete(**body) -> dict:
+            r = requests.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": 3, "temperature": 0, **body}, timeout=60)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        cold, warm = complete(), complete()
+        assert cold["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert warm["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+        assert warm["choices"][0]["text"] == cold["choices"][0]["text"]
+        assert complete(cache_salt="tenant-a")["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert complete(cache_salt="tenant-b")["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert complete(cache_salt="tenant-a")["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+        text = " ".join(["the same system prompt"] * 12)
+        answers = [requests.post(url + "/inference", json={"prompt": text, "num_tokens": 2}, timeout=60).json()
+                   for _ in range(2)]
+        assert answers[0]["cached_tokens"] == 0 and answers[1]["cached_tokens"] > 0
+        bad = requests.post(url + "/inference", json={"prompt": "x", "num_tokens": 1, "cache_salt": ""}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
+        metrics = requests.get(url + "/metrics", timeout=30).text
+        hits = sum(float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("vllm:prefix_cache_hits_total{"))
+        assert hits == 32 * 2 + answers[1]["cached_tokens"]
+        stats = requests.get(url + "/stats", timeout=30).json()
+        assert stats["prefix-cache"]["hit-tokens"] == hits and 0 < stats["prefix-cache"]["hit-rate"] < 1
+        timeline = requests.get(url + "/timeline", timeout=30).json()
+        assert sum(s["cached_tokens"] for s in timeline["steps"]) == hits
+        assert sorted(r["cached_tokens"] for r in timeline["requests"])[-1] == 32
+
+
+def test_the_prefix_index_remembers_where_each_chain_of_blocks_went():
+    index = PrefixIndex(block_size=4, capacity=6)
+    a, b = Inference("", list(range(13)), SamplingParams()), Inference("", list(range(9)) + [50] * 4, SamplingParams())
+    assert len(index.names(a)) == 3 and index.longest(index.names(a)) == (None, 0)
+    index.sent(index.names(a), engine=1)
+    assert index.longest(index.names(a)) == (1, 3)
+    assert index.longest(index.names(b)) == (1, 2)  # the first two blocks are a's
+    salted = Inference("", list(range(13)), SamplingParams(), cache_salt="x")
+    assert index.longest(index.names(salted)) == (None, 0)
+    index.sent(index.names(b), engine=0)
+    assert index.longest(index.names(a)) == (0, 2)  # its first blocks went to engine 0 last
+    index.sent(index.names(salted), engine=1)  # 3 more names: the least recently sent are forgotten
+    assert len(index._engine_of) == 6
+
+
+def test_two_engines_send_a_cached_prompt_where_its_blocks_are_until_that_engine_is_much_busier(tiny_model_dir):
+    """A prompt served by engine 0 goes back to it (a hit) while engine 0 has at most ROUTING_SLACK_TOKENS (300)
+    more outstanding work than idle engine 1; past that, to engine 1 (a miss: its cache never saw the prompt)."""
+    prompt = list(range(2000, 2040))
+
+    def cached_tokens(url: str, n: int) -> int:
+        r = requests.post(url + "/v1/completions", json={"prompt": prompt, "max_tokens": n, "temperature": 0},
+                          timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    with running_server("dynamic", tiny_model_dir, ENGINES=2, WORKERS=1, ROUTING_SLACK_TOKENS=300) as url, \
+            concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert cached_tokens(url, 2) == 0  # both idle: engine 0
+        # 40 + 200 tokens of work each: engine 0 takes the first two, and is then about 480 tokens ahead
+        busy = [pool.submit(cached_tokens, url, 200) for _ in range(2)]
+        time.sleep(0.05)  # (both sent)
+        assert cached_tokens(url, 2) == 0  # engine 1
+        assert [f.result() for f in busy] == [32, 32]
