@@ -599,11 +599,10 @@ class BatchingManager:
             self._step_failed(plan, e)
             return None
         sampling = set(launched.ids)
-        blocks = self.runner.block_manager
         for seq, n in plan:
             seq.num_computed += n
             seq.num_pending += seq.id in sampling
-            blocks.cache_computed(seq.id, seq.token_ids, seq.num_computed)
+        self.runner.block_manager.cache_computed([seq for seq, _ in plan])
         return _Launched(plan, launched, started)
 
     def _read(self, step: _Launched) -> None:

@@ -137,17 +137,22 @@ class BlockManager:
         while self.cached_free:
             self.free_blocks.append(self._evict())
 
-    def cache_computed(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
-        """Name the sequence's full blocks whose tokens are all known and computed (`num_computed` of
-        `token_ids`), so that later sequences can share them. A block whose name another block holds already
-        (computed twice, by sequences admitted together) stays unnamed and returns to the plain free blocks."""
+    def cache_computed(self, seqs: list) -> None:
+        """Name each sequence's full blocks whose tokens are all known and computed (of its `token_ids`, the first
+        `num_computed`), so that later sequences can share them. Called for every sequence of every step: one
+        call, and a comparison for each sequence that fills no block."""
         if not self.prefix_caching:
             return
-        hashes = self.hashes[seq_id]
-        full = min(num_computed, len(token_ids)) // self.block_size
-        if full <= len(hashes):
-            return
-        table = self.tables[seq_id]
+        hashes, bs = self.hashes, self.block_size
+        for seq in seqs:
+            full = min(seq.num_computed, len(seq.token_ids)) // bs
+            if full > len(hashes[seq.id]):
+                self._name_blocks(seq.id, seq.token_ids, full)
+
+    def _name_blocks(self, seq_id: int, token_ids: list[int], full: int) -> None:
+        """Name the sequence's blocks up to its `full`-th. A block whose name another block holds already
+        (computed twice, by sequences admitted together) stays unnamed and returns to the plain free blocks."""
+        hashes, table = self.hashes[seq_id], self.tables[seq_id]
         for h, tokens in block_hashes(token_ids[:full * self.block_size], self.block_size, self.salts[seq_id],
                                       start=len(hashes), previous=hashes[-1] if hashes else None):
             block = table[len(hashes)]

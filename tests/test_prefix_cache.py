@@ -4,6 +4,7 @@ prefill, a preemption, with overlapped steps or the Triton kernels -- still get 
 import concurrent.futures
 import random
 import time
+from dataclasses import dataclass
 
 import pytest
 import requests
@@ -20,10 +21,18 @@ from test_oracle import OVERLAP, hf_greedy
 BS = 4  # block size of these tests
 
 
+@dataclass
+class Computed:
+    """A sequence as cache_computed reads it."""
+    id: int
+    token_ids: list[int]
+    num_computed: int
+
+
 def computed(bm: BlockManager, seq_id: int, tokens: list[int]) -> int:
     """Allocate a sequence and name its blocks as if a step had computed all its tokens; its cached tokens."""
     cached = bm.allocate(seq_id, tokens)
-    bm.cache_computed(seq_id, tokens, len(tokens))
+    bm.cache_computed([Computed(seq_id, tokens, len(tokens))])
     bm.check(set(bm.tables))
     return cached
 
@@ -50,7 +59,7 @@ def test_different_salts_never_share_and_equal_salts_do():
     bm = BlockManager(16, BS)
     tokens = list(range(9))
     assert bm.allocate(0, tokens, salt_key("tenant-a")) == 0
-    bm.cache_computed(0, tokens, 9)
+    bm.cache_computed([Computed(0, tokens, 9)])
     assert bm.allocate(1, tokens) == 0
     assert bm.allocate(2, tokens, salt_key("tenant-b")) == 0
     assert bm.allocate(3, tokens, salt_key("tenant-a")) == 8
