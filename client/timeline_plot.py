@@ -3,10 +3,14 @@ each server's GET /timeline (saved by experiment.py as `timeline_<policy>.json`:
 records, in engine order; a file of a single record, as older runs saved, is a server of one engine).
 
 In a panel a row is a request, in arrival order from the top: grey while it waits, orange while its prompt is
-prefilled, blue while it decodes; a black mark where it finishes, a red one where it is preempted. Above the rows,
-how many requests ran (blue) and waited (grey line) at each step. A server of several engines gets a lane (counts
-and rows) per engine in its panel, each engine's requests in its own lane. Time 0 is the first request's arrival
-on each server. No batching draws a staircase, static batching convoys, dynamic batching continuous admission.
+prefilled, blue while it decodes; a black mark where it finishes, a red one where it is preempted. A green
+triangle at its admission says that part of its prompt was found in the prefix cache: those tokens took no time, so
+they have no width, and its orange bar is the rest of the prompt. Above the rows, how many requests ran (blue) and
+waited (grey line) at each step; the lane's title on the right gives the share of prompt tokens that came from the
+prefix cache (none where nothing did, as in records from before prefix caching, which have no cached_tokens). A
+server of several engines gets a lane (counts and rows) per engine in its panel, each engine's requests in its own
+lane. Time 0 is the first request's arrival on each server. No batching draws a staircase, static batching
+convoys, dynamic batching continuous admission.
 
     python client/timeline_plot.py results        # -> results/timeline.png/.pdf from results/timeline_*.json
 """
@@ -29,7 +33,8 @@ from client.plot import label_and_color, ordered  # noqa: E402
 
 # the live page's colours (static/live.css)
 PHASE_COLORS = {"waiting": "#c9c9c9", "preempted": "#c9c9c9", "prefill": "#f28e2b", "decoding": "#4e79a7"}
-FINISHED_COLOR, PREEMPTED_COLOR, WAITING_LINE = "#222222", "#d62728", "#7f7f7f"
+FINISHED_COLOR, PREEMPTED_COLOR, WAITING_LINE, CACHE_HIT_COLOR = "#222222", "#d62728", "#7f7f7f", "#2ca02c"
+CACHE_HITS = "prefix-cache hits"  # the gid of a lane's hit marks (tests find them by it)
 IDLE_GAP_S = 0.25  # a pause this long between two steps is drawn as idle (no running, no waiting)
 POLICY_RULES = {"nobatch": "one request at a time",
                 "static": "a batch forms when nothing runs; nothing joins until its longest member is done",
@@ -83,8 +88,28 @@ def draw_counts(ax: plt.Axes, timeline: dict, t0: float) -> None:
     ax.tick_params(labelsize=8)
 
 
+def cache_share(steps: list[dict]) -> float | None:
+    """The share of prompt tokens found in the prefix cache (cached / (cached + computed)) over the steps; None if
+    none was, as in records from before prefix caching."""
+    cached = sum(s.get("cached_tokens", 0) for s in steps)
+    return cached / (cached + sum(s["prefill_tokens"] for s in steps)) if cached else None
+
+
+def has_cache_hits(requests: list[dict]) -> bool:
+    return any(r.get("cached_tokens") for r in requests)  # older records have none: no hits
+
+
+def draw_cache_hits(ax: plt.Axes, requests: list[dict], t0: float) -> None:
+    """A triangle at the admission of each request that found part of its prompt in the prefix cache: a point, not
+    a bar, since the cached tokens took no time."""
+    hits = [(r["admitted"] - t0, row) for row, r in enumerate(requests) if r.get("cached_tokens")]
+    if hits:
+        times, rows = zip(*hits)
+        ax.scatter(times, rows, marker=">", s=20, color=CACHE_HIT_COLOR, linewidths=0, zorder=3, gid=CACHE_HITS)
+
+
 def draw_rows(ax: plt.Axes, timeline: dict, t0: float) -> None:
-    """A row per request: its phases as bars, marks where it finished or was preempted."""
+    """A row per request: its phases as bars, marks where it finished or was preempted or found cached tokens."""
     requests = sorted(timeline.get("requests", []), key=lambda r: (r["arrival"], r["id"]))
     segments, marks = [], []  # (row, start, width, colour), (row, time, colour)
     for row, r in enumerate(requests):
@@ -102,6 +127,7 @@ def draw_rows(ax: plt.Axes, timeline: dict, t0: float) -> None:
     if marks:
         rows, times, colors = zip(*marks)
         ax.vlines(times, np.subtract(rows, 0.45), np.add(rows, 0.45), colors=colors, linewidth=1.2)
+    draw_cache_hits(ax, requests, t0)
     if requests:
         ax.set_ylim(len(requests) - 0.5, -0.5)  # the first arrival on top
     else:
@@ -131,7 +157,30 @@ def lanes_of(timelines: dict[str, dict | list[dict]]) -> list[Lane]:
     return lanes
 
 
+def lane_note(lane: Lane, several: bool) -> str:
+    """The right-hand title of a lane: its engine where the server has several, its prefix-cache share if any."""
+    share = cache_share(lane.record.get("steps", []))
+    notes = [f"engine {lane.engine}"] if several else []
+    notes += [f"{share:.0%} of prompt tokens from the prefix cache"] if share is not None else []
+    return " · ".join(notes)
+
+
+def legend_handles(cache_hits: bool) -> list:
+    handles = [mpatches.Patch(color=PHASE_COLORS[p], label=p) for p in ("waiting", "prefill", "decoding")]
+    handles += [plt.Line2D([], [], color=c, marker="|", linestyle="", markersize=10, label=name)
+                for name, c in (("finished", FINISHED_COLOR), ("preempted", PREEMPTED_COLOR))]
+    if cache_hits:  # only where there are some: older records have none
+        handles.append(plt.Line2D([], [], color=CACHE_HIT_COLOR, marker=">", linestyle="", markersize=7,
+                                  label="prefix-cache hit (admitted with cached tokens)"))
+    return handles
+
+
 def plot_timelines(timelines: dict[str, dict | list[dict]], stem: Path, caption: str = "") -> list[Path]:
+    """timeline.png and .pdf at `stem`: the figure of timeline_figure with `caption` at the bottom."""
+    return plot.save_figure(timeline_figure(timelines), stem, caption)
+
+
+def timeline_figure(timelines: dict[str, dict | list[dict]]) -> plt.Figure:
     """One panel per policy, every panel on the same time axis; in a panel a lane per engine of its server (counts
     above, rows below). `timelines`: each policy's saved /timeline, a list of records or a single one."""
     lanes = lanes_of(timelines)
@@ -140,7 +189,8 @@ def plot_timelines(timelines: dict[str, dict | list[dict]], stem: Path, caption:
     grid = fig.add_gridspec(2 * len(lanes), 1, height_ratios=[part * lane.height for lane in lanes
                                                               for part in (1, 3.6)])
     first = None
-    for i, (policy, engine, record, zero, _) in enumerate(lanes):
+    for i, lane in enumerate(lanes):
+        policy, engine, record, zero, _ = lane
         counts = fig.add_subplot(grid[2 * i], sharex=first, sharey=first)
         rows = fig.add_subplot(grid[2 * i + 1], sharex=counts)
         first = first or counts
@@ -151,20 +201,18 @@ def plot_timelines(timelines: dict[str, dict | list[dict]], stem: Path, caption:
             rule = POLICY_RULES.get(policy)
             counts.set_title(f"{label}: {rule}" if rule else label, loc="left", fontsize=10, color=color,
                              fontweight="bold")
-        if policy in several:
-            counts.set_title(f"engine {engine}", loc="right", fontsize=9, color="dimgray")
+        if note := lane_note(lane, policy in several):
+            counts.set_title(note, loc="right", fontsize=9, color="dimgray")
         counts.tick_params(labelbottom=False)
         rows.tick_params(labelbottom=i == len(lanes) - 1)
     rows.set_xlabel("seconds since the first request arrived")
     first.set_xlim(left=0)
-    legend = [mpatches.Patch(color=PHASE_COLORS[p], label=p) for p in ("waiting", "prefill", "decoding")]
-    legend += [plt.Line2D([], [], color=c, marker="|", linestyle="", markersize=10, label=name)
-               for name, c in (("finished", FINISHED_COLOR), ("preempted", PREEMPTED_COLOR))]
+    legend = legend_handles(any(has_cache_hits(lane.record.get("requests", [])) for lane in lanes))
     # the title and the legend at the top, the caption alone at the bottom: constrained layout makes room for an
     # outside legend but not beside a caption (supxlabel), which it would cover
-    fig.legend(handles=legend, loc="outside upper center", ncols=5, fontsize=9, frameon=False,
+    fig.legend(handles=legend, loc="outside upper center", ncols=len(legend), fontsize=9, frameon=False,
                title="What the scheduler did: a row per request, the batch per step", title_fontsize=12)
-    return plot.save_figure(fig, stem, caption)
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,10 @@
 // For each engine it polls GET /timeline?engine=N for what changed since that engine's last answer
 // (?since=STEP: steps are numbered per engine), keeps the last 30 s, and draws them as the comparison's timeline
 // figure does: running and waiting per step above, a row per request below (waiting, prefill, decoding; finished
-// and preempted marked). The figures at the top add the engines up. Vanilla JS and canvas, no build step.
+// and preempted marked, and a green triangle at the admission of a request that found part of its prompt in the
+// prefix cache: cached tokens take no time, so they get a mark, not a width). Each lane's figures line ends with
+// the share of prompt tokens that came from the prefix cache over the 30 s. The figures at the top add the engines
+// up. Vanilla JS and canvas, no build step.
 "use strict";
 
 const WINDOW_S = 30;  // seconds shown and kept
@@ -13,7 +16,8 @@ const IDLE_S = 1;  // no step for this long: the engine is idle, nothing runs or
 const MAX_EXTRAPOLATION_S = 2;  // the clock runs on between answers, but freezes if they stop coming
 const KEY_STORE = "effective-batching-key";
 const PHASE_COLORS = {waiting: "#c9c9c9", preempted: "#c9c9c9", prefill: "#f28e2b", decoding: "#4e79a7"};
-const FINISHED_COLOR = "#222", PREEMPTED_COLOR = "#d62728", WAITING_LINE = "#7f7f7f", AXIS = "#888";
+const FINISHED_COLOR = "#222", PREEMPTED_COLOR = "#d62728", CACHE_HIT_COLOR = "#2ca02c";
+const WAITING_LINE = "#7f7f7f", AXIS = "#888";
 const MARGIN = {left: 44, right: 8, top: 6, bottom: 18};
 
 const page = {
@@ -169,18 +173,26 @@ function percent(share) {
   return `${(100 * share).toFixed(1)}%`;
 }
 
-// What the lane's engine did over the last RATE_WINDOW_S, and runs now.
+// The share of prompt tokens found in the prefix cache, or "–" when no prompt came in.
+function cacheShare(cached, computed) {
+  return cached + computed ? percent(cached / (cached + computed)) : "–";
+}
+
+// What the lane's engine did over the last RATE_WINDOW_S, and runs now; its prompt tokens over the window, found
+// in the prefix cache (cached) or prefilled (computed).
 function laneFigures(lane, now) {
   const recent = lane.steps.filter((s) => s.start >= now - RATE_WINDOW_S);
   const last = lane.steps[lane.steps.length - 1];
   const busy = last && now - (last.start + last.duration) < IDLE_S;
-  return {tokensPerS: recent.reduce((sum, s) => sum + s.sampled, 0) / RATE_WINDOW_S,
-          running: busy ? last.running : 0, waiting: busy ? last.waiting : 0, kvUsage: busy ? last.kv_usage : 0};
+  const sum = (steps, name) => steps.reduce((total, s) => total + (s[name] ?? 0), 0);
+  return {tokensPerS: sum(recent, "sampled") / RATE_WINDOW_S,
+          running: busy ? last.running : 0, waiting: busy ? last.waiting : 0, kvUsage: busy ? last.kv_usage : 0,
+          cached: sum(lane.steps, "cached_tokens"), computed: sum(lane.steps, "prefill_tokens")};
 }
 
 function showLaneFigures(lane, f) {
   lane.view.figures.textContent = `${f.tokensPerS.toFixed(1)} tokens/s · batch ${f.running} · ` +
-    `${f.waiting} waiting · KV ${percent(f.kvUsage)}`;
+    `${f.waiting} waiting · KV ${percent(f.kvUsage)} · cache ${cacheShare(f.cached, f.computed)}`;
 }
 
 function showFigures(figures) {
@@ -190,16 +202,20 @@ function showFigures(figures) {
   $("waiting").textContent = total("waiting");
   // every engine has a KV cache of the same size, so the mean of their shares is the server's
   $("kv-usage").textContent = percent(total("kvUsage") / figures.length);
+  $("cache-share").textContent = cacheShare(total("cached"), total("computed"));
 }
 
 function showSummary(lane, rows) {
   const count = {waiting: 0, prefill: 0, decoding: 0, finished: 0};
   for (const r of rows) count[phaseNow(r)] += 1;
+  const hits = rows.filter(cacheHit).length;
   lane.view.summary.textContent = `${rows.length} requests in view: ${count.waiting} waiting, ` +
-    `${count.prefill} in prefill, ${count.decoding} decoding, ${count.finished} finished`;
+    `${count.prefill} in prefill, ${count.decoding} decoding, ${count.finished} finished` +
+    (hits ? `; ${hits} found part of their prompt in the prefix cache` : "");
   const canvas = lane.view.timeline;  // for tests and scripts
   canvas.dataset.rows = rows.length;
   canvas.dataset.finished = count.finished;
+  canvas.dataset.cacheHits = hits;
 }
 
 // ---- drawing ----
@@ -296,6 +312,7 @@ function drawTimeline(lane, now, maxRows) {
       if (phase === "preempted") mark(ctx, x(t), y, rowH, PREEMPTED_COLOR);
     });
     if (r.finish !== null) mark(ctx, x(r.finish), y, rowH, FINISHED_COLOR);
+    if (cacheHit(r)) hitMark(ctx, x(r.admitted), y, rowH);
   });
   ctx.restore();
   lane.rows = rows;
@@ -306,6 +323,22 @@ function drawTimeline(lane, now, maxRows) {
 function mark(ctx, px, y, height, color) {
   ctx.fillStyle = color;
   ctx.fillRect(px - 1, y - 0.5, 2, height + 1);
+}
+
+// Admitted with part of its prompt in the prefix cache (null before its admission)
+function cacheHit(request) {
+  return request.cached_tokens > 0;
+}
+
+// A triangle pointing into the prefill, centred on the row; at least 6 px tall, or thin rows would hide it.
+function hitMark(ctx, px, y, rowH) {
+  const h = Math.max(rowH + 1, 6), w = 0.8 * h, middle = y + rowH / 2;
+  ctx.fillStyle = CACHE_HIT_COLOR;
+  ctx.beginPath();
+  ctx.moveTo(px - w / 2, middle - h / 2);
+  ctx.lineTo(px + w / 2, middle);
+  ctx.lineTo(px - w / 2, middle + h / 2);
+  ctx.fill();
 }
 
 // Each lane on its engine's clock: every lane's right edge is now.
@@ -337,8 +370,9 @@ function frame(t) {
 
 function describe(lane, r) {
   const since = (t) => (t === null ? "–" : `${(t - r.arrival).toFixed(2)} s`);
+  const cached = cacheHit(r) ? ` (${r.cached_tokens} found in the prefix cache)` : "";
   const lines = [
-    `${r.request_id}: ${r.prompt_tokens} prompt tokens, ${r.max_tokens} asked, now ${phaseNow(r)}`,
+    `${r.request_id}: ${r.prompt_tokens} prompt tokens${cached}, ${r.max_tokens} asked, now ${phaseNow(r)}`,
     `waited ${since(r.admitted ?? serverTime(lane))}; first token after ${since(r.first_token)}; ` +
       `preempted ${r.preemptions}×`,
   ];

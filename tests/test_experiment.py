@@ -145,6 +145,31 @@ def test_the_timeline_figure_draws_a_lane_per_engine_on_one_clock_and_reads_sing
     assert all(path.stat().st_size > 0 for path in timeline_plot.plot_timelines(timelines, tmp_path / "timeline"))
 
 
+def cache_hit_record() -> dict:
+    """engine_record's request, admitted with 32 of its 40 prompt tokens in the prefix cache: its step computed 8."""
+    record = engine_record(100.0, 1.0)
+    record["requests"][0] |= {"admitted": 1.1, "prompt_tokens": 40, "cached_tokens": 32}
+    record["steps"][0] |= {"prefill_tokens": 8, "cached_tokens": 32}
+    return record
+
+
+def test_the_timeline_figure_marks_prefix_cache_hits_and_the_cached_share_and_reads_older_records(tmp_path):
+    timelines = {"nobatch": engine_record(100.0, 1.0),  # as runs before prefix caching saved it: no cached_tokens
+                 "dynamic": cache_hit_record()}
+    fig = timeline_plot.timeline_figure(timelines)
+    [hits] = fig.findobj(lambda artist: artist.get_gid() == timeline_plot.CACHE_HITS)  # dynamic's rows only
+    assert hits.get_offsets().tolist() == [[pytest.approx(0.1), 0]]  # at its admission, on its row
+    notes = [ax.get_title(loc="right") for ax in fig.axes]  # nobatch's counts and rows, then dynamic's
+    assert notes == ["", "", "80% of prompt tokens from the prefix cache", ""]
+    assert "prefix-cache hit (admitted with cached tokens)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert all(path.stat().st_size > 0 for path in plot.save_figure(fig, tmp_path / "timeline"))
+
+    older = timeline_plot.timeline_figure({"nobatch": engine_record(100.0, 1.0)})
+    assert not older.findobj(lambda artist: artist.get_gid() == timeline_plot.CACHE_HITS)
+    assert not any("prefix" in t.get_text() for t in older.legends[0].get_texts())
+    assert all(path.stat().st_size > 0 for path in plot.save_figure(older, tmp_path / "older"))
+
+
 def test_short_comparison_of_all_three_policies_on_a_real_server(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KV_CACHE_GB", "0.2")  # the tiny model needs no 2 GB cache
     exit_code = experiment.main(["--model", tiny_model_dir, "--weights", "pretrained", "--device", "cpu",

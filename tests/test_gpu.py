@@ -57,6 +57,26 @@ def test_fp32_on_gpu_gives_the_cpu_tokens_with_chunked_prefill_and_preemption(ti
     assert ours == want
 
 
+@pytest.mark.parametrize("policy", ["nobatch", "static", "dynamic"])
+def test_fp32_on_gpu_gives_the_cpu_tokens_from_cached_prefixes(tiny_model_dir, policy):
+    """Requests that share a prompt's first blocks, in three waves (a wave finds blocks the one before holds, or
+    left): on graphs, with prefill chunks after a cached prefix and preemption, overlapped, the CPU's tokens."""
+    from test_prefix_cache import run_in_waves, shared_workload
+    system = list(range(1000, 1040))
+    w = [(system + p, n) for p, n in shared_workload(seed=4)]  # 53+ tokens in common: 3 blocks of 16
+    small = dict(block_size=16, num_blocks=24)
+
+    def tokens(runner: ModelRunner) -> tuple[list, int]:
+        manager = BatchingManager(runner, make_policy(policy, 32), max_step_tokens=40, overlap=True)
+        reqs = run_in_waves(manager, w, waves=3)
+        return [r.output_ids for r in reqs], sum(r.cached_tokens for r in reqs)
+
+    ours, cached = tokens(gpu_runner(tiny_model_dir, **small))
+    assert (ours, cached) == tokens(ModelRunner(from_pretrained(tiny_model_dir), torch.device("cpu"),
+                                                torch.float32, **small))
+    assert cached > 0
+
+
 def test_sampled_tokens_and_logprobs_on_graphs_are_the_same_overlapped_or_not(tiny_model_dir):
     """Overlapped decodes take the token the sampler drew (not the graph's argmax) from the device."""
     w = work(8, seed=9)
