@@ -343,6 +343,7 @@ class Scheduler:
             if self._make_room(seq, seq.num_computed + n):
                 plan.append((seq, n))
                 budget -= n
+        self.blocks.cache_scheduled(plan)  # before admissions: a new sequence can share what this step computes
         if self.num_preemptions == preemptions_before:  # the pool is not short: resume, then admit
             budget = self._admit(self.preempted, len(self.preempted), plan, budget)
             if not self.preempted:
@@ -383,6 +384,7 @@ class Scheduler:
             if budget:
                 n = min(seq.num_unscheduled, budget)
                 plan.append((seq, n))
+                self.blocks.cache_scheduled([(seq, n)])
                 budget -= n
         return budget
 
@@ -433,6 +435,7 @@ class _Launched:
     plan: list[tuple[Sequence, int]]
     launched: "LaunchedStep"
     started: float  # when the engine began to schedule it
+    named: list[int]  # the KV blocks it computes that were named for the prefix cache when it was planned
 
 
 class BatchingManager:
@@ -593,24 +596,25 @@ class BatchingManager:
         assert unfinished == queued, f"sequences {sorted(unfinished ^ queued)} neither finished nor queued"
 
     def _launch(self, plan: list[tuple[Sequence, int]], started: float) -> _Launched | None:
+        named = self.runner.block_manager.take_named()  # the blocks this step computes, named as it was planned
         try:
             launched = self.runner.launch(plan)
         except Exception as e:
-            self._step_failed(plan, e)
+            self._step_failed(plan, e, named, [])
             return None
         sampling = set(launched.ids)
         for seq, n in plan:
             seq.num_computed += n
             seq.num_pending += seq.id in sampling
-        self.runner.block_manager.cache_computed([seq for seq, _ in plan])
-        return _Launched(plan, launched, started)
+        return _Launched(plan, launched, started, named)
 
     def _read(self, step: _Launched) -> None:
         """Wait for a launched step's sampled tokens and hand them to their sequences."""
         try:
             sampled = step.launched.wait()
         except Exception as e:
-            self._step_failed(step.plan, e)
+            later = self._unread.named if self._unread not in (None, step) else []  # launched after it
+            self._step_failed(step.plan, e, step.named, later)
             return
         self.steps += 1
         now = time.perf_counter()
@@ -642,10 +646,15 @@ class BatchingManager:
             if not seq.done:
                 self._finish(seq, "error", error=f"inference failed: {e!r}")
 
-    def _step_failed(self, plan: list[tuple[Sequence, int]], e: Exception) -> None:
-        """Fail this step's requests (those not finished while it was in flight) and keep serving the rest."""
+    def _step_failed(self, plan: list[tuple[Sequence, int]], e: Exception, named: list[int],
+                     later: list[int]) -> None:
+        """Fail this step's requests (those not finished while it was in flight), and those that share blocks it
+        was to compute (admitted beside it, or since); keep serving the rest. The prefix cache forgets the blocks
+        it named, and those the step launched after it (`later`) named from them (BlockManager.forget)."""
         log.exception("step failed for requests %s", [seq.id for seq, _ in plan])
-        for seq, _ in plan:
+        sharing = self.runner.block_manager.forget(named, later)
+        failed = [seq for seq, _ in plan] + [seq for seq in self.scheduler.running if seq.id in sharing]
+        for seq in failed:
             if not seq.done:
                 self._finish(seq, "error", error=f"inference failed: {e!r}")
 

@@ -3,10 +3,13 @@
 Only bookkeeping lives here (which block belongs to whom, and where a token's K/V sits); the cache tensors
 themselves belong to the model runner. The scheduler asks before it acts: `allocate` at admission (it says how
 many of the sequence's tokens the cache already holds, or None if the pool is short), `can_grow` / `grow` before
-each step, `cache_computed` after it, `free` when a sequence finishes, fails, is aborted or preempted.
+each step, `cache_scheduled` as it plans a sequence's tokens, `free` when a sequence finishes, fails, is aborted
+or preempted.
 
-Prefix caching (engine/prefix.py names the blocks): every full block whose tokens are known and computed is
-registered under its chained hash. Blocks are reference-counted, so sequences with the same prefix share its
+Prefix caching (engine/prefix.py names the blocks): every full block whose tokens are known is registered under
+its chained hash as soon as a step is planned to compute it (as vLLM does), so that requests admitted in the same
+step share it too: the step writes every token's K/V before any attention reads the cache, in every layer. If
+that step fails, its blocks are forgotten (`forget`) and the sequences that hold them fail with it. Blocks are reference-counted, so sequences with the same prefix share its
 blocks. A block no sequence holds keeps its K/V and its name while it waits among the cached free blocks, least
 recently released first; the pool takes a block from there (forgetting its name) only when no plain free block
 is left, so free space counts both. A sequence admitted later (or a preempted one coming back) starts from its
@@ -52,6 +55,7 @@ class BlockManager:
         self.free_rows: list[int] = []
         self.table_rows = np.zeros((0, max_blocks_per_seq), dtype=np.int32)
         self.hit_tokens = self.queried_tokens = 0  # over every allocation, for the engine's load()
+        self.named: list[int] = []  # blocks named since the engine last took the list (take_named)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -137,17 +141,42 @@ class BlockManager:
         while self.cached_free:
             self.free_blocks.append(self._evict())
 
-    def cache_computed(self, seqs: list) -> None:
-        """Name each sequence's full blocks whose tokens are all known and computed (of its `token_ids`, the first
-        `num_computed`), so that later sequences can share them. Called for every sequence of every step: one
-        call, and a comparison for each sequence that fills no block."""
+    def cache_scheduled(self, plan: list) -> None:
+        """Name the full blocks that a step computes, as planned: (sequence, tokens it feeds) pairs, whose blocks
+        up to num_computed + tokens hold known tokens (of its `token_ids`). Called for a step's whole plan at
+        once: a comparison for each sequence that fills no block."""
         if not self.prefix_caching:
             return
         hashes, bs = self.hashes, self.block_size
-        for seq in seqs:
-            full = min(seq.num_computed, len(seq.token_ids)) // bs
+        for seq, n in plan:
+            full = min(seq.num_computed + n, len(seq.token_ids)) // bs
             if full > len(hashes[seq.id]):
                 self._name_blocks(seq.id, seq.token_ids, full)
+
+    def take_named(self) -> list[int]:
+        """The blocks named since the last call: those a step about to be launched computes."""
+        named, self.named = self.named, []
+        return named
+
+    def forget(self, blocks: list[int], later: list[int]) -> set[int]:
+        """Unname blocks whose K/V were never computed (their step failed), and those of `later` (named by the
+        step after it, already launched) that sequences holding them hold too, since they were computed from
+        them: the sequences that hold any of these, which cannot go on."""
+        holders = self._unname(blocks)
+        tainted = [b for b in later if any(b in self.tables[seq_id] for seq_id in holders)]
+        return holders | self._unname(tainted)
+
+    def _unname(self, blocks: list[int]) -> set[int]:
+        lost = set(blocks)
+        for block in lost:
+            h = self.hash_of_block.pop(block, None)
+            if h is None:
+                continue
+            del self.block_of_hash[h], self.tokens_of_block[block]
+            if block in self.cached_free:
+                del self.cached_free[block]
+                self.free_blocks.append(block)
+        return {seq_id for seq_id, table in self.tables.items() if not lost.isdisjoint(table)}
 
     def _name_blocks(self, seq_id: int, token_ids: list[int], full: int) -> None:
         """Name the sequence's blocks up to its `full`-th. A block whose name another block holds already
@@ -159,6 +188,7 @@ class BlockManager:
             hashes.append(h)
             if h not in self.block_of_hash:
                 self.block_of_hash[h], self.hash_of_block[block], self.tokens_of_block[block] = block, h, tokens
+                self.named.append(block)
 
     def free(self, seq_id: int) -> None:
         """Release a sequence's blocks; a named one stays cached until the pool needs it. The last block is

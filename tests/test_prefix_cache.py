@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from batching import Inference
-from conftest import assert_nothing_leaked, make_manager, request, run_until_idle, running_server
+from conftest import assert_nothing_leaked, fail_step, make_manager, request, run_until_idle, running_server
 from engine import prefix
 from engine.kv_cache import BlockManager
 from engine.params import SamplingParams
@@ -22,8 +22,8 @@ BS = 4  # block size of these tests
 
 
 @dataclass
-class Computed:
-    """A sequence as cache_computed reads it."""
+class Scheduled:
+    """A sequence as cache_scheduled reads it."""
     id: int
     token_ids: list[int]
     num_computed: int
@@ -32,7 +32,7 @@ class Computed:
 def computed(bm: BlockManager, seq_id: int, tokens: list[int]) -> int:
     """Allocate a sequence and name its blocks as if a step had computed all its tokens; its cached tokens."""
     cached = bm.allocate(seq_id, tokens)
-    bm.cache_computed([Computed(seq_id, tokens, len(tokens))])
+    bm.cache_scheduled([(Scheduled(seq_id, tokens, 0), len(tokens))])
     bm.check(set(bm.tables))
     return cached
 
@@ -59,7 +59,7 @@ def test_different_salts_never_share_and_equal_salts_do():
     bm = BlockManager(16, BS)
     tokens = list(range(9))
     assert bm.allocate(0, tokens, salt_key("tenant-a")) == 0
-    bm.cache_computed([Computed(0, tokens, 9)])
+    bm.cache_scheduled([(Scheduled(0, tokens, 0), 9)])
     assert bm.allocate(1, tokens) == 0
     assert bm.allocate(2, tokens, salt_key("tenant-b")) == 0
     assert bm.allocate(3, tokens, salt_key("tenant-a")) == 8
@@ -270,3 +270,33 @@ def test_two_engines_send_a_cached_prompt_where_its_blocks_are_until_that_engine
         time.sleep(0.05)  # (both sent)
         assert cached_tokens(url, 2) == 0  # engine 1
         assert [f.result() for f in busy] == [32, 32]
+
+
+@OVERLAP
+def test_requests_arriving_together_share_the_prefix_the_first_one_computes(tiny_model_dir, shared, overlap):
+    """Blocks are named as a step is planned, so the requests admitted after the first, in the same step, start
+    after the system prompt's blocks that the first computes in that step (its K/V written before any attention
+    reads it)."""
+    work, want = shared
+    manager = make_manager(tiny_model_dir, "dynamic", overlap=overlap)
+    reqs = run_in_waves(manager, work, waves=1, steps_between=0)
+    assert [r.output_ids for r in reqs] == want
+    assert [r.cached_tokens for r in reqs][:6] == [0, 12, 12, 12, 16, 12]  # the 2nd "same" shares the 1st's 4th
+
+
+@OVERLAP
+def test_a_failed_step_takes_the_requests_sharing_its_blocks_and_the_cache_forgets_them(tiny_model_dir, shared,
+                                                                                         overlap):
+    work, want = shared
+    (first, n1), (second, n2) = work[2], work[5]  # both begin with the 13-token system prompt
+    manager = make_manager(tiny_model_dir, "dynamic", max_step_tokens=16, overlap=overlap)
+    fail_step(manager, 1, "device on fire")
+    a, b = manager.enqueue(request(first, n1)), manager.enqueue(request(second, n2))
+    run_until_idle(manager)
+    # a's first chunk (16 tokens) was to compute the system prompt's blocks; b, admitted with no chunk left in
+    # that step's budget, counted on them
+    assert (a.finish_reason, b.finish_reason) == ("error", "error") and b.cached_tokens == 12
+    assert_nothing_leaked(manager)
+    again = run_in_waves(manager, [(first, n1), (second, n2)], waves=2)
+    assert [r.output_ids for r in again] == [want[2], want[5]]
+    assert again[0].cached_tokens == 0  # nothing of the failed step was kept
