@@ -7,6 +7,7 @@
   poisson       Poisson arrivals at rising QPS over HTTP: TTFT, TPOT, ITL, E2E, goodput per policy
   interference  p99 inter-token latency of running decodes while long prompts arrive, chunked prefill or not
   timeline-overhead  what recording the schedule (GET /timeline) costs per engine step
+  prefix        in-process tokens/s and TTFT with the prefix cache on vs off (shared prompt, chat, no sharing)
   report        redraw the plots and results.md from the JSON files of an output directory
 
 Each writes <out>/<command>.json and .png (default out: bench/results/<device>). Sizes are small on a CPU and
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 COMMANDS = {"throughput": "bench.throughput", "http": "bench.http_throughput", "scale": "bench.scale",
             "decode": "bench.decode",
             "poisson": "bench.poisson", "interference": "bench.interference",
-            "timeline-overhead": "bench.timeline_overhead", "report": "bench.report"}
+            "timeline-overhead": "bench.timeline_overhead", "prefix": "bench.prefix", "report": "bench.report"}
 
 
 def parser() -> argparse.ArgumentParser:

@@ -30,8 +30,14 @@ def hf_model(model: str, device: torch.device, dtype: torch.dtype):
     return hf.to(device).eval()
 
 
+CPU_CACHE_TOKENS = 256 * 256  # HF's KV cache on the CPU: 256 blocks of its default 256 tokens
+
+
 @torch.no_grad()
-def run_hf_continuous(hf, requests: list[Request], device: torch.device) -> tuple[float, int]:
+def run_hf_continuous(hf, requests: list[Request], device: torch.device, block_sharing: bool = False,
+                      block_size: int | None = None) -> tuple[float, int]:
+    """block_sharing: HF's prefix caching (its allow_block_sharing); only full blocks are shared, so a prefix
+    benchmark passes our block size (HF's default is 256 tokens, longer than a CPU workload's shared prefix)."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     from transformers.generation.continuous_batching.continuous_api import WorkloadHints
@@ -40,7 +46,9 @@ def run_hf_continuous(hf, requests: list[Request], device: torch.device) -> tupl
     hints = WorkloadHints(max_prompt_length=max(len(r.prompt) for r in requests),
                           max_generated_length=longest, num_requests=len(requests))
     on_cpu = device.type == "cpu"  # on the CPU HF cannot size the cache itself
-    cb_config = ContinuousBatchingConfig(allow_block_sharing=False, num_blocks=256 if on_cpu else None,
+    block_size = block_size or ContinuousBatchingConfig.block_size
+    cb_config = ContinuousBatchingConfig(allow_block_sharing=block_sharing, block_size=block_size,
+                                         num_blocks=CPU_CACHE_TOKENS // block_size if on_cpu else None,
                                          max_batch_tokens=512 if on_cpu else None)
     with hf.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb_config,
                                                 block=True, timeout=30, workload_hints=hints) as manager:

@@ -140,5 +140,12 @@ def timeline_overhead(plt, data: dict):
     return fig
 
 
+def prefix(plt, data: dict):
+    """Prompt + output tokens/s per workload, our engine with the prefix cache on and off (and HF with its block
+    sharing on)."""
+    rows = [{**r, "label": f"{r['system']}\ncaching {'on' if r['prefix_caching'] else 'off'}"} for r in data["results"]]
+    return _bars(plt, rows, lambda r: r.get("total_tokens_per_s"), "label", "prompt + output tokens/s")
+
+
 DRAW = {"throughput": throughput, "http": http, "scale": scale, "decode": decode, "poisson": poisson,
-        "interference": interference, "timeline-overhead": timeline_overhead}
+        "interference": interference, "timeline-overhead": timeline_overhead, "prefix": prefix}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench import plots
 
-ORDER = ("throughput", "http", "scale", "decode", "poisson", "interference", "timeline-overhead")
+ORDER = ("throughput", "http", "scale", "decode", "poisson", "interference", "timeline-overhead", "prefix")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -157,6 +157,26 @@ def timeline_overhead_table(data: dict) -> str:
                      "tok/s without", "tok/s with", "full snapshot ms"], rows))
 
 
+def prefix_table(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        head = [r["workload"], r["system"], "on" if r["prefix_caching"] else "off", str(r["requests"])]
+        if "error" in r:
+            rows.append(head + ["failed: " + r["error"][:80]] + ["–"] * 8)
+            continue
+        rows.append(head + [str(r["prompt_tokens"]), str(r.get("cached_tokens", "–")),
+                            "–" if r.get("hit_rate") is None else fmt(r["hit_rate"], 100, 0) + "%",
+                            fmt(r["seconds"], digits=2),
+                            fmt(r["total_tokens_per_s"]), fmt(r["output_tokens_per_s"]),
+                            fmt(r.get("ttft_p50_s"), 1e3, 0), fmt(r.get("ttft_p99_s"), 1e3, 0)])
+    gains = "; ".join(f"{g['workload']} {g['total_tokens_per_s']:.2f}× tokens/s, TTFT p50 {g['ttft_p50']:.2f}×"
+                      for g in data.get("ratios", []))
+    return (f"caching on / off (TTFT: off / on): {gains or '–'}. tok/s counts prompt and output tokens; cached: "
+            "prompt tokens whose K/V came from the cache.\n\n"
+            + table(["workload", "system", "prefix caching", "requests", "prompt tokens", "cached", "hit rate",
+                     "seconds", "tok/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms"], rows))
+
+
 TABLES = {"throughput": throughput_table, "http": http_table, "scale": scale_table, "decode": decode_table,
           "poisson": poisson_table, "interference": interference_table,
-          "timeline-overhead": timeline_overhead_table}
+          "timeline-overhead": timeline_overhead_table, "prefix": prefix_table}

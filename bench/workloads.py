@@ -7,6 +7,7 @@ draws exactly, so token totals are the same for every system (seed burst 8,410 o
 """
 import math
 import random
+from typing import NamedTuple
 
 from client.workload import Request
 
@@ -27,6 +28,46 @@ def offline(n: int, lo: int, hi: int, vocab: int = GPT2_VOCAB, seed: int = 0) ->
         prompt_len = rng.randint(lo, hi)
         requests.append(Request([rng.randrange(vocab) for _ in range(prompt_len)], rng.randint(lo, hi)))
     return requests
+
+
+def shared_prefix(n: int, shared: int, unique: int, output: int, vocab: int = GPT2_VOCAB,
+                  seed: int = 0) -> list[Request]:
+    """A system prompt every request shares: the same `shared` tokens, then `unique` of the request's own, all at
+    t=0 (what prefix caching is for: every prompt but the first can start after the shared part)."""
+    rng = random.Random(seed)
+    system = [rng.randrange(vocab) for _ in range(shared)]
+    return [Request(system + [rng.randrange(vocab) for _ in range(unique)], output) for _ in range(n)]
+
+
+class Conversation(NamedTuple):
+    """A multi-turn chat, replayed closed loop: turn 1's prompt is the opening; each later turn's prompt is the turn
+    before's prompt and answer (the tokens the engine generated, known only once it finished) and the user's next
+    tokens."""
+    opening: list[int]
+    user_turns: list[list[int]]  # the user's tokens of turns 2, 3, ...
+    num_tokens: int  # the answer's length at every turn
+
+    @property
+    def turns(self) -> int:
+        return 1 + len(self.user_turns)
+
+    @property
+    def longest(self) -> int:
+        """Tokens of the last turn, prompt and answer: the most the conversation holds in the KV cache at once."""
+        return len(self.opening) + sum(map(len, self.user_turns)) + self.turns * self.num_tokens
+
+
+def chat(n: int, turns: int, opening: int, user: int, output: int, context: int = 1024, vocab: int = GPT2_VOCAB,
+         seed: int = 0) -> list[Conversation]:
+    """n conversations of `turns` turns: a random opening of its own each, `user` new tokens per later turn and
+    `output` tokens per answer; the last turn must fit the context."""
+    rng = random.Random(seed)
+    conversations = [Conversation([rng.randrange(vocab) for _ in range(opening)],
+                                  [[rng.randrange(vocab) for _ in range(user)] for _ in range(turns - 1)], output)
+                     for _ in range(n)]
+    if conversations and conversations[0].longest > context:
+        raise ValueError(f"the last turn needs {conversations[0].longest} tokens, past the {context}-token context")
+    return conversations
 
 
 def long_tailed(n: int, prompt_median: int, output_median: int, sigma: float, context: int,

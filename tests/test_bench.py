@@ -12,7 +12,7 @@ import pytest
 from bench.__main__ import parser
 from bench.http_throughput import engine_side
 from bench.server import send_load
-from bench.workloads import long_tailed, offline, poisson_arrivals, seed_burst
+from bench.workloads import chat, long_tailed, offline, poisson_arrivals, seed_burst, shared_prefix
 from client.load import Load
 from client.workload import Request
 from conftest import json_server
@@ -143,6 +143,38 @@ def test_interference_compares_chunked_and_whole_prefill(out, tiny_model_dir):
         assert len(row["decode_itl_timeline"]["itl"]) == 2 * (12 - 1)  # 2 decoders of (2 + 2) x 3 tokens each
 
 
+def test_prefix_runs_every_workload_with_the_cache_on_and_off(out, tiny_model_dir):
+    data = run_bench(out, "prefix", "--model", tiny_model_dir, "--shared-requests", "3", "--shared-prefix", "32",
+                     "--shared-unique", "8", "--shared-output", "4", "--chat-conversations", "2", "--chat-turns", "3",
+                     "--chat-opening", "8", "--chat-user", "4", "--chat-output", "24", "--burst-requests", "3",
+                     "--offline-requests", "3", "--offline-min", "8", "--offline-max", "16")
+    rows = {(r["system"], r["workload"], r["prefix_caching"]): r for r in data["results"]}
+    requests = dict(shared=3, chat=2 * 3, burst=3, offline=3)
+    prompt_tokens = dict(shared=3 * (32 + 8), chat=2 * (8 + 36 + 64),  # turns of 8, 8 + 24 + 4, 36 + 24 + 4
+                         burst=3 * 3, offline=sum(len(r.prompt) for r in offline(3, 8, 16)))
+    outputs = dict(shared=3 * 4, chat=6 * 24, burst=sum(r.num_tokens for r in seed_burst(3)),
+                   offline=sum(r.num_tokens for r in offline(3, 8, 16)))
+    for workload in ("shared", "chat", "burst", "offline"):
+        for caching in (True, False):
+            row = rows[("ours-dynamic", workload, caching)]
+            assert "error" not in row, row
+            assert row["requests"] == requests[workload] and row["prompt_tokens"] == prompt_tokens[workload]
+            assert row["output_tokens"] == outputs[workload]
+            tokens = row["prompt_tokens"] + row["output_tokens"]
+            assert row["total_tokens_per_s"] == pytest.approx(tokens / row["seconds"])
+            assert row["ttft_p99_s"] >= row["ttft_p50_s"] > 0
+            assert row["hit_rate"] == pytest.approx(row["cached_tokens"] / row["prompt_tokens"])
+        assert rows[("ours-dynamic", workload, False)]["cached_tokens"] == 0
+    # each later turn finds the turn before's prompt and answer cached, in full blocks of 16 but its last token
+    # (never computed): the answer's generated ids went into the next prompt (turn 1's 8 tokens fill no block)
+    assert rows[("ours-dynamic", "chat", True)]["cached_tokens"] == 2 * ((8 + 24 - 1) // 16 * 16
+                                                                         + (36 + 24 - 1) // 16 * 16)
+    hf = rows[("hf-continuous", "shared", True)]  # a peer that failed is a failed benchmark, not a row
+    assert "error" not in hf and hf["output_tokens"] == outputs["shared"], hf
+    assert [r["workload"] for r in data["ratios"]] == ["shared", "chat", "burst", "offline"]
+    assert all(r["total_tokens_per_s"] > 0 and r["ttft_p50"] > 0 for r in data["ratios"])
+
+
 # ---- workloads ----
 
 def test_workloads_replay_the_peer_tables_token_totals():
@@ -150,6 +182,17 @@ def test_workloads_replay_the_peer_tables_token_totals():
     assert sum(r.num_tokens for r in offline(256, 64, 512)) == 72412
     assert sum(r.num_tokens for r in seed_burst(30)) == 2470  # cpu burst
     assert sum(r.num_tokens for r in offline(32, 32, 128)) == 2441  # cpu offline
+
+
+def test_prefix_workloads_share_what_they_should_and_fit_the_context():
+    shared = shared_prefix(4, 20, 5, 3)
+    assert all(r.prompt[:20] == shared[0].prompt[:20] and len(r.prompt) == 25 and r.num_tokens == 3 for r in shared)
+    assert len({tuple(r.prompt[20:]) for r in shared}) == 4
+    conversations = chat(64, 6, 200, 40, 64)
+    assert conversations[0].longest == 200 + 5 * (64 + 40) + 64 <= 1024  # the full size's last turn
+    assert len({tuple(c.opening) for c in conversations}) == 64 and all(c.turns == 6 for c in conversations)
+    with pytest.raises(ValueError):
+        chat(1, 6, 600, 40, 64)
 
 
 def test_text_prompts_encode_to_exactly_their_token_count():
