@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, paged_attention, write_kv
+from engine.attention import AttentionMetadata, invariant, paged_attention, write_kv
 
 
 @dataclass
@@ -33,13 +33,22 @@ SHAPES = {
 }
 
 
+class Linear(nn.Linear):
+    """nn.Linear, or with `batch_invariant` set (GPT.make_batch_invariant) the same product over fixed tiles of
+    rows, so that a row's result does not depend on how many rows the step has (engine/attention/invariant.py)."""
+    batch_invariant = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return invariant.linear(x, self.weight, self.bias) if self.batch_invariant else super().forward(x)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.n_head = config.n_head
         self.head_dim = config.n_embd // config.n_head
         # (num_blocks, block_size, nh, hs) each; set by the model runner, which owns the cache memory
@@ -59,8 +68,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
@@ -91,8 +100,14 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+
+    def make_batch_invariant(self) -> None:
+        """Run every linear layer over fixed tiles of rows (BATCH_INVARIANT; the attention is the runner's)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.batch_invariant = True
 
     def forward(self, idx: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:

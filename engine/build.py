@@ -17,7 +17,7 @@ def build_runner(s: Settings) -> tuple[ModelRunner, dict]:
     """The runner, and what /health and /stats say about it."""
     device = resolve_device(s.device)
     dtype = resolve_dtype(s.dtype, device)
-    attention = resolve_attention(s.attention, device)
+    attention = resolve_attention(s.attention, device, s.batch_invariant)
     overlap = resolve_overlap(s.overlap_steps, device)
     start = time.perf_counter()
     model, weights = load_model(s.model, s.weights)
@@ -30,6 +30,7 @@ def build_runner(s: Settings) -> tuple[ModelRunner, dict]:
             "dtype": str(dtype).removeprefix("torch."), "attention": attention, "overlap-steps": overlap,
             "max-batch": s.max_batch, "max-context": model.config.block_size,
             "kv-cache-tokens": runner.block_manager.num_blocks * s.block_size, "prefix-caching": s.prefix_caching,
+            "batch-invariant": s.batch_invariant,
             "cuda-graphs": 0, **runner.capture,  # on a GPU: how many, their capture time and memory
             "startup-s": round(time.perf_counter() - start, 2)}
     if weights == "random":

@@ -29,7 +29,16 @@ def resolve_overlap(name: str, device: torch.device) -> bool:
     return device.type == "cuda" if name == "auto" else name == "true"
 
 
-def resolve_attention(name: str, device: torch.device) -> str:
+def resolve_attention(name: str, device: torch.device, batch_invariant: bool = False) -> str:
+    """The attention path: BATCH_INVARIANT takes the batch-invariant one (engine/attention/invariant.py), on the
+    CPU only for now: its GPU path (fixed-tile products on the GPU's libraries, or Triton kernels) is not checked."""
+    if batch_invariant:
+        if device.type != "cpu":
+            raise ValueError("BATCH_INVARIANT runs on the CPU only for now (DEVICE=cpu): on a GPU the same "
+                             "tokens in any batch are not yet checked")
+        if name not in ("auto", "invariant"):
+            raise ValueError(f"BATCH_INVARIANT takes its own attention; leave ATTENTION unset, not {name!r}")
+        return "invariant"
     if name == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if name not in ("reference", "triton"):

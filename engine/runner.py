@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from engine.attention import metadata as attention_metadata, reference
+from engine.attention import invariant, metadata as attention_metadata, reference
 from engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_all, step_token_ids
 from engine.kv_cache import BlockManager
 from engine.params import SampledToken, SamplingParams
@@ -26,6 +26,7 @@ from model import GPT
 
 log = logging.getLogger(__name__)
 
+PLANS = {"reference": reference.plan, "invariant": invariant.plan}  # the attentions in plain PyTorch
 GPU_SPARE = 1 << 30  # bytes of free GPU memory the KV pool leaves to activations and the CUDA graphs at least
 
 
@@ -66,6 +67,8 @@ class ModelRunner:
             # decode contexts grow every step, so it would keep building. The other fused kernels take any shape.
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model = model.to(device=device, dtype=dtype).eval()
+        if attention == "invariant":
+            self.model.make_batch_invariant()
         c = model.config
         if num_blocks is None:
             num_blocks = self._blocks_that_fit(block_size, kv_cache_gb, gpu_memory_utilization)
@@ -84,7 +87,7 @@ class ModelRunner:
                  num_blocks * block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 1e9, attention)
         self.graphs = self.mixed_graphs = None
         self.capture: dict = {}  # what capturing the graphs took (count, seconds, MiB)
-        if cuda_graphs and device.type == "cuda" and attention == "triton":
+        if cuda_graphs and device.type == "cuda" and attention == "triton":  # (the PyTorch attentions run eager)
             pad_slot, vocab = self.block_manager.pad_slot, self.sampler.vocab_size
             self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled)
             self.mixed_graphs = MixedGraphs(self.model, max(max_step_tokens, max_batch), max_batch, self.table_width,
@@ -169,8 +172,8 @@ class ModelRunner:
     def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray,
                  from_device: np.ndarray | None = None) -> torch.Tensor:
         meta = attention_metadata.build_metadata(step, self.device)
-        if self.attention == "reference":
-            meta.reference = reference.plan(step, self.block_manager.block_size, self.device)
+        if self.attention in PLANS:
+            meta.reference = PLANS[self.attention](step, self.block_manager.block_size, self.device)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
         tokens = as_tensor(ids)
         if from_device is not None and (from_device >= 0).any():

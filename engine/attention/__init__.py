@@ -1,12 +1,12 @@
-"""Paged attention for the model's layers: the plain PyTorch reference (the CPU path, and the oracle) or the
-Triton kernels (the GPU path; on a CPU they run under TRITON_INTERPRET=1, for tests). The runner picks one per
-step by building the metadata with or without a reference plan."""
+"""Paged attention for the model's layers: in plain PyTorch, the reference (the CPU path, and the oracle) or the
+batch-invariant one (BATCH_INVARIANT), or the Triton kernels (the GPU path; on a CPU they run under
+TRITON_INTERPRET=1, for tests). The runner picks one per step by building the metadata with or without a plan
+of the PyTorch ones."""
 import functools
 import math
 
 import torch
 
-from engine.attention import reference
 from engine.attention.metadata import AttentionMetadata
 
 
@@ -32,7 +32,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q: (N, nh, hs), new tokens packed decodes first; caches: (num_blocks, block_size, nh, hs), this step's
     K/V already written. Returns (N, nh, hs)."""
     if meta.reference is not None:
-        return reference.paged_attention(q, k_cache, v_cache, meta)
+        return meta.reference.attend(q, k_cache, v_cache, meta)
     _, decode, prefill = _kernels()
     out = torch.empty_like(q)
     D, scale = meta.num_decodes, 1 / math.sqrt(q.shape[-1])

@@ -24,7 +24,9 @@ class AttentionMetadata:
     query_start: torch.Tensor  # (B-D+1,) int32: prefill s owns rows D+query_start[s] .. D+query_start[s+1]-1
     prefill_work: torch.Tensor  # (items, 2): the prefill kernel's (sequence, query tile) list
     block_m: int  # query rows per tile of that list
-    reference: object | None = None  # the plain PyTorch attention's gather plan (CPU path and oracle)
+    # the plain PyTorch attention's plan (CPU path and oracle: reference.ReferencePlan; with BATCH_INVARIANT,
+    # invariant.InvariantPlan), whose attend() runs it; None on the Triton path
+    reference: object | None = None
 
 
 @dataclass

@@ -33,6 +33,10 @@ class ReferencePlan:
     prefill_groups: list[PrefillGroup]
     scratch: dict = field(default_factory=dict)  # gather buffers the layers of one step reuse
 
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
+        return paged_attention(q, k_cache, v_cache, meta)
+
 
 def plan(step: StepInputs, block_size: int, device: torch.device) -> ReferencePlan:
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
