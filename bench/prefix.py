@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from bench import engine, peers, throughput
 from bench.common import ResultFile, resolve, run_info
-from bench.throughput import add_engine_arguments, overlap_setting
+from bench.throughput import add_engine_arguments, add_size_arguments, overlap_setting, run, runner_and_peer
 from bench.workloads import Conversation, chat, offline, seed_burst, shared_prefix
 from client.workload import Request
 from telemetry.latency import summarize
@@ -40,10 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-opening", type=int, help="chat: tokens of turn 1's prompt (cpu 64, full 200)")
     p.add_argument("--chat-user", type=int, help="chat: the user's new tokens per later turn (cpu 16, full 40)")
     p.add_argument("--chat-output", type=int, help="chat: output tokens per turn (cpu 16, full 64)")
-    p.add_argument("--burst-requests", type=int, help="seed burst size (cpu 30, full 100)")
-    p.add_argument("--offline-requests", type=int, help="offline size (cpu 32, full 256)")
-    p.add_argument("--offline-min", type=int, help="offline prompt/output length lower bound (cpu 32, full 64)")
-    p.add_argument("--offline-max", type=int, help="offline prompt/output length upper bound (cpu 128, full 512)")
+    add_size_arguments(p)
     add_engine_arguments(p)
     p.add_argument("--peers", default="hf_cb", help="hf_cb (HF continuous batching, block sharing on, on shared) "
                                                    "or empty: none")
@@ -74,12 +71,7 @@ def main(args: argparse.Namespace) -> str:
     device, dtype = resolve(args, CPU, FULL)
     works = workloads(args)
     result = ResultFile(args, "prefix", run_info(device, dtype, args.model))
-    runner = engine.build_runner(args.model, device, dtype, num_blocks=kv_blocks_for(works),
-                                 max_batch=args.max_batch, max_step_tokens=args.max_step_tokens)
-    engine.warm_up(runner)
-    hf = peers.hf_model(args.model, device, dtype) if "hf_cb" in args.peers.split(",") else None
-    if hf is not None:
-        peers.warm_up(hf, device)
+    runner, hf = runner_and_peer(args, device, dtype, kv_blocks_for(works), "hf_cb" in args.peers.split(","))
     for workload, work in works.items():
         n = sum(c.turns for c in work) if workload == "chat" else len(work)
         for i in range(args.repeats):
@@ -93,17 +85,6 @@ def main(args: argparse.Namespace) -> str:
     result.data["ratios"] = ratios(result.data["results"])
     print_table(result.data)
     return result.finish()
-
-
-def run(result: ResultFile, row: dict, measure: Callable[[], dict]) -> None:
-    """One row; a system failing is a finding, recorded beside the others, not the end of the run."""
-    try:
-        row.update(measure())
-    except Exception as e:
-        row["error"] = repr(e)[:500]
-    print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                   if not isinstance(v, dict)), flush=True)
-    result.add(row)
 
 
 def ours(runner, work: Work, caching: bool, args: argparse.Namespace, workload: str, n: int) -> dict:

@@ -7,6 +7,7 @@ workload (--nobatch-requests): it runs one request at a time, so its tokens/s ha
 are, and the whole offline workload would take it most of an hour on a GPU.
 """
 import argparse
+from collections.abc import Callable
 
 from bench import engine, peers
 from bench.common import ResultFile, resolve, run_info
@@ -26,13 +27,18 @@ def add_workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workloads", default="burst,offline", help="comma list of burst, offline")
     p.add_argument("--policies", default="nobatch,static,dynamic")
     p.add_argument("--requests", type=int, help="request count of every workload (overrides the two below)")
+    add_size_arguments(p)
+    p.add_argument("--nobatch-requests", type=int, help="run nobatch on the first N requests only (0: all; "
+                                                        "cpu 10, full 8)")
+    add_engine_arguments(p)
+
+
+def add_size_arguments(p: argparse.ArgumentParser) -> None:
+    """The sizes of the seed burst and offline."""
     p.add_argument("--burst-requests", type=int, help="seed burst size (cpu 30, full 100)")
     p.add_argument("--offline-requests", type=int, help="offline size (cpu 32, full 256)")
     p.add_argument("--offline-min", type=int, help="offline prompt/output length lower bound (cpu 32, full 64)")
     p.add_argument("--offline-max", type=int, help="offline prompt/output length upper bound (cpu 128, full 512)")
-    p.add_argument("--nobatch-requests", type=int, help="run nobatch on the first N requests only (0: all; "
-                                                        "cpu 10, full 8)")
-    add_engine_arguments(p)
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,27 +90,34 @@ def ratios(rows: list[dict]) -> list[dict]:
             if not p["system"].startswith("ours") and p["workload"] == o["workload"]]
 
 
+def runner_and_peer(args: argparse.Namespace, device, dtype, num_blocks: int, peer: bool) -> tuple:
+    """Our runner with a KV pool of num_blocks, and (if `peer`) HF's model of the same shape, both warmed up."""
+    runner = engine.build_runner(args.model, device, dtype, num_blocks=num_blocks, max_batch=args.max_batch,
+                                 max_step_tokens=args.max_step_tokens)
+    engine.warm_up(runner)
+    hf = peers.hf_model(args.model, device, dtype) if peer else None
+    if hf is not None:
+        peers.warm_up(hf, device)
+    return runner, hf
+
+
 def main(args: argparse.Namespace) -> str:
     device, dtype = resolve(args, CPU, FULL)
     works = workloads(args)
     result = ResultFile(args, "throughput", run_info(device, dtype, args.model))
-    runner = engine.build_runner(args.model, device, dtype, num_blocks=kv_blocks_for(works),
-                                 max_batch=args.max_batch, max_step_tokens=args.max_step_tokens)
-    engine.warm_up(runner)
     wanted = [p for p in args.peers.split(",") if p]
-    hf = peers.hf_model(args.model, device, dtype) if wanted else None
-    if hf is not None:
-        peers.warm_up(hf, device)
+    runner, hf = runner_and_peer(args, device, dtype, kv_blocks_for(works), bool(wanted))
     for workload, requests in works.items():
         for policy in args.policies.split(","):
             reqs = policy_requests(args, policy, requests)
             for _ in range(args.repeats):
-                run(result, f"ours-{policy}", workload, len(reqs), lambda: ours(runner, policy, reqs, args, workload))
+                run(result, dict(system=f"ours-{policy}", workload=workload, requests=len(reqs)),
+                    lambda: ours(runner, policy, reqs, args, workload))
         if "hf_cb" in wanted:
-            run(result, "hf-continuous", workload, len(requests),
+            run(result, dict(system="hf-continuous", workload=workload, requests=len(requests)),
                 lambda: peer_row(*peers.run_hf_continuous(hf, requests, device)))
         if "hf_static" in wanted:
-            run(result, f"hf-static{args.static_batch}", workload, len(requests),
+            run(result, dict(system=f"hf-static{args.static_batch}", workload=workload, requests=len(requests)),
                 lambda: peer_row(*peers.run_hf_static(hf, requests, args.static_batch, device)))
     result.data["ratios"] = ratios(result.data["results"])
     result.data["spread"] = spread(result.data["results"])
@@ -112,14 +125,14 @@ def main(args: argparse.Namespace) -> str:
     return result.finish()
 
 
-def run(result: ResultFile, system: str, workload: str, n: int, measure) -> None:
-    """One row; a system failing is a finding, recorded beside the others, not the end of the run."""
-    row = dict(system=system, workload=workload, requests=n)
+def run(result: ResultFile, row: dict, measure: Callable[[], dict]) -> None:
+    """One row (`row`, and what `measure` gives); a system failing is a finding, recorded beside the others, not
+    the end of the run."""
     try:
         row.update(measure())
     except Exception as e:
         row["error"] = repr(e)[:500]
-    print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
                    if not isinstance(v, dict)), flush=True)
     result.add(row)
 

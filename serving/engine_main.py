@@ -24,7 +24,7 @@ import threading
 import time
 from multiprocessing.connection import Client, Connection, wait
 
-from batching import BatchingManager, Inference, make_policy
+from batching import BatchingManager, Inference, Result, make_policy
 from serving.protocol import (Abort, Answer, Ask, Bye, Dead, Delta, EngineSpec, Ready, StartFailed, Started, Stop,
                               Submit, Update)
 from serving.sockets import Listener

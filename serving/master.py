@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from multiprocessing.connection import Connection
 
 from engine.config import Settings
