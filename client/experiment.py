@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--wait", type=float, help="sleep U(0,1) x wait seconds between launches (default: by device)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed, the same for every policy")
     parser.add_argument("--max-batch", type=int, help="the server's MAX_BATCH (default: the server's, 128)")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="serve with BATCH_INVARIANT (CPU only for now): every request's text must then be the "
+                             "same under every policy; slower, so the timings are not the default mode's")
     parser.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for /health")
     parser.add_argument("--out", type=Path, default=REPO_DIR / "results")
     return parser.parse_args(argv)
@@ -109,6 +112,8 @@ def server_settings(args: argparse.Namespace) -> dict[str, str]:
                 "DATA_DIR": str(args.out / "server_data")}
     if args.max_batch:
         settings["MAX_BATCH"] = str(args.max_batch)
+    if args.batch_invariant:
+        settings["BATCH_INVARIANT"] = "true"
     return settings
 
 
@@ -297,6 +302,27 @@ def report_header(server: dict, args: argparse.Namespace, defaults_note: str) ->
     return "\n".join(lines)
 
 
+def different_texts(runs: list[PolicyRun]) -> tuple[list[int], int]:
+    """The requests (by index) whose texts differ between policies, and how many were answered by every policy.
+    Every request carries its own sampling seed, so a request gets the same text wherever its logits are the same."""
+    answered = [i for i in range(len(runs[0].records)) if all(run.records[i].ok for run in runs)]
+    return [i for i in answered if len({run.records[i].completion for run in runs}) > 1], len(answered)
+
+
+def texts_note(runs: list[PolicyRun], args: argparse.Namespace) -> str:
+    """What batching did to the text: nothing, under BATCH_INVARIANT; else how many requests it changed."""
+    differ, answered = different_texts(runs)
+    if not differ:
+        return (f"Every one of the {answered} requests answered by every policy got the same text from each "
+                "(each request sends its own sampling seed), so batching changed the time of the answers alone.")
+    why = ("under BATCH_INVARIANT, which should never happen: a bug" if args.batch_invariant else
+           "without BATCH_INVARIANT: a step's products reduce in an order that depends on its batch, and a seeded "
+           "draw that lands within a rounding error of the boundary between two tokens can fall either way "
+           "(`--batch-invariant` rules that out, on a CPU)")
+    return (f"{len(differ)} of the {answered} requests answered by every policy got different texts "
+            f"(requests {', '.join(map(str, differ[:10]))}{', ...' if len(differ) > 10 else ''}), {why}.")
+
+
 def client_table(metrics: dict[str, dict[str, float]]) -> str:
     """The headline figures, one row per policy (report.md's first table, and what the comparison prints)."""
     rows = [[policy, *(m[k] for k in HEADLINE)] for policy, m in metrics.items()]
@@ -315,6 +341,10 @@ Throughput is output tokens over wall-clock time, first request sent to last res
 the server's per-request timings; E2E latency is measured by the client. Times in seconds.
 
 {client_table(metrics)}
+
+## The same text?
+
+{texts_note(runs, args)}
 
 ## Mean latency (s) by requested tokens (the original figure)
 
@@ -382,7 +412,7 @@ def write_results(runs: list[PolicyRun], args: argparse.Namespace, defaults_note
 def run_experiment(args: argparse.Namespace) -> tuple[list[PolicyRun], list[Path]]:
     defaults_note = apply_device_defaults(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    workload = PromptData(args.numsamples, args.numtokens_range, "random", args.wait, args.seed)
+    workload = PromptData(args.numsamples, args.numtokens_range, "random", args.wait, args.seed, seeded=True)
     runs = []
     for policy in args.policies:
         runs.append(run_policy(policy, workload, args))
@@ -401,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         return interrupted(e)
     print(client_table({run.policy: client_metrics(run.records) for run in runs}))
+    if len(runs) > 1:
+        print(texts_note(runs, args))
     print("wrote " + ", ".join(p.name for p in paths) + f" in {args.out}")
     failed = sum(not r.ok for run in runs for r in run.records)
     if failed:

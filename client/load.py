@@ -74,7 +74,7 @@ async def _run_load(url: str, requests: list[Request], key: str | None, stream: 
         sampling = dict(temperature=0, ignore_eos=True) if exact else {}
         texts = [r.text for r in requests]
         messages = [server.post_message("/inference", dict(prompt=text, num_tokens=r.num_tokens, **sampling,
-                                                           stream=streaming or None))
+                                                           seed=r.seed, stream=streaming or None))
                     for r, text in zip(requests, texts)]
         await server.open_connections(sum(r.arrival < 1.0 for r in requests))
         records: list[RequestRecord | None] = [None] * len(requests)

@@ -19,6 +19,7 @@ class Request(NamedTuple):
     prompt: str | list[int]  # text, or token ids
     num_tokens: int  # output tokens asked for
     arrival: float = 0.0  # seconds after the first request
+    seed: int | None = None  # the request's sampling seed, if it sends one
 
     @property
     def text(self) -> str:
@@ -39,7 +40,10 @@ class PromptData:
         selection: str = "random",
         wait: float = 1.0,
         seed: int = 0,
+        seeded: bool = False,
     ) -> None:
+        """seeded: each request also carries a sampling seed of its own (drawn last, so the rest is the same with
+        or without), so that its text can be compared across servers."""
         if selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if num_samples < 0 or wait < 0:
@@ -52,7 +56,9 @@ class PromptData:
         if selection == "descend":
             requests.sort(key=lambda request: request[1], reverse=True)
         arrivals = launch_offsets(num_samples, wait, rng)
-        self.requests = [Request(prompt, num_tokens, at) for (prompt, num_tokens), at in zip(requests, arrivals)]
+        seeds = [rng.randrange(1 << 31) if seeded else None for _ in requests]
+        self.requests = [Request(prompt, num_tokens, at, s) for (prompt, num_tokens), at, s in
+                         zip(requests, arrivals, seeds)]
 
 
 def launch_offsets(num_samples: int, wait: float, rng: random.Random) -> list[float]:

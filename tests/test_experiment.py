@@ -2,6 +2,7 @@
 how it ends when stopped (its server with it, quietly)."""
 import contextlib
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -187,6 +188,30 @@ def test_short_comparison_of_all_three_policies_on_a_real_server(tiny_model_dir,
         assert [r["finish_reason"] for r in timeline["requests"]] == ["length"] * 5
         with open(tmp_path / f"requests_{policy}.csv", newline="") as f:
             assert [row["error"] for row in csv.DictReader(f)] == [""] * 5
+
+
+def test_the_report_says_which_requests_got_different_texts(tmp_path):
+    runs = [fake_run(policy, 0.1) for policy in POLICIES]
+    args = experiment.parse_args(["--device", "cpu", "--out", str(tmp_path)])
+    for run, text in zip(runs, ("a", "a", "b")):
+        run.records[2] = dataclasses.replace(run.records[2], completion=text)
+    assert experiment.different_texts(runs) == ([2], 4)
+    assert "1 of the 4 requests answered by every policy got different texts (requests 2)" in \
+        experiment.texts_note(runs, args)
+    for run in runs:
+        run.records[2] = dataclasses.replace(run.records[2], completion="a")
+    assert "Every one of the 4 requests" in experiment.texts_note(runs, args)
+
+
+def test_a_batch_invariant_comparison_gives_every_seeded_request_one_text(tiny_model_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setenv("KV_CACHE_GB", "0.2")
+    exit_code = experiment.main(["--model", tiny_model_dir, "--weights", "pretrained", "--device", "cpu",
+                                 "--numsamples", "6", "--wait", "0.05", "--numtokens_range", "5", "20",
+                                 "--policies", "nobatch", "dynamic", "--batch-invariant", "--out", str(tmp_path)])
+    assert exit_code == 0
+    assert "Every one of the 6 requests answered by every policy got the same text" in capsys.readouterr().out
+    assert json.loads((tmp_path / "stats_dynamic.json").read_text())["batch-invariant"] is True
 
 
 def test_a_policy_whose_every_request_fails_stops_the_comparison_with_the_reason(tiny_model_dir, tmp_path,
