@@ -19,13 +19,14 @@ from engine.params import SamplingParams
 
 
 def build_runner(model: str, device: torch.device, dtype: torch.dtype, num_blocks: int | None = None,
-                 kv_cache_gb: float = 2.0, max_batch: int = 256, max_step_tokens: int = 2048) -> ModelRunner:
-    """The server's runner for `model` (its attention, and decode graphs up to max_batch on a GPU); the KV pool
-    is sized as the server sizes it unless num_blocks is given."""
+                 kv_cache_gb: float = 2.0, max_batch: int = 256, max_step_tokens: int = 2048,
+                 batch_invariant: bool = False) -> ModelRunner:
+    """The server's runner for `model` (its attention, and decode graphs up to max_batch on a GPU; with
+    batch_invariant, BATCH_INVARIANT's); the KV pool is sized as the server sizes it unless num_blocks is given."""
     gpt, _ = load_model(model, weights_for(model))
     return ModelRunner(gpt, device, dtype, num_blocks=num_blocks, kv_cache_gb=kv_cache_gb, seed=0,
-                       attention=resolve_attention("auto", device), cuda_graphs=True, max_batch=max_batch,
-                       max_step_tokens=max_step_tokens)
+                       attention=resolve_attention("auto", device, batch_invariant), cuda_graphs=True,
+                       max_batch=max_batch, max_step_tokens=max_step_tokens)
 
 
 def make_manager(runner: ModelRunner, policy: str, max_batch: int, max_step_tokens: int,

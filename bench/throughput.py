@@ -61,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--static-batch", type=int, help="batch size of the HF generate peer (cpu 16, full 64)")
     p.add_argument("--repeats", type=int, default=1, help="run each of our rows this many times (the spread "
                                                           "between repeats is reported)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="also run each of our rows with BATCH_INVARIANT (rows ours-POLICY-invariant), and report "
+                        "its cost: its tokens/s over the default mode's")
 
 
 def workloads(args: argparse.Namespace) -> dict[str, list[Request]]:
@@ -107,12 +110,18 @@ def main(args: argparse.Namespace) -> str:
     result = ResultFile(args, "throughput", run_info(device, dtype, args.model))
     wanted = [p for p in args.peers.split(",") if p]
     runner, hf = runner_and_peer(args, device, dtype, kv_blocks_for(works), bool(wanted))
+    runners = {"": runner}
+    if args.batch_invariant:
+        runners["-invariant"] = engine.build_runner(args.model, device, dtype, num_blocks=kv_blocks_for(works),
+                                                    max_batch=args.max_batch, max_step_tokens=args.max_step_tokens,
+                                                    batch_invariant=True)
     for workload, requests in works.items():
         for policy in args.policies.split(","):
             reqs = policy_requests(args, policy, requests)
             for _ in range(args.repeats):
-                run(result, dict(system=f"ours-{policy}", workload=workload, requests=len(reqs)),
-                    lambda: ours(runner, policy, reqs, args, workload))
+                for mode, mode_runner in runners.items():  # side by side, repeat after repeat
+                    run(result, dict(system=f"ours-{policy}{mode}", workload=workload, requests=len(reqs)),
+                        lambda: ours(mode_runner, policy, reqs, args, workload))
         if "hf_cb" in wanted:
             run(result, dict(system="hf-continuous", workload=workload, requests=len(requests)),
                 lambda: peer_row(*peers.run_hf_continuous(hf, requests, device)))
@@ -121,6 +130,8 @@ def main(args: argparse.Namespace) -> str:
                 lambda: peer_row(*peers.run_hf_static(hf, requests, args.static_batch, device)))
     result.data["ratios"] = ratios(result.data["results"])
     result.data["spread"] = spread(result.data["results"])
+    if args.batch_invariant:
+        result.data["batch_invariant_cost"] = invariant_cost(result.data["results"])
     print_table(result.data)
     return result.finish()
 
@@ -146,6 +157,22 @@ def ours(runner, policy: str, requests: list[Request], args: argparse.Namespace,
                 ms_per_step=summary["duration_s"] / burst.steps * 1e3, metrics=summary)
 
 
+def invariant_cost(rows: list[dict]) -> list[dict]:
+    """BATCH_INVARIANT's tokens/s over the default mode's, per policy and workload (means over the repeats)."""
+    def mean(system: str, workload: str) -> float | None:
+        v = [r["output_tokens_per_s"] for r in rows if (r["system"], r["workload"]) == (system, workload)
+             and "output_tokens_per_s" in r]
+        return sum(v) / len(v) if v else None
+
+    out = []
+    for system, workload in dict.fromkeys((r["system"], r["workload"]) for r in rows
+                                          if r["system"].endswith("-invariant")):
+        default, invariant = mean(system.removesuffix("-invariant"), workload), mean(system, workload)
+        if default and invariant:
+            out.append(dict(system=system, workload=workload, of_default=invariant / default))
+    return out
+
+
 def spread(rows: list[dict]) -> list[dict]:
     """(max - min) / max output tokens/s over the repeats of each of our systems on each workload."""
     speeds: dict[tuple, list[float]] = {}
@@ -167,6 +194,8 @@ def print_table(data: dict) -> None:
         print(f"{r['system']:<20} {r['workload']:<9} {r['requests']:>8} {speed}")
     for r in data["ratios"]:
         print(f"{r['workload']:<9} {r['ours']:<16} / {r['peer']:<16} = {r['ratio']:.2f}")
+    for r in data.get("batch_invariant_cost", []):
+        print(f"{r['workload']:<9} {r['system']:<16} at {r['of_default']:.0%} of the default mode's tokens/s")
     for r in data.get("spread", []):
         print(f"{r['workload']:<9} {r['system']:<16} {r['repeats']} repeats: {r['min']:.0f}..{r['max']:.0f} tok/s, "
               f"spread {r['spread']:.1%}")

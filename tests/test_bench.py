@@ -39,6 +39,17 @@ def run_bench(out: str, *argv: str) -> dict:
     return data
 
 
+def test_throughput_puts_batch_invariant_rows_beside_the_default_ones_with_their_cost(out, tiny_model_dir):
+    data = run_bench(out, "throughput", "--model", tiny_model_dir, "--requests", "3", "--offline-min", "8",
+                     "--offline-max", "16", "--policies", "dynamic", "--peers", "", "--batch-invariant")
+    rows = {(r["system"], r["workload"]): r for r in data["results"]}
+    for workload in ("burst", "offline"):
+        default, invariant = rows[("ours-dynamic", workload)], rows[("ours-dynamic-invariant", workload)]
+        assert "error" not in invariant and invariant["output_tokens"] == default["output_tokens"]
+    assert [(c["workload"], c["of_default"] > 0) for c in data["batch_invariant_cost"]] == [("burst", True),
+                                                                                          ("offline", True)]
+
+
 def test_throughput_runs_our_policies_and_the_peers_on_one_workload(out, tiny_model_dir):
     data = run_bench(out, "throughput", "--model", tiny_model_dir, "--requests", "3", "--offline-min", "8",
                      "--offline-max", "16", "--nobatch-requests", "2")
