@@ -117,7 +117,8 @@ def test_the_record_keeps_only_the_last_steps_and_requests_it_is_sized_for(tiny_
 
 def test_since_returns_the_steps_after_it_and_the_requests_that_changed_since_it_was_recorded(tiny_model_dir):
     manager = recorded(tiny_model_dir)
-    early, last = manager.enqueue(request([1, 2], 2)), manager.enqueue(request([1, 2], 5))
+    early = manager.enqueue(request([1, 2], 2))
+    manager.enqueue(request([1, 2], 5))
     run_until_idle(manager)
     seen = manager.timeline.snapshot()
     new = manager.enqueue(request([3, 4], 3))
