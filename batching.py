@@ -316,7 +316,10 @@ class Scheduler:
     (`Sequence.num_unscheduled`: with overlapped steps that counts the token still in flight, and nothing once
     the tokens sampled reach max_tokens); when the pool runs dry the most recently admitted sequence is
     preempted: its blocks are freed and it is recomputed from its tokens later, ahead of any new admission.
-    Preempted sequences were already admitted, so the policy is not asked again."""
+    Preempted sequences were already admitted, so the policy is not asked again. With prefix caching a sequence
+    is admitted after its longest chain of cached blocks (a preempted one finds its own, unless evicted), and the
+    blocks each planned chunk fills are named as it is planned, so that a sequence admitted later in the same step
+    can share them (engine/kv_cache.py)."""
 
     def __init__(self, policy: Policy, runner: "ModelRunner", max_step_tokens: int):
         assert max_step_tokens >= policy.max_batch, "the step budget must fit one decode token per sequence"
