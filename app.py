@@ -22,7 +22,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound, RequestEntityTooLarg
 from api.completions import Completion, models_response, parse_completion_request
 from api.demo import parse_burst, start_burst
 from api.errors import ApiError, api_error
-from api.server import draining, running
+from api.server import draining, running, starting
 from api.sse import sse_response
 from api.submission import Submission
 from api.validation import InvalidRequest, cache_salt, checked, number, reject_unknown, stop_strings, typed
@@ -87,6 +87,8 @@ def request_id_ready_and_key():
     given = request.headers.get("X-Request-Id", "")
     g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     request.max_content_length = 1 << 20  # until the settings say otherwise
+    if request.endpoint == "metrics" and starting():
+        return None  # open, and read from the workers' shared directory: a scrape must not fail on a new worker
     server = running()
     # A chunked body has no Content-Length to check up front, and werkzeug stops reading it at the limit without
     # a word: allow one byte more, so that json_body can tell a body over the limit from one that fits.
@@ -286,7 +288,8 @@ def completions():
 
 @app.get("/metrics")
 def metrics():
-    server = running()
-    server.metrics.publish_load(server.engine.load())  # this worker's gauges exact at scrape time
+    if not starting():
+        server = running()
+        server.metrics.publish_load(server.engine.load())  # this worker's gauges exact at scrape time
     text, content_type = render()
     return Response(text, content_type=content_type)

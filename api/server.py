@@ -54,6 +54,11 @@ class Server:
 current: Server | None = None
 
 
+def starting() -> bool:
+    """This worker has not reached its engines yet."""
+    return current is None
+
+
 def running() -> Server:
     if current is None:
         raise ApiError(503, "starting: the engines are loading the model (GET /health answers 200 once they serve)",

@@ -99,14 +99,17 @@ def test_a_starting_server_answers_503_starting_until_its_engines_serve(tiny_mod
     with open(tmp_path / "server.log", "w+") as log:
         server = server_process.start_server("dynamic", settings, log)
         try:
-            answers = []
+            answers, scrapes = [], []
             while not answers or answers[-1].status_code != 200:
                 with contextlib.suppress(requests.ConnectionError):  # gunicorn not listening yet
                     answers.append(requests.get(server.url + "/health", timeout=60))
+                    scrapes.append(requests.get(server.url + "/metrics", timeout=60))
                 assert server.proc.poll() is None, "the server exited"
                 time.sleep(0.05)
             starting = [r for r in answers if r.status_code == 503]
             assert starting and all(r.json()["error"]["code"] == "starting" for r in starting)
+            metrics = [(r.status_code, r.headers["Content-Type"]) for r in scrapes]
+            assert metrics and all(code == 200 and "text/plain" in kind for code, kind in metrics)  # never 503
             assert answers[-1].json()["engines-serving"] == 2  # a worker serves once it reaches every engine
         finally:
             server.stop()
