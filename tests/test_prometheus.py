@@ -138,7 +138,7 @@ def test_two_workers_feed_one_engine_add_up_and_a_dead_workers_gauges_vanish(tin
         assert os.path.exists(os.path.join(directory, f"gauge_livemax_{victim}.db"))
         os.kill(victim, signal.SIGKILL)
         wait_until(lambda: not os.path.exists(os.path.join(directory, f"gauge_livemax_{victim}.db")))
-        # the worker gunicorn starts in its place answers 503 "starting" until it reaches the engine: wait for both
+        # both workers serving again: the one gunicorn starts in the victim's place among them
         wait_until(lambda: all(requests.get(url + "/health").status_code == 200 for _ in range(8)))
         assert value(scrape(url), "vllm:request_success_total", finished_reason="length") == 16  # counters stay
 
