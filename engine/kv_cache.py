@@ -9,12 +9,13 @@ or preempted.
 Prefix caching (engine/prefix.py names the blocks): every full block whose tokens are known is registered under
 its chained hash as soon as a step is planned to compute it (as vLLM does), so that requests admitted in the same
 step share it too: the step writes every token's K/V before any attention reads the cache, in every layer. If
-that step fails, its blocks are forgotten (`forget`) and the sequences that hold them fail with it. Blocks are reference-counted, so sequences with the same prefix share its
-blocks. A block no sequence holds keeps its K/V and its name while it waits among the cached free blocks, least
-recently released first; the pool takes a block from there (forgetting its name) only when no plain free block
-is left, so free space counts both. A sequence admitted later (or a preempted one coming back) starts from its
-longest chain of cached blocks and computes the rest. Shared blocks are always full, and a sequence only ever
-writes past its cached prefix, so no sequence writes into a block another reads.
+that step fails, its blocks are forgotten (`forget`) and the sequences that hold them fail with it. Blocks are
+reference-counted, so sequences with the same prefix share its blocks. A block no sequence holds keeps its K/V
+and its name while it waits among the cached free blocks, least recently released first; the pool takes a block
+from there (forgetting its name) only when no plain free block is left, so free space counts both. A sequence
+admitted later (or a preempted one coming back) starts from its longest chain of cached blocks and computes the
+rest. Shared blocks are always full, and a sequence only ever writes past its cached prefix, so no sequence
+writes into a block another reads.
 
 The pool has one block more than it hands out: padding rows of a CUDA-graph step write their K/V into that
 spare block (`pad_slot`), so a padded step never touches a block that belongs to a sequence.
@@ -23,7 +24,7 @@ from collections import OrderedDict, deque
 
 import numpy as np
 
-from engine.prefix import NO_SALT, block_hashes, cacheable_blocks
+from engine.prefix import NO_SALT, block_hashes, cacheable_block_hashes
 
 
 def slot_mapping(block_tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
@@ -54,7 +55,6 @@ class BlockManager:
         self.rows: dict[int, int] = {}  # sequence id -> its row of table_rows
         self.free_rows: list[int] = []
         self.table_rows = np.zeros((0, max_blocks_per_seq), dtype=np.int32)
-        self.hit_tokens = self.queried_tokens = 0  # over every allocation, for the engine's load()
         self.named: list[int] = []  # blocks named since the engine last took the list (take_named)
 
     def blocks_needed(self, num_tokens: int) -> int:
@@ -73,8 +73,7 @@ class BlockManager:
         if not self.prefix_caching:
             return []
         blocks = []
-        for h, tokens in block_hashes(token_ids[:cacheable_blocks(len(token_ids), self.block_size) *
-                                                self.block_size], self.block_size, salt):
+        for h, tokens in cacheable_block_hashes(token_ids, self.block_size, salt):
             block = self.block_of_hash.get(h)
             if block is None or self.tokens_of_block[block] != tokens:
                 break
@@ -104,9 +103,6 @@ class BlockManager:
         self.hashes[seq_id] = [self.hash_of_block[b] for b in cached]
         self.salts[seq_id] = salt
         self.grow(seq_id, len(token_ids))
-        if self.prefix_caching:
-            self.queried_tokens += len(token_ids)
-            self.hit_tokens += len(cached) * self.block_size
         return len(cached) * self.block_size
 
     def can_grow(self, seq_id: int, num_tokens: int) -> bool:
@@ -220,7 +216,8 @@ class BlockManager:
         assert counts == self.ref_counts, "a block's reference count is not the number of tables that hold it"
         free = list(self.free_blocks) + list(self.cached_free)
         assert len(free) == len(set(free)), "a block is listed free twice"
-        assert sorted(free) == [b for b in range(self.num_blocks) if counts[b] == 0], "a block is held and free, or lost"
+        assert sorted(free) == [b for b in range(self.num_blocks) if counts[b] == 0], \
+            "a block is held and free, or lost"
         assert all(b in self.hash_of_block for b in self.cached_free), "an unnamed block waits among the cached"
         assert not any(b in self.hash_of_block for b in self.free_blocks), "a named block is among the plain free"
         assert all(self.hash_of_block.get(b) == h for h, b in self.block_of_hash.items()) and \

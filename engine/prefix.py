@@ -35,7 +35,8 @@ def block_hashes(token_ids: list[int], block_size: int, salt: int = NO_SALT, sta
         yield h, tokens
 
 
-def cacheable_blocks(num_tokens: int, block_size: int) -> int:
-    """How many of a sequence's first full blocks may come from the cache: its last token is always computed,
-    since the step that computes it gives the logits of the next token."""
-    return (num_tokens - 1) // block_size
+def cacheable_block_hashes(token_ids: list[int], block_size: int,
+                           salt: int = NO_SALT) -> Iterator[tuple[int, tuple[int, ...]]]:
+    """(name, tokens) of the first full blocks of token_ids that may come from the cache: all but the one holding
+    its last token, which is always computed, since the step that computes it gives the logits of the next."""
+    return block_hashes(token_ids[:(len(token_ids) - 1) // block_size * block_size], block_size, salt)

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 
 from batching import Inference, Limits
-from engine.prefix import block_hashes, cacheable_blocks, salt_key
+from engine.prefix import cacheable_block_hashes, salt_key
 from serving.client import EngineClient, fail
 from telemetry.stats import ServerStats
 
@@ -37,8 +37,7 @@ class PrefixIndex:
 
     def names(self, inf: Inference) -> list[int]:
         """The names of the prompt's blocks that a cache could supply."""
-        ids = inf.prompt_ids[:cacheable_blocks(len(inf.prompt_ids), self.block_size) * self.block_size]
-        return [h for h, _ in block_hashes(ids, self.block_size, salt_key(inf.cache_salt))]
+        return [h for h, _ in cacheable_block_hashes(inf.prompt_ids, self.block_size, salt_key(inf.cache_salt))]
 
     def longest(self, names: list[int]) -> tuple[int | None, int]:
         """The engine that was sent the longest run of these blocks from the first, and how many."""

@@ -135,7 +135,8 @@ class ServerStats:
             "tpot": distribution([r.tpot for r in completed if r.tpot is not None]),
             "e2e-latency": distribution([r.e2e for r in completed]),
             # prompt tokens whose KV came from the prefix cache, of the requests that got a token
-            "prefix-cache": {"queried-tokens": queried, "hit-tokens": hits, "hit-rate": hits / queried if queried else 0.0},
+            "prefix-cache": {"queried-tokens": queried, "hit-tokens": hits,
+                             "hit-rate": hits / queried if queried else 0.0},
             "server-time": time.perf_counter(),  # the clock of arrivals: a later ?since= starts here
         }
 

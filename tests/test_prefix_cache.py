@@ -44,7 +44,6 @@ def test_a_shared_prefix_is_shared_block_for_block():
     assert computed(bm, 1, system + [7, 8, 9]) == 8  # the two full blocks of the system prompt
     assert bm.tables[1][:2] == bm.tables[0][:2] and bm.tables[1][2] != bm.tables[0][2]
     assert [bm.ref_counts[b] for b in bm.tables[0][:3]] == [2, 2, 1]
-    assert (bm.hit_tokens, bm.queried_tokens) == (8, 26)
 
 
 def test_the_last_prompt_token_is_always_computed():
@@ -107,7 +106,7 @@ def test_without_prefix_caching_nothing_is_named_or_shared():
     bm = BlockManager(8, BS, prefix_caching=False)
     computed(bm, 0, list(range(9)))
     assert computed(bm, 1, list(range(9))) == 0
-    assert not bm.hash_of_block and bm.queried_tokens == 0
+    assert not bm.hash_of_block
 
 
 def test_clear_cache_forgets_unheld_blocks_only():
