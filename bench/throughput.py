@@ -93,11 +93,17 @@ def ratios(rows: list[dict]) -> list[dict]:
             if not p["system"].startswith("ours") and p["workload"] == o["workload"]]
 
 
+def warm_runner(args: argparse.Namespace, device, dtype, num_blocks: int, batch_invariant: bool = False):
+    """Our runner with a KV pool of num_blocks, warmed up (first-call costs stay out of the timings)."""
+    runner = engine.build_runner(args.model, device, dtype, num_blocks=num_blocks, max_batch=args.max_batch,
+                                 max_step_tokens=args.max_step_tokens, batch_invariant=batch_invariant)
+    engine.warm_up(runner)
+    return runner
+
+
 def runner_and_peer(args: argparse.Namespace, device, dtype, num_blocks: int, peer: bool) -> tuple:
     """Our runner with a KV pool of num_blocks, and (if `peer`) HF's model of the same shape, both warmed up."""
-    runner = engine.build_runner(args.model, device, dtype, num_blocks=num_blocks, max_batch=args.max_batch,
-                                 max_step_tokens=args.max_step_tokens)
-    engine.warm_up(runner)
+    runner = warm_runner(args, device, dtype, num_blocks)
     hf = peers.hf_model(args.model, device, dtype) if peer else None
     if hf is not None:
         peers.warm_up(hf, device)
@@ -112,9 +118,7 @@ def main(args: argparse.Namespace) -> str:
     runner, hf = runner_and_peer(args, device, dtype, kv_blocks_for(works), bool(wanted))
     runners = {"": runner}
     if args.batch_invariant:
-        runners["-invariant"] = engine.build_runner(args.model, device, dtype, num_blocks=kv_blocks_for(works),
-                                                    max_batch=args.max_batch, max_step_tokens=args.max_step_tokens,
-                                                    batch_invariant=True)
+        runners["-invariant"] = warm_runner(args, device, dtype, kv_blocks_for(works), batch_invariant=True)
     for workload, requests in works.items():
         for policy in args.policies.split(","):
             reqs = policy_requests(args, policy, requests)
