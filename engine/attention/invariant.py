@@ -12,7 +12,7 @@ exact zeros), so a decode and a long prefill chunk give the same numbers. Layer 
 row by row already; the sampler's draws are keyed by (seed, position).
 
 The price: padding (a decode runs a 16-row tile of copies of itself) and many small products: on this project's
-CPU 46-51% of the default mode's tokens/s with batching, 29% for nobatch (bench/results/cpu/batch-invariant).
+CPU 45-48% of the default mode's tokens/s with batching, 28-29% for nobatch (bench/results/cpu/batch-invariant).
 The CPU path only: on a GPU the libraries' kernels for these shapes are not checked yet.
 tests/test_batch_invariant.py checks the property itself.
 """
