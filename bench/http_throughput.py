@@ -5,6 +5,7 @@ how the engine's steps went (how many, how long, and the gaps between them, wher
 results and takes requests; in-process, with nothing but the step's own bookkeeping between steps, they averaged
 0.1-0.2 ms on an H200)."""
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import requests as http
 
 from bench import throughput
 from bench.common import ResultFile, resolve, run_info
-from bench.server import add_server_arguments, policy_server, send_load
+from bench.server import add_server_arguments, policy_server, send_load, stream_intervals
 from client.load import Load
 from client.workload import Request
 
@@ -30,9 +31,10 @@ def main(args: argparse.Namespace) -> str:
     device, dtype = resolve(args, throughput.CPU, throughput.FULL)
     works = throughput.workloads(args)
     result = ResultFile(args, "http", run_info(device, dtype, args.model))
-    for policy in args.policies.split(","):
+    for policy, interval in itertools.product(args.policies.split(","), stream_intervals(args)):
+        server = dict(policy=policy) if interval is None else dict(policy=policy, stream_interval_ms=interval)
         try:
-            with policy_server(args, policy, device, dtype) as (url, health):
+            with policy_server(args, policy, device, dtype, interval) as (url, health):
                 result.data["server"] = health
                 send_load(url, WARM_UP)
                 for workload, requests in works.items():
@@ -40,14 +42,15 @@ def main(args: argparse.Namespace) -> str:
                     for _ in range(args.repeats):
                         since = timeline(url)["step"]  # the step before this run (read before it starts)
                         load = send_load(url, requests, desc=f"{policy} {workload}")
-                        row = dict(policy=policy, workload=workload, requests=len(requests), **load.outcome())
+                        row = dict(**server, workload=workload, requests=len(requests), **load.outcome())
                         if load.answered and health["engines"] == 1:  # steps are numbered per engine
                             row["engine"] = engine_side(timeline(url, since), load)
-                        print(f"{policy} {workload}: {row.get('metrics', {}).get('output_tokens_per_s')} tok/s, "
-                              f"{row['failed']} failed; {row.get('engine')}", flush=True)
+                        print(f"{server} {workload}: {row.get('metrics', {}).get('output_tokens_per_s')} tok/s, "
+                              f"{row.get('tokens_per_event')} tokens per event, {row['failed']} failed; "
+                              f"{row.get('engine')}", flush=True)
                         result.add(row)
         except Exception as e:  # a server that does not start is a finding; the other policies still run
-            result.add(dict(policy=policy, workload=args.workloads, requests=0, error=repr(e)[:1000]))
+            result.add(dict(**server, workload=args.workloads, requests=0, error=repr(e)[:1000]))
     return result.finish()
 
 

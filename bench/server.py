@@ -14,16 +14,25 @@ from client.workload import Request
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engines", type=int, help="the server's ENGINES (default: its own, one per visible GPU)")
+    p.add_argument("--stream-interval-ms", help="comma list of the server's STREAM_INTERVAL_MS, a server each, its "
+                                                "rows side by side (default: the server's own: a token per event)")
 
 
-def policy_server(args: argparse.Namespace, policy: str, device: torch.device,
-                  dtype: torch.dtype) -> contextlib.AbstractContextManager[tuple[str, dict]]:
+def stream_intervals(args: argparse.Namespace) -> list[float | None]:
+    """The STREAM_INTERVAL_MS of each server to run (None: the server's default)."""
+    return [float(ms) for ms in args.stream_interval_ms.split(",")] if args.stream_interval_ms else [None]
+
+
+def policy_server(args: argparse.Namespace, policy: str, device: torch.device, dtype: torch.dtype,
+                  stream_interval_ms: float | None = None) -> contextlib.AbstractContextManager[tuple[str, dict]]:
     """The server a benchmark's flags describe: its model, device, dtype, engines, batch and step limits, CPU
-    threads."""
+    threads, and how often it sends a stream's text."""
     settings = dict(MAX_BATCH=args.max_batch, MAX_STEP_TOKENS=args.max_step_tokens,
                     OVERLAP_STEPS=overlap_setting(args))
     if args.engines:
         settings["ENGINES"] = args.engines
+    if stream_interval_ms is not None:
+        settings["STREAM_INTERVAL_MS"] = stream_interval_ms
     if args.threads:
         settings["OMP_NUM_THREADS"] = args.threads  # torch's intra-op pool follows it
     settings.update(MODEL=args.model, WEIGHTS=weights_for(args.model), DEVICE=str(device),

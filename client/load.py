@@ -49,6 +49,9 @@ class Load:
         fields = dict(streaming=self.streaming, failed=len(self.errors), errors=self.errors[:3])
         if not self.answered:
             return fields | dict(error=f"no request succeeded: {self.errors[:1]}")
+        if self.streaming:  # 1.0: a token per event; more: the server merged tokens it could not send in time
+            events = sum(len(r.token_times) for r in self.answered)
+            fields["tokens_per_event"] = round(sum(r.output_tokens for r in self.answered) / events, 3)
         return fields | dict(metrics=summarize(self.answered, **slo))
 
 
@@ -244,10 +247,10 @@ async def _read_plain(response: Response, request: Request, text: str, sent: flo
 
 
 async def _read_stream(response: Response, request: Request, text: str, sent: float) -> RequestRecord:
-    """Token times are the arrival times of events with text; an event carries several tokens (the server sends a
-    stream's text at most every STREAM_INTERVAL_MS, 20 ms by default, and more when its writer fell behind), so
-    ITL is per event, as a client sees it, and TPOT counts tokens. A stream that ends for "length"
-    produced exactly num_tokens."""
+    """Token times are the arrival times of events with text. An event is a token by default, but may carry
+    several (the server merges what piled up for a stream when its writer fell behind, and with STREAM_INTERVAL_MS
+    it sends at most that often), so ITL is per event, as a client sees it, and TPOT counts tokens. A stream that
+    ends for "length" produced exactly num_tokens."""
     token_times, pieces, finish_reason, done = [], [], None, False
     pending = b""
     async for chunk in response.chunks():  # server-sent events, one `data:` line each

@@ -31,7 +31,7 @@ class Settings:
     data_dir: str = "data"
     max_body_bytes: int = 1 << 20
     health_stall_s: float = 120.0
-    stream_interval_ms: float = 20.0  # a stream's text is sent at most this often (its first token at once)
+    stream_interval_ms: float = 0.0  # a stream's text is sent at most this often (0: a token per event)
     check_invariants: bool = False  # check the engine's bookkeeping after every step (tests; costs time)
 
     @classmethod

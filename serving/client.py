@@ -1,8 +1,8 @@
 """Runs in an HTTP worker: its handle on one engine process (serving/engine_main.py).
 
 The worker's `Inference` objects (each with the `threading.Event` its HTTP thread waits on) stay here; the engine
-keeps its own sequences. A receiver thread takes the engine's messages: a stream's text as it grows (at most every
-STREAM_INTERVAL_MS), a request's `Result` when it finishes (`Inference.take_result`), answers to questions (each
+keeps its own sequences. A receiver thread takes the engine's messages: a stream's text as it grows (each step's,
+or at most every STREAM_INTERVAL_MS), a request's `Result` when it finishes (`Inference.take_result`), answers to questions (each
 matched to its question by id, so that a late answer can never be taken for another's), and the engine's load.
 When the engine goes away, the requests in flight go to `on_lost` (the router resubmits or fails them).
 
@@ -141,12 +141,12 @@ class EngineClient:
                 self._unreceived.popleft()
             self.last_step_time = time.monotonic()
             finished = {r.id: self._in_flight.pop(r.id, None) for r in update.results}
-        for delta in update.deltas:
-            inf = self._in_flight.get(delta.id) or finished.get(delta.id)
+        for id, text, streamed_tokens, logprobs in update.deltas:
+            inf = self._in_flight.get(id) or finished.get(id)
             if inf is not None and inf.stream is not None:
-                inf.logprobs.extend(delta.logprobs)  # those of the tokens this text completes
-                inf.streamed_tokens = delta.streamed_tokens
-                inf.stream.put(delta.text)
+                inf.logprobs.extend(logprobs)  # those of the tokens this text completes
+                inf.streamed_tokens = streamed_tokens
+                inf.stream.put(text)
         for result in update.results:
             inf = finished[result.id]
             if inf is not None:

@@ -53,11 +53,11 @@ class _Worker:
 
 class _Collector:
     """A sequence's stream sink. Its text goes out with a step's update, with how many of its tokens that text
-    covers and their logprobs (when asked for): the first text at once (time to first token), then at most every
-    `interval` seconds, the rest when the sequence finishes. On a GPU a step takes 2 ms: a delta per token would be
-    500 pickled deltas, thread wake-ups and SSE writes a second for each stream, work that a worker with a hundred
-    streams cannot keep up with while it also takes new requests. Between sends the engine does not even cut the
-    text (`due`)."""
+    covers and their logprobs (when asked for): by default each step's token at once, as OpenAI and vLLM stream
+    (a token per event); with STREAM_INTERVAL_MS the first text at once (time to first token), then at most every
+    `interval` seconds, the rest when the sequence finishes, and between sends the engine does not even cut the
+    text (`due`). A worker that falls behind merges what has piled up for a stream into one event
+    (api/submission.py): coalescing happens only where the server cannot keep up."""
 
     def __init__(self, inf: Inference, worker_id: int, worker: _Worker, interval: float):
         self.inf, self.worker_id, self.worker, self.interval = inf, worker_id, worker, interval
@@ -73,7 +73,7 @@ class _Collector:
         inf = self.inf
         logprobs = inf.logprobs[self.sent_logprobs:inf.streamed_tokens]
         self.sent_logprobs, self.last_sent = inf.streamed_tokens, time.monotonic()
-        self.worker.deltas.append(Delta(self.worker_id, text, inf.streamed_tokens, logprobs))
+        self.worker.deltas.append((self.worker_id, text, inf.streamed_tokens, logprobs))
 
 
 def main(address: str) -> None:
