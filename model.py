@@ -42,6 +42,19 @@ class Linear(nn.Linear):
         return invariant.linear(x, self.weight, self.bias) if self.batch_invariant else super().forward(x)
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that also takes the residual add before it: `add_norm(x, y)` returns x + y (the new residual
+    stream) and its norm, in one Triton launch with `fused_add` set (GPT.fuse_kernels), two ops otherwise."""
+    fused_add = False
+
+    def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_add:
+            from engine.triton_norm import add_layer_norm  # triton only on this path
+            return add_layer_norm(x, y, self.weight, self.bias, self.eps)
+        x = x + y
+        return x, self(x)
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: GPTConfig):
@@ -65,6 +78,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused_gelu = False  # c_fc's bias and GELU inside its product (GPT.fuse_kernels, on CUDA)
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -72,21 +86,28 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+        if self.fused_gelu:  # one launch: cuBLASLt's GELU_BIAS epilogue, the tanh GELU on CUDA
+            h = torch._addmm_activation(self.c_fc.bias, x, self.c_fc.weight.t(), use_gelu=True)
+        else:
+            h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
+        return self.c_proj(h)
 
 
 class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), meta)
-        return x + self.mlp(self.ln_2(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, meta: AttentionMetadata,
+                next_norm: LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream (N, C); h: ln_1(x). Returns the stream after this block and next_norm of it (the
+        next block's ln_1, or ln_f): each residual add goes with the norm after it."""
+        x, h = self.ln_2.add_norm(x, self.attn(h, meta))
+        return next_norm.add_norm(x, self.mlp(h))
 
 
 class GPT(nn.Module):
@@ -98,10 +119,11 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
+        self.padded_head: torch.Tensor | None = None  # lm_head's weight with zero rows after it (pad_vocab)
 
     def make_batch_invariant(self) -> None:
         """Run every linear layer over fixed tiles of rows (BATCH_INVARIANT; the attention is the runner's)."""
@@ -109,14 +131,42 @@ class GPT(nn.Module):
             if isinstance(module, Linear):
                 module.batch_invariant = True
 
+    def fuse_kernels(self) -> None:
+        """Fewer launches for the GPU path (attention "triton"; a decode step at batch 1 is launch-bound): every
+        residual add inside the layer norm after it (engine/triton_norm.py), and on CUDA c_fc's bias and GELU
+        inside its product. Call it once the model is on its device: a CPU's _addmm_activation takes the erf GELU,
+        not GPT-2's tanh one (cuBLASLt's epilogue), so there the GELU stays apart."""
+        on_cuda = self.lm_head.weight.is_cuda
+        for module in self.modules():
+            if isinstance(module, LayerNorm):
+                module.fused_add = True
+            elif isinstance(module, MLP):
+                module.fused_gelu = on_cuda
+
+    def pad_vocab(self, multiple: int = 64) -> None:
+        """Give the vocab projection a row count that is a multiple of `multiple` (50,257 -> 50,304, as nanoGPT
+        pads it): a product with an odd-sized output runs on cuBLAS's unaligned kernels (an H100 at batch 128 took
+        167 us for what reads 103 MB). The extra rows are zeros whose logits are cut off; the embedding keeps a
+        view of the same memory, so the weights stay tied and nothing is held twice."""
+        wte = self.transformer.wte.weight
+        vocab, width = wte.shape
+        padded = torch.zeros(-(-vocab // multiple) * multiple, width, dtype=wte.dtype, device=wte.device)
+        padded[:vocab] = wte.data
+        wte.data = padded[:vocab]
+        self.padded_head = padded
+
     def forward(self, idx: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """idx, pos: (N,) packed new tokens; returns fp32 logits (len(logits_indices), vocab) for the rows that
         sample (all rows when None, as in a decode step), so the large vocab projection runs only where a token
         is drawn."""
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (N, C)
-        for block in self.transformer.h:
-            x = block(x, meta)
+        blocks = self.transformer.h
+        x, h = blocks[0].ln_1.add_norm(self.transformer.wte(idx), self.transformer.wpe(pos))  # (N, C) each
+        next_norms = [block.ln_1 for block in blocks][1:] + [self.transformer.ln_f]
+        for block, next_norm in zip(blocks, next_norms):
+            x, h = block(x, h, meta, next_norm)
         if logits_indices is not None:
-            x = x[logits_indices]
-        return self.lm_head(self.transformer.ln_f(x)).float()
+            h = h[logits_indices]  # after ln_f, which works row by row: the same rows as selecting before it
+        if self.padded_head is None:
+            return self.lm_head(h).float()
+        return F.linear(h, self.padded_head)[:, :self.config.vocab_size].float()

@@ -69,6 +69,10 @@ class ModelRunner:
         self.model = model.to(device=device, dtype=dtype).eval()
         if attention == "invariant":
             self.model.make_batch_invariant()
+        elif attention == "triton":  # the GPU path (interpreted on a CPU, for tests): fewer launches per step
+            self.model.fuse_kernels()
+        if device.type == "cuda":
+            self.model.pad_vocab()
         c = model.config
         if num_blocks is None:
             num_blocks = self._blocks_that_fit(block_size, kv_cache_gb, gpu_memory_utilization)

@@ -2,8 +2,9 @@
 
 The worker's `Inference` objects (each with the `threading.Event` its HTTP thread waits on) stay here; the engine
 keeps its own sequences. A receiver thread takes the engine's messages: a stream's text as it grows (each step's,
-or at most every STREAM_INTERVAL_MS), a request's `Result` when it finishes (`Inference.take_result`), answers to questions (each
-matched to its question by id, so that a late answer can never be taken for another's), and the engine's load.
+or at most every STREAM_INTERVAL_MS), a request's `Result` when it finishes (`Inference.take_result`), answers to
+questions (each matched to its question by id, so that a late answer can never be taken for another's), and the
+engine's load.
 When the engine goes away, the requests in flight go to `on_lost` (the router resubmits or fails them).
 
 Threads: HTTP threads call enqueue/abort/ask (a lock orders their writes to the connection); the receiver thread
