@@ -4,6 +4,8 @@
   http          the same workloads over HTTP against ./server.sh, one server per policy
   scale         output tokens/s over HTTP with 1, 2, ... engine processes (ENGINES), one per GPU
   decode        ms per decode step by batch size at a fixed context, beside the memory-bandwidth roofline
+  prefill       prompt tokens/s of prefill by prompt length, as a share of the card's measured matmul throughput
+  longtail      a long-tailed burst in-process and over HTTP, beside the bound for its schedule
   poisson       Poisson arrivals at rising QPS over HTTP: TTFT, TPOT, ITL, E2E, goodput per policy
   interference  p99 inter-token latency of running decodes while long prompts arrive, chunked prefill or not
   timeline-overhead  what recording the schedule (GET /timeline) costs per engine step
@@ -21,7 +23,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the engine's modules
 
 COMMANDS = {"throughput": "bench.throughput", "http": "bench.http_throughput", "scale": "bench.scale",
-            "decode": "bench.decode",
+            "decode": "bench.decode", "prefill": "bench.prefill", "longtail": "bench.longtail",
             "poisson": "bench.poisson", "interference": "bench.interference",
             "timeline-overhead": "bench.timeline_overhead", "prefix": "bench.prefix", "report": "bench.report"}
 

@@ -79,6 +79,60 @@ def decode(plt, data: dict):
     return fig
 
 
+def prefill(plt, data: dict):
+    """Each run's share of the matmul peak (beside the 55% target) and its prompt tokens/s by prompt length, the
+    repeats' means joined."""
+    rows = [r for r in data["results"] if "error" not in r]
+    lengths = sorted({r["prompt_tokens"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, scale, ylabel, top in ((axes[0], "of_matmul_peak", 100, "% of the matmul peak", 100),
+                                        (axes[1], "tokens_per_s", 1, "prompt tokens/s", 0)):
+        runs = defaultdict(list)
+        for r in rows:
+            runs[r["prompt_tokens"]].append(r[key] * scale)
+        ax.plot([n for n in lengths for _ in runs[n]], [v for n in lengths for v in runs[n]], "o", color="C0",
+                alpha=0.5)
+        ax.plot(lengths, [sum(runs[n]) / len(runs[n]) for n in lengths], "-", color="C0")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.set_xlabel(f"prompt tokens ({rows[0]['requests'] if rows else '?'} prompts each)")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, max([top] + [1.15 * v for values in runs.values() for v in values]))
+    axes[0].axhline(55, color="C3", linestyle="--", label="target: 55% of the matmul peak")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(f"matmul peak {data['matmul_peak_tflops']:.3g} TFLOP/s")
+    return fig
+
+
+def longtail_run(row: dict) -> str:
+    """'in-process', 'HTTP', or with the server's STREAM_INTERVAL_MS where a run set it: 'HTTP, 20 ms'."""
+    if not row["over_http"]:
+        return "in-process"
+    return "HTTP" if row.get("stream_interval_ms") is None else f"HTTP, {row['stream_interval_ms']:g} ms"
+
+
+def longtail(plt, data: dict):
+    """Achieved output tokens/s in-process and over HTTP, each beside the bound of the schedule and the target (70%
+    of it)."""
+    rows = [r for r in data["results"] if r.get("output_tokens_per_s") is not None]
+    names = [longtail_run(r) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = range(len(rows))
+    achieved = ax.bar([i - 0.2 for i in x], [r["output_tokens_per_s"] for r in rows], 0.4, color="C0",
+                      label="achieved")
+    bound = ax.bar([i + 0.2 for i in x], [r["bound_tokens_per_s"] for r in rows], 0.4, color="C7", label="bound")
+    ax.bar_label(achieved, labels=[f"{r['output_tokens_per_s']:.0f}\n{r['of_bound']:.0%}" for r in rows], fontsize=8)
+    ax.bar_label(bound, fmt="%.0f", fontsize=8)
+    ax.hlines([0.7 * r["bound_tokens_per_s"] for r in rows], [i - 0.4 for i in x], [i + 0.4 for i in x], color="C3",
+              linestyle="--", label="target: 70% of the bound")
+    ax.set_xticks(list(x), names)
+    ax.set_ylim(0, 1.4 * max([1] + [r["bound_tokens_per_s"] for r in rows]))  # room for the legend above the bars
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"long-tailed burst ({rows[0]['requests'] if rows else '?'} requests)")
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    return fig
+
+
 def poisson(plt, data: dict):
     figures = (("ttft_s", "p99 TTFT (s)", "p99"), ("tpot_s", "p99 TPOT (s)", "p99"), ("itl_s", "p99 ITL (s)", "p99"),
                ("e2e_s", "p99 E2E latency (s)", "p99"), ("output_tokens_per_s", "output tokens/s", None),
@@ -147,5 +201,6 @@ def prefix(plt, data: dict):
     return _bars(plt, rows, lambda r: r.get("total_tokens_per_s"), "label", "prompt + output tokens/s")
 
 
-DRAW = {"throughput": throughput, "http": http, "scale": scale, "decode": decode, "poisson": poisson,
+DRAW = {"throughput": throughput, "http": http, "scale": scale, "decode": decode, "prefill": prefill,
+        "longtail": longtail, "poisson": poisson,
         "interference": interference, "timeline-overhead": timeline_overhead, "prefix": prefix}

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from bench import plots
 
-ORDER = ("throughput", "http", "scale", "decode", "poisson", "interference", "timeline-overhead", "prefix")
+ORDER = ("throughput", "http", "scale", "decode", "prefill", "longtail", "poisson", "interference", "timeline-overhead",
+         "prefix")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,6 +109,39 @@ def decode_table(data: dict) -> str:
                      "of roofline", "our tok/s", "ideal graph ms", "ideal eager ms"], rows))
 
 
+def prefill_table(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        head = [str(r["prompt_tokens"]), str(r["requests"]), str(r["max_batch"]), str(r["max_step_tokens"])]
+        if "error" in r:
+            rows.append(head + ["failed: " + r["error"][:80]] + ["–"] * 5)
+            continue
+        rows.append(head + [fmt(r["seconds"], digits=3), fmt(r["tokens_per_s"], digits=0), fmt(r["tflops"], digits=2),
+                            fmt(r["of_matmul_peak"], 100, 0) + "%", str(r["steps"]), fmt(r["ms_per_step"], digits=2)])
+    return (f"matmul peak {data['matmul_peak_tflops']:.2f} TFLOP/s (measured in the same run); prompt tokens/s over "
+            "wall-clock, FLOPs as bench/README.md's Bounds count them.\n\n"
+            + table(["prompt tokens", "requests", "MAX_BATCH", "MAX_STEP_TOKENS", "seconds", "prompt tok/s", "TFLOP/s",
+                     "of matmul peak", "steps", "ms/step"], rows))
+
+
+def longtail_table(data: dict) -> str:
+    rows = []
+    for r in data["results"]:
+        head = [plots.longtail_run(r), str(r["requests"])]
+        if "error" in r:
+            rows.append(head + ["failed: " + r["error"][:80]] + ["–"] * 5)
+            continue
+        steps = r.get("engine", {}) if r["over_http"] else r  # over HTTP, the server's /timeline
+        rows.append(head + [fmt(r["output_tokens_per_s"]), fmt(r["bound_tokens_per_s"]),
+                            fmt(r["of_bound"], 100, 0) + "%", str(steps.get("steps", "–")),
+                            fmt(steps.get("ms_per_step"), digits=2), fmt(r.get("bound_ms_per_step"), digits=2)])
+    return (f"bound: the in-process run's schedule, each step at the larger of its weights and K/V read at "
+            f"{data['copy_GBps']:.1f} GB/s and its FLOPs at {data['matmul_peak_tflops']:.2f} TFLOP/s (both measured "
+            "in the same run; bench/README.md, Bounds); steps over HTTP from the server's /timeline.\n\n"
+            + table(["run", "requests", "output tok/s", "bound tok/s", "of bound", "steps", "ms/step",
+                     "floor ms/step"], rows))
+
+
 def scale_table(data: dict) -> str:
     rows = [[r["workload"], str(r["engines"]), str(r["gpus"]), str(r["requests"]), fmt(r["output_tokens_per_s"]),
              str(r["failed"])] for r in data["results"]]
@@ -178,5 +212,6 @@ def prefix_table(data: dict) -> str:
 
 
 TABLES = {"throughput": throughput_table, "http": http_table, "scale": scale_table, "decode": decode_table,
+          "prefill": prefill_table, "longtail": longtail_table,
           "poisson": poisson_table, "interference": interference_table,
           "timeline-overhead": timeline_overhead_table, "prefix": prefix_table}

@@ -1,6 +1,6 @@
 """The benchmark suite end to end on the CPU with the tiny model and tiny sizes: every sub-command runs, writes
-its JSON (with the run's metadata), its plot and its table in results.md. Plus the workloads' exactness and the
-client's fallback for a server that does not stream."""
+its JSON (with the run's metadata), its plot and its table in results.md. Plus the bounds' arithmetic, the
+workloads' exactness and the client's fallback for a server that does not stream."""
 import json
 import os
 import threading
@@ -8,15 +8,21 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import torch
 
 from bench.__main__ import parser
 from bench.http_throughput import engine_side
+from bench.poisson import max_rate, within_p99_slo
+from bench.longtail import recorded_steps
+from bench.roofline import forward_flops, step_floor_s
+from bench.scale import LONGTAIL
 from bench.server import send_load
 from bench.workloads import chat, long_tailed, offline, poisson_arrivals, seed_burst, shared_prefix
 from client.load import Load
 from client.workload import Request
-from conftest import json_server
+from conftest import TINY, json_server, make_manager, request, run_until_idle
 from engine.tokenizer import encode
+from model import GPTConfig
 from telemetry.latency import RequestRecord
 
 INFO_KEYS = {"device", "torch", "dtype", "model", "weights", "git_commit", "date"}
@@ -133,6 +139,47 @@ def test_decode_times_our_step_and_hf_beside_the_roofline(out, tiny_model_dir):
     assert data["copy_GBps"] > 0 and data["weight_GB"] > 0
 
 
+def test_prefill_reports_each_prompt_lengths_share_of_the_matmul_peak(out, tiny_model_dir):
+    data = run_bench(out, "prefill", "--model", tiny_model_dir, "--prompt-lengths", "8,40", "--requests", "3",
+                     "--max-step-tokens", "32", "--max-batch", "4")
+    assert [(r["prompt_tokens"], r["requests"]) for r in data["results"]] == [(8, 3), (40, 3)]
+    tiny = GPTConfig(n_layer=TINY["n_layer"], n_embd=TINY["n_embd"], vocab_size=TINY["vocab_size"])
+    for r in data["results"]:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] == pytest.approx(3 * r["prompt_tokens"] / r["seconds"])
+        assert r["flops"] == 3 * forward_flops(tiny, 0, r["prompt_tokens"], True)
+        assert r["matmul_peak_tflops"] == data["matmul_peak_tflops"] > 0
+        assert r["of_matmul_peak"] == pytest.approx(r["tflops"] / r["matmul_peak_tflops"]) and r["of_matmul_peak"] > 0
+        assert r["steps"] >= -(-3 * r["prompt_tokens"] // 32)  # at most MAX_STEP_TOKENS a step
+        assert (r["max_batch"], r["max_step_tokens"]) == (4, 32)
+
+
+@pytest.fixture
+def torch_threads():
+    """--threads sets torch's threads for the whole process: the tests after this one get them back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_longtail_holds_the_run_in_process_and_over_http_to_its_schedules_bound(out, tiny_model_dir, torch_threads):
+    """One torch thread: on a shared CPU two threads that wait on each other made the steps, and the limits the
+    bound is measured from, vary tenfold from run to run."""
+    data = run_bench(out, "longtail", "--model", tiny_model_dir, "--requests", "3", "--threads", "1")
+    here, over_http = data["results"]
+    assert (here["over_http"], over_http["over_http"]) == (False, True)
+    requests = long_tailed(3, **LONGTAIL)
+    for row in (here, over_http):
+        assert "error" not in row, row
+        assert row["requests"] == 3 and row["metrics"]["output_tokens"] == sum(r.num_tokens for r in requests)
+        assert row["bound_tokens_per_s"] == pytest.approx(here["output_tokens"] / here["bound_s"])
+        assert row["of_bound"] == pytest.approx(row["output_tokens_per_s"] / row["bound_tokens_per_s"])
+        assert 0 < row["of_bound"] < 1.5
+    assert here["steps"] >= max(r.num_tokens for r in requests) and 0 < here["bound_ms_per_step"] < here["ms_per_step"]
+    assert over_http["failed"] == 0 and over_http["engine"]["steps"] >= max(r.num_tokens for r in requests)
+    assert data["copy_GBps"] > 0 and data["matmul_peak_tflops"] > 0
+
+
 def test_poisson_reports_latency_percentiles_and_goodput(out, tiny_model_dir):
     data = run_bench(out, "poisson", "--model", tiny_model_dir, "--requests", "4", "--qps", "50",
                      "--policies", "dynamic", "--prompt-median", "8", "--output-median", "4")
@@ -141,6 +188,31 @@ def test_poisson_reports_latency_percentiles_and_goodput(out, tiny_model_dir):
     for key in ("ttft_s", "tpot_s", "e2e_s"):
         assert set(row["metrics"][key]) == {"mean", "p50", "p90", "p99"}
     assert row["metrics"]["goodput_requests_per_s"] is not None
+
+
+def test_poisson_max_rate_is_the_last_rate_before_the_first_that_misses_the_p99_slo():
+    def row(qps, ttft_p99, tpot_p99, failed=0):
+        r = dict(qps=qps, failed=failed, arrival_rate=qps * 1.01,
+                 metrics=dict(ttft_s=dict(p99=ttft_p99), tpot_s=dict(p99=tpot_p99), requests_per_s=qps * 0.7))
+        return r | dict(within_p99_slo=within_p99_slo(r, 0.1, 0.025))
+    rows = [row(100, 0.02, 0.01), row(150, 0.09, None), row(200, 0.3, 0.01), row(250, 0.05, 0.01)]
+    assert [r["within_p99_slo"] for r in rows] == [True, True, False, True]
+    assert max_rate(rows) == dict(offered_qps=150, sustained_requests_per_s=151.5, requests_per_s=105.0)
+    assert not within_p99_slo(row(100, 0.02, 0.01, failed=1), 0.1, 0.025)  # a failed request misses it
+    assert not within_p99_slo(row(100, 0.02, 0.03), 0.1, 0.025)
+    assert max_rate([row(100, 0.2, 0.01)])["offered_qps"] is None
+
+
+def test_http_runs_a_server_per_stream_interval_and_counts_tokens_per_event(out, tiny_model_dir):
+    data = run_bench(out, "http", "--model", tiny_model_dir, "--requests", "3", "--policies", "dynamic",
+                     "--workloads", "burst", "--stream-interval-ms", "0,60000")
+    each_token, coalesced = data["results"]
+    assert (each_token["stream_interval_ms"], coalesced["stream_interval_ms"]) == (0, 60000)
+    assert each_token["failed"] == coalesced["failed"] == 0 and each_token["streaming"]
+    # a token per event while the server keeps up (a tiny model on a CPU does); one interval longer than the run:
+    # the first token, then the rest in one event at the end
+    assert 1.0 <= each_token["tokens_per_event"] < coalesced["tokens_per_event"]
+    assert coalesced["tokens_per_event"] == round(sum(r.num_tokens for r in seed_burst(3)) / (2 * 3), 3)
 
 
 def test_interference_compares_chunked_and_whole_prefill(out, tiny_model_dir):
@@ -184,6 +256,35 @@ def test_prefix_runs_every_workload_with_the_cache_on_and_off(out, tiny_model_di
     assert "error" not in hf and hf["output_tokens"] == outputs["shared"], hf
     assert [r["workload"] for r in data["ratios"]] == ["shared", "chat", "burst", "offline"]
     assert all(r["total_tokens_per_s"] > 0 and r["ttft_p50"] > 0 for r in data["ratios"])
+
+
+# ---- bounds ----
+
+def test_forward_flops_count_matmuls_causal_attention_and_the_logits_of_rows_that_sample():
+    config = GPTConfig(n_layer=2, n_embd=4, vocab_size=10)  # 12·L·d² = 384 matmul weights, 4·L·d = 32, 2·V·d = 80
+    assert forward_flops(config, 0, 3, True) == 2 * 384 * 3 + 32 * (1 + 2 + 3) + 80  # a 3-token prompt: 2576
+    assert forward_flops(config, 3, 2, False) == 2 * 384 * 2 + 32 * (4 + 5)  # a chunk after 3 cached: 1824
+    assert forward_flops(config, 5, 1, True) == 2 * 384 + 32 * 6 + 80  # a decode at context 6: 1040
+
+
+def test_step_floor_is_the_slower_of_reading_and_computing():
+    config = GPTConfig(n_layer=2, n_embd=4, vocab_size=10)
+    step = [(0, 3, True), (3, 2, False)]  # 4400 FLOPs (above); K/V of 3 + 5 tokens
+    reading = 1000 + 10 * 8  # bytes: weights, and 10 per token of K/V
+    assert step_floor_s(config, step, 1000, 10, bandwidth=100, matmul=1000) == pytest.approx(reading / 100)
+    assert step_floor_s(config, step, 1000, 10, bandwidth=100, matmul=100) == pytest.approx(4400 / 100)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_longtail_records_each_step_as_launched(tiny_model_dir, overlap):
+    """A 12-token prompt in chunks of 8 and 4 (the last samples), then decodes until its 3 tokens are sampled; with
+    overlapped steps each step is recorded as launched too, before the step before it is read."""
+    manager = make_manager(tiny_model_dir, max_step_tokens=8, overlap=overlap)
+    with recorded_steps(manager.runner) as steps:
+        manager.enqueue(request(list(range(1, 13)), 3))
+        run_until_idle(manager)
+    assert steps == [[(0, 8, False)], [(8, 4, True)], [(12, 1, True)], [(13, 1, True)]]
+    assert "launch" not in vars(manager.runner)  # the runner's own again
 
 
 # ---- workloads ----
