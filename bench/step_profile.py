@@ -7,20 +7,24 @@ import time
 import torch
 
 from bench import engine
-from bench.workloads import offline, seed_burst
+from bench.scale import LONGTAIL
+from bench.workloads import long_tailed, offline, seed_burst
 from engine.device import resolve_device
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2-medium")
-    p.add_argument("--workload", default="offline")
+    p.add_argument("--workload", default="offline", choices=("offline", "burst", "longtail"))
+    p.add_argument("--max-batch", type=int, default=128)
     args = p.parse_args()
     device = resolve_device("auto")
-    requests = offline(256, 64, 512) if args.workload == "offline" else seed_burst(100)
-    runner = engine.build_runner(args.model, device, torch.bfloat16, num_blocks=8192, max_batch=128)
+    requests = dict(offline=lambda: offline(256, 64, 512), burst=lambda: seed_burst(100),
+                    longtail=lambda: long_tailed(1000, **LONGTAIL))[args.workload]()
+    runner = engine.build_runner(args.model, device, torch.bfloat16, num_blocks=max(8192, args.max_batch * 64),
+                                 max_batch=args.max_batch)
     engine.warm_up(runner)
-    engine.run_burst(runner, "dynamic", requests[:32], 128, 2048)
+    engine.run_burst(runner, "dynamic", requests[:32], args.max_batch, 2048)
     stats = collections.defaultdict(lambda: [0, 0.0, 0, 0])  # kind -> steps, seconds, decode rows, prefill tokens
     launch = runner.launch
     last_read = [0.0]
@@ -48,7 +52,7 @@ def main() -> None:
 
     runner.launch = timed_launch
     start = time.perf_counter()
-    records = engine.run_burst(runner, "dynamic", requests, 128, 2048).records
+    records = engine.run_burst(runner, "dynamic", requests, args.max_batch, 2048).records
     total = time.perf_counter() - start
     tokens = sum(r.output_tokens for r in records)
     print(f"{args.workload}: {tokens} tokens in {total:.2f} s = {tokens / total:.0f} tok/s")
@@ -64,6 +68,8 @@ def main() -> None:
 def eager_step_launch_share(runner) -> None:
     """One mixed step (127 decodes at context 300, one 288-token prompt), eager: the time until the forward
     returns on the host (launching) and until the device is done."""
+    if runner.max_batch < 128:
+        return
     import numpy as np
     from engine.attention.metadata import pack_step
     bm = runner.block_manager
