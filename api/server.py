@@ -94,7 +94,7 @@ def start_engines(settings: Settings | None = None) -> Engines:
     global engines
     s = settings or Settings.from_env()
     try:
-        make_policy(s.policy, s.max_batch)  # an unknown policy fails here, before a model loads
+        make_policy(s.policy)  # an unknown policy fails here, before a model loads
         engines = Engines(s)
     except Exception as e:
         raise StartupFailed(startup_failure(s, e)) from e

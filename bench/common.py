@@ -14,7 +14,7 @@ import torch
 
 from bench import report
 from model import SHAPES
-from engine.device import resolve_device, resolve_dtype
+from engine.device import resolve_device, resolve_dtype, resolve_max_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
@@ -44,6 +44,8 @@ def resolve(args: argparse.Namespace, cpu: dict, full: dict) -> tuple[torch.devi
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     args.model = args.model or ("gpt2-medium" if args.full else "gpt2")
+    if "max_batch" in vars(args):  # the server's default for this device, written in the results' config
+        args.max_batch = resolve_max_batch(args.max_batch, device)
     args.out = args.out or os.path.join(RESULTS, device_tag(device))
     os.makedirs(args.out, exist_ok=True)
     return device, dtype

@@ -43,7 +43,8 @@ def add_size_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The server's engine settings, for the in-process engine and the server alike."""
-    p.add_argument("--max-batch", type=int, default=128, help="the server's MAX_BATCH")
+    p.add_argument("--max-batch", type=int, help="the server's MAX_BATCH (default: the server's, 512 on a GPU and "
+                                                 "128 on a CPU)")
     p.add_argument("--max-step-tokens", type=int, default=2048, help="the server's MAX_STEP_TOKENS")
     p.add_argument("--overlap-steps", choices=("on", "off"), default="on",
                    help="the server's OVERLAP_STEPS: on a GPU, launch each step while the one before runs (off: "

@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--numtokens_range", type=int, nargs="+", default=list(DEFAULT_NUM_TOKENS_RANGE))
     parser.add_argument("--wait", type=float, help="sleep U(0,1) x wait seconds between launches (default: by device)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed, the same for every policy")
-    parser.add_argument("--max-batch", type=int, help="the server's MAX_BATCH (default: the server's, 128)")
+    parser.add_argument("--max-batch", type=int,
+                        help="the server's MAX_BATCH (default: the server's, 512 on a GPU and 128 on a CPU)")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="serve with BATCH_INVARIANT (CPU only for now): every request's text must then be the "
                              "same under every policy; slower, so the timings are not the default mode's")

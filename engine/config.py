@@ -16,7 +16,7 @@ class Settings:
     attention: str = "auto"  # reference | triton; auto: triton on a GPU, reference on a CPU
     cuda_graphs: bool = True  # decode steps replay captured graphs on a GPU
     overlap_steps: str = "auto"  # launch each step while the one before runs; auto: on a GPU
-    max_batch: int = 128
+    max_batch: int | None = None  # most sequences in a step; default 512 on a GPU, 128 on a CPU (engine/device.py)
     max_step_tokens: int = 2048
     max_waiting: int = 1024
     kv_cache_gb: float = 2.0  # CPU; on a GPU the cache takes what GPU_MEMORY_UTILIZATION leaves
@@ -41,7 +41,7 @@ class Settings:
             raw = env.get(f.name.upper())
             if raw in (None, ""):
                 continue
-            kind = type(f.default) if f.default is not None else (int if f.name in ("engines", "kv_blocks", "seed")
+            kind = type(f.default) if f.default is not None else (int if f.name in ("engines", "max_batch", "kv_blocks", "seed")
                                                                   else str)
             if kind is bool:
                 value = raw.lower() in ("1", "true", "yes", "on")

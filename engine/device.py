@@ -29,6 +29,19 @@ def resolve_overlap(name: str, device: torch.device) -> bool:
     return device.type == "cuda" if name == "auto" else name == "true"
 
 
+def resolve_max_batch(max_batch: int | None, device: torch.device) -> int:
+    """MAX_BATCH, or by default as many as the device runs well at once. A GPU step reads every weight once
+    however many sequences share it, and its decode attention is memory-bound, so more sequences per step is more
+    tokens/s until the K/V they read dwarfs the weights (H100, gpt2-medium, 128 -> 512: offline 31k -> 38k tok/s,
+    Poisson traffic within p99 TTFT 100 ms / TPOT 25 ms from 120 to 240 requests/s, each step still under 6 ms);
+    a CPU's step time grows with every row, and 128 keeps its steps short."""
+    if max_batch is not None:
+        if max_batch < 1:
+            raise ValueError(f"MAX_BATCH must be at least 1; got {max_batch}")
+        return max_batch
+    return 512 if device.type == "cuda" else 128
+
+
 def resolve_attention(name: str, device: torch.device, batch_invariant: bool = False) -> str:
     """The attention path: BATCH_INVARIANT takes the batch-invariant one (engine/attention/invariant.py), on the
     CPU only for now: its GPU path (fixed-tile products on the GPU's libraries, or Triton kernels) is not checked."""

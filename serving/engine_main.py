@@ -92,7 +92,7 @@ def main(address: str) -> None:
         control.send(StartFailed(f"{type(e).__name__}: {e}"))
         return
     listener = Listener(address, spec.authkey)
-    manager = BatchingManager(runner, make_policy(settings.policy, settings.max_batch), settings.max_step_tokens,
+    manager = BatchingManager(runner, make_policy(settings.policy, info["max-batch"]), settings.max_step_tokens,
                               max_waiting=1 << 62,  # the workers refuse what does not fit, before sending
                               overlap=info["overlap-steps"], check_invariants=settings.check_invariants)
     manager.attach_timeline(Timeline())

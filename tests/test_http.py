@@ -162,6 +162,7 @@ def test_health_reports_the_model(server):
     assert h["status"] == "ok" and h["weights"] == "pretrained" and h["device"] == "cpu" and h["dtype"] == "float32"
     assert h["attention"] == "reference" and h["cuda-graphs"] == 0 and h["startup-s"] > 0
     assert h["overlap-steps"] is False  # auto: a CPU step is done when it is launched
+    assert h["max-batch"] == 128  # MAX_BATCH unset: a CPU's default
     assert h["kv-cache-tokens"] > 0 and h["engines"] == h["engines-serving"] == 1
     assert h["engine-pids"][0] not in (h["pid"], None)  # the engine has its own process
 

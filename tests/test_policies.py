@@ -1,9 +1,12 @@
 """Policy semantics, observed from the engine: which requests ran together in each step, with steps read as soon
 as they run and overlapped (each launched before the one before is read)."""
 import pytest
+import torch
 
 from batching import make_policy
 from conftest import assert_nothing_leaked, make_manager, request, run_until_idle
+from engine.config import Settings
+from engine.device import resolve_max_batch
 
 
 def record_steps(manager) -> list[set[int]]:
@@ -99,3 +102,12 @@ def test_chunked_prefill_splits_a_long_prompt_across_steps_beside_decodes(tiny_m
     assert len(prefill_steps) >= 5
     assert all(decoding.id in steps[i] for i in prefill_steps[:4])  # the decode kept running meanwhile
     assert_nothing_leaked(manager)
+
+
+def test_max_batch_is_512_on_a_gpu_and_128_on_a_cpu_unless_set():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert (resolve_max_batch(None, cpu), resolve_max_batch(None, gpu)) == (128, 512)
+    assert resolve_max_batch(Settings.from_env({"MAX_BATCH": "64"}).max_batch, gpu) == 64
+    assert Settings.from_env({}).max_batch is None
+    with pytest.raises(ValueError, match="MAX_BATCH must be at least 1; got 0"):
+        resolve_max_batch(0, cpu)
