@@ -1,6 +1,7 @@
 """`poisson`: Poisson arrivals at rising QPS over HTTP, one `./server.sh POLICY` per policy: TTFT, TPOT, ITL and
 E2E (mean, p50, p90, p99), throughput and goodput at each rate, and the highest rate whose p99 TTFT and p99 TPOT
-stay within --p99-ttft and --p99-tpot (`max_rate`: the offered rate and the requests/s achieved there).
+stay within --p99-ttft and --p99-tpot (`max_rate`: the offered rate and the requests/s achieved there). Each row
+also has the rate at which its requests did arrive (`arrival_rate`: the drawn arrivals', a little off the nominal).
 
 Lengths come from a fixed seeded long-tailed (lognormal, ShareGPT-like) distribution, the same requests at every
 rate and for every policy. Once a policy's median TTFT passes --saturation x the TTFT SLO its queue only grows
@@ -86,18 +87,15 @@ def within_p99_slo(row: dict, p99_ttft: float, p99_tpot: float) -> bool:
 
 def max_rate(rows: list[dict]) -> dict:
     """The highest offered rate within the p99 SLO, below the first rate that is not (a rate past it that
-    happens to pass again does not count). There the server kept up with the requests as they came (each was
-    admitted within the p99 TTFT), so the rate it sustained is the one at which they arrived (`arrival_rate`:
-    the drawn arrivals' own, a little off the nominal rate). `requests_per_s` is vLLM's request throughput,
-    requests over first arrival to last finish, which the last requests' own generation keeps below the
-    arrival rate however fast the server (at 1,000 requests and 200/s, the longest output alone adds seconds
-    to a five-second run)."""
+    happens to pass again does not count), and the requests/s achieved there (vLLM's request throughput:
+    requests over first arrival to last finish). A run is a fixed number of requests, so past the rate the server
+    can keep up with, a queue builds only while they arrive: the latencies can stay within the SLO while the
+    achieved rate stays below the offered one, the rest of the work done after the last arrival."""
     best = None
     for row in rows:
         if not row["within_p99_slo"]:
             break
         best = row
     if best is None:
-        return dict(offered_qps=None, sustained_requests_per_s=None, requests_per_s=None)
-    return dict(offered_qps=best["qps"], sustained_requests_per_s=best["arrival_rate"],
-                requests_per_s=best["metrics"]["requests_per_s"])
+        return dict(offered_qps=None, achieved_requests_per_s=None)
+    return dict(offered_qps=best["qps"], achieved_requests_per_s=best["metrics"]["requests_per_s"])

@@ -35,6 +35,13 @@ def token_buckets(max_tokens: int) -> list[int]:
     return [n for n in (32, 64, 128, 256, 512, 1024, 2048, 4096) if n < max_tokens] + [max_tokens]
 
 
+def kept_logits_bytes(max_batch: int, max_tokens: int, vocab_size: int) -> int:
+    """The memory the graphs keep for their outputs: each bucket's fp32 logits, a row per sequence of a decode
+    bucket and max_batch rows per mixed bucket (2.5 GB at MAX_BATCH 512 for GPT-2's vocabulary)."""
+    rows = sum(batch_buckets(max_batch)) + max_batch * len(token_buckets(max_tokens))
+    return 4 * vocab_size * rows
+
+
 def step_token_ids(ids: torch.Tensor, from_device: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
     """Each row's token id: the host's, or where from_device >= 0 the id the previous step sampled in that row of
     `sampled` (a row of -1 reads sampled[-1] and drops it)."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engine.attention import invariant, metadata as attention_metadata, reference
-from engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_all, step_token_ids
+from engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_all, kept_logits_bytes, step_token_ids
 from engine.kv_cache import BlockManager
 from engine.params import SampledToken, SamplingParams
 from engine.sampler import Drawn, Sampler
@@ -74,8 +74,10 @@ class ModelRunner:
         if device.type == "cuda":
             self.model.pad_vocab()
         c = model.config
+        graphs = cuda_graphs and device.type == "cuda" and attention == "triton"  # (the PyTorch attentions: eager)
         if num_blocks is None:
-            num_blocks = self._blocks_that_fit(block_size, kv_cache_gb, gpu_memory_utilization)
+            graph_bytes = kept_logits_bytes(max_batch, max(max_step_tokens, max_batch), c.vocab_size) if graphs else 0
+            num_blocks = self._blocks_that_fit(block_size, kv_cache_gb, gpu_memory_utilization, graph_bytes)
         # (k/v, layer, block, slot, head, head_dim): one allocation, a view per layer; one spare block for padding
         self.kv_cache = torch.zeros(2, c.n_layer, num_blocks + 1, block_size, c.n_head, c.n_embd // c.n_head,
                                     device=device, dtype=dtype)
@@ -91,20 +93,23 @@ class ModelRunner:
                  num_blocks * block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 1e9, attention)
         self.graphs = self.mixed_graphs = None
         self.capture: dict = {}  # what capturing the graphs took (count, seconds, MiB)
-        if cuda_graphs and device.type == "cuda" and attention == "triton":  # (the PyTorch attentions run eager)
+        if graphs:
             pad_slot, vocab = self.block_manager.pad_slot, self.sampler.vocab_size
             self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled)
             self.mixed_graphs = MixedGraphs(self.model, max(max_step_tokens, max_batch), max_batch, self.table_width,
                                             pad_slot, vocab, self.sampled)
             self.capture = capture_all([self.graphs, self.mixed_graphs])
 
-    def _blocks_that_fit(self, block_size: int, kv_cache_gb: float, gpu_memory_utilization: float) -> int:
+    def _blocks_that_fit(self, block_size: int, kv_cache_gb: float, gpu_memory_utilization: float,
+                         graph_bytes: int) -> int:
         per_block = kv_bytes_per_token(self.model, self.dtype) * block_size
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            # this process's share of the card less what it holds (the weights), and never more than is free: so
-            # engines that share a GPU, each given a fraction (serving/master.py), do not count each other's
-            budget = min(gpu_memory_utilization * total - torch.cuda.memory_reserved(self.device), free - GPU_SPARE)
+            # this process's share of the card less what it holds (the weights) and what its graphs will keep, and
+            # never more than is free: so engines that share a GPU, each given a fraction (serving/master.py), do
+            # not count each other's
+            budget = min(gpu_memory_utilization * total - torch.cuda.memory_reserved(self.device),
+                         free - GPU_SPARE) - graph_bytes
         else:
             budget = kv_cache_gb * 1e9
         if budget < 2 * per_block:

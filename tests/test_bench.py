@@ -197,7 +197,7 @@ def test_poisson_max_rate_is_the_last_rate_before_the_first_that_misses_the_p99_
         return r | dict(within_p99_slo=within_p99_slo(r, 0.1, 0.025))
     rows = [row(100, 0.02, 0.01), row(150, 0.09, None), row(200, 0.3, 0.01), row(250, 0.05, 0.01)]
     assert [r["within_p99_slo"] for r in rows] == [True, True, False, True]
-    assert max_rate(rows) == dict(offered_qps=150, sustained_requests_per_s=151.5, requests_per_s=105.0)
+    assert max_rate(rows) == dict(offered_qps=150, achieved_requests_per_s=105.0)
     assert not within_p99_slo(row(100, 0.02, 0.01, failed=1), 0.1, 0.025)  # a failed request misses it
     assert not within_p99_slo(row(100, 0.02, 0.03), 0.1, 0.025)
     assert max_rate([row(100, 0.2, 0.01)])["offered_qps"] is None
