@@ -160,6 +160,11 @@ class GPT(nn.Module):
         """idx, pos: (N,) packed new tokens; returns fp32 logits (len(logits_indices), vocab) for the rows that
         sample (all rows when None, as in a decode step), so the large vocab projection runs only where a token
         is drawn."""
+        return self.logits(self.hidden(idx, pos, meta, logits_indices))
+
+    def hidden(self, idx: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata,
+               logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The final layer norm's output for the rows that sample (all rows when None): what `logits` projects."""
         blocks = self.transformer.h
         x, h = blocks[0].ln_1.add_norm(self.transformer.wte(idx), self.transformer.wpe(pos))  # (N, C) each
         next_norms = [block.ln_1 for block in blocks][1:] + [self.transformer.ln_f]
@@ -167,6 +172,10 @@ class GPT(nn.Module):
             x, h = block(x, h, meta, next_norm)
         if logits_indices is not None:
             h = h[logits_indices]  # after ln_f, which works row by row: the same rows as selecting before it
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits (rows, vocab) of hidden states."""
         if self.padded_head is None:
             return self.lm_head(h).float()
         return F.linear(h, self.padded_head)[:, :self.config.vocab_size].float()

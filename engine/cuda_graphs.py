@@ -9,8 +9,11 @@ lengths, block tables, ...) are written into one pinned host buffer and reach th
 buffers take turns: the engine writes step N+1's inputs while step N's copy may still be queued. A token the host
 does not know yet (sampled by the step before) is taken on the device from the runner's `sampled` ids. Padding
 rows write their K/V into the pool's spare block (`BlockManager.pad_slot`) and belong to no sequence, so a padded
-step never writes into a block that belongs to a sequence, whatever the buffers held before. Each graph also
-takes the argmax of its logits, so a greedy step reads back token ids and nothing else.
+step never writes into a block that belongs to a sequence, whatever the buffers held before. A decode graph also
+takes the argmax of its logits, so a greedy step reads back token ids and nothing else. A mixed graph ends at the
+final layer norm of its max_batch sampling slots; the vocab projection then runs eagerly over the rows that do
+sample (a prefill step has a few): inside the graph it ran over all max_batch slots every time (at MAX_BATCH 512,
+53 GFLOP and 100 MB of fp32 logits per step), and each bucket kept 512 rows of logits.
 """
 import logging
 import time
@@ -35,11 +38,10 @@ def token_buckets(max_tokens: int) -> list[int]:
     return [n for n in (32, 64, 128, 256, 512, 1024, 2048, 4096) if n < max_tokens] + [max_tokens]
 
 
-def kept_logits_bytes(max_batch: int, max_tokens: int, vocab_size: int) -> int:
-    """The memory the graphs keep for their outputs: each bucket's fp32 logits, a row per sequence of a decode
-    bucket and max_batch rows per mixed bucket (2.5 GB at MAX_BATCH 512 for GPT-2's vocabulary)."""
-    rows = sum(batch_buckets(max_batch)) + max_batch * len(token_buckets(max_tokens))
-    return 4 * vocab_size * rows
+def kept_logits_bytes(max_batch: int, vocab_size: int) -> int:
+    """The memory the decode graphs keep for their outputs: each bucket's fp32 logits, a row per sequence (1.8 GB
+    at MAX_BATCH 512 for GPT-2's vocabulary). The mixed graphs keep hidden states only."""
+    return 4 * vocab_size * sum(batch_buckets(max_batch))
 
 
 def step_token_ids(ids: torch.Tensor, from_device: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
@@ -70,13 +72,13 @@ class StepGraphs:
             start += n
         self.turn = 0  # the host buffer the last step was written into
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # each graph's (logits, argmax ids)
+        self.outputs: dict[int, tuple[torch.Tensor, ...]] = {}  # each graph's output tensors
 
     @property
     def max_bucket(self) -> int:
         return self.buckets[-1]
 
-    def _forward(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, bucket: int) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     def _next_host(self) -> dict[str, np.ndarray]:
@@ -101,17 +103,19 @@ class StepGraphs:
             self.graphs[bucket] = graph
         return pool
 
-    def _replay(self, bucket: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Send the host buffer of this turn and replay; the first `rows` rows of the logits and their argmax."""
+    def _replay(self, bucket: int, rows: int) -> tuple[torch.Tensor, ...]:
+        """Send the host buffer of this turn and replay; the first `rows` rows of each output."""
         self.device_buffer.copy_(self.hosts[self.turn], non_blocking=True)
         self.graphs[bucket].replay()
-        logits, argmax = self.outputs[bucket]
-        return logits[:rows], argmax[:rows]
+        return tuple(out[:rows] for out in self.outputs[bucket])
 
-    def _logits(self, n: int, meta: AttentionMetadata, sample_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hidden(self, n: int, meta: AttentionMetadata, sample_rows=None) -> torch.Tensor:
         d = self.d
         ids = step_token_ids(d["ids"][:n], d["from_device"][:n], self.sampled)
-        logits = self.model(ids, d["positions"][:n], meta, sample_rows)
+        return self.model.hidden(ids, d["positions"][:n], meta, sample_rows)
+
+    def _logits_and_argmax(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.logits(hidden)
         return logits, logits[:, :self.vocab_size].argmax(dim=-1)
 
 
@@ -131,7 +135,7 @@ class DecodeGraphs(StepGraphs):
         meta = AttentionMetadata(slot_mapping=d["slots"][:b], block_tables=d["block_tables"][:b],
                                  context_lens=d["context_lens"][:b], num_decodes=b, query_start=d["ids"][:1],
                                  prefill_work=d["ids"][:0], block_m=BLOCK_M)
-        return self._logits(b, meta)
+        return self._logits_and_argmax(self._hidden(b, meta))
 
     def _pad(self, h: dict[str, np.ndarray], lo: int, hi: int) -> None:
         h["ids"][lo:hi], h["from_device"][lo:hi], h["positions"][lo:hi] = 0, -1, 0
@@ -165,12 +169,12 @@ class MixedGraphs(StepGraphs):
     def _items(self, n: int) -> int:
         return -(-n // BLOCK_M) + self.max_batch
 
-    def _forward(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, n: int) -> tuple[torch.Tensor]:
         d = self.d
         meta = AttentionMetadata(slot_mapping=d["slots"][:n], block_tables=d["block_tables"],
                                  context_lens=d["context_lens"], num_decodes=0, query_start=d["query_start"],
                                  prefill_work=d["work"][:self._items(n)], block_m=BLOCK_M)
-        return self._logits(n, meta, d["sample_rows"])
+        return self._hidden(n, meta, d["sample_rows"]),
 
     def run(self, ids: np.ndarray, from_device: np.ndarray, step: StepInputs,
             sample_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +190,8 @@ class MixedGraphs(StepGraphs):
         h["query_start"][0], h["query_start"][1:B + 1], h["query_start"][B + 1:] = 0, np.cumsum(step.query_lens), N
         h["block_tables"][:B] = step.block_tables
         h["work"][:self._items(n)] = prefill_work(step.query_lens, step.context_lens, BLOCK_M, self._items(n))
-        return self._replay(n, k)
+        hidden, = self._replay(n, k)
+        return self._logits_and_argmax(hidden)  # eager, on the k rows that sample: not max_batch padded ones
 
 
 def capture_all(families: list[StepGraphs]) -> dict:

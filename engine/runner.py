@@ -76,7 +76,7 @@ class ModelRunner:
         c = model.config
         graphs = cuda_graphs and device.type == "cuda" and attention == "triton"  # (the PyTorch attentions: eager)
         if num_blocks is None:
-            graph_bytes = kept_logits_bytes(max_batch, max(max_step_tokens, max_batch), c.vocab_size) if graphs else 0
+            graph_bytes = kept_logits_bytes(max_batch, c.vocab_size) if graphs else 0
             num_blocks = self._blocks_that_fit(block_size, kv_cache_gb, gpu_memory_utilization, graph_bytes)
         # (k/v, layer, block, slot, head, head_dim): one allocation, a view per layer; one spare block for padding
         self.kv_cache = torch.zeros(2, c.n_layer, num_blocks + 1, block_size, c.n_head, c.n_embd // c.n_head,
