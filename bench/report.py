@@ -84,9 +84,12 @@ def http_table(data: dict) -> str:
             rows.append([r["workload"], r["policy"], str(r["requests"]), "failed: " + r["error"][:80]] + ["–"] * 9)
             continue
         m, engine = r["metrics"], r.get("engine", {})
+        streamed = "no" if not r["streaming"] else (f"{fmt(r.get('tokens_per_event'), digits=2)} tokens/event"
+                                                    + (f", {r['stream_interval_ms']:g} ms" if "stream_interval_ms" in r
+                                                       else ""))
         rows.append([r["workload"], r["policy"], str(r["requests"]), fmt(m["output_tokens_per_s"]),
                      fmt(m["ttft_s"]["p50"], 1e3, 0), fmt(m["ttft_s"]["p99"], 1e3, 0), fmt(m["e2e_s"]["p99"], digits=2),
-                     "yes" if r["streaming"] else "no", fmt(engine.get("arrival_p50_ms"), digits=0),
+                     streamed, fmt(engine.get("arrival_p50_ms"), digits=0),
                      fmt(engine.get("last_arrival_ms"), digits=0),
                      str(engine.get("steps", "–")), fmt(engine.get("ms_per_step"), digits=2),
                      fmt(engine.get("gap_ms_p99"), digits=2)])
@@ -153,20 +156,30 @@ def scale_table(data: dict) -> str:
 def poisson_table(data: dict) -> str:
     rows = []
     for r in data["results"]:
+        server = r["policy"] + (f" {r['stream_interval_ms']:g} ms" if "stream_interval_ms" in r else "")
         if "metrics" not in r:
             why = r.get("error") or r.get("skipped", "")
-            rows.append([r["policy"], fmt(r["qps"], digits=2), why[:80]] + ["–"] * 7)
+            rows.append([server, fmt(r["qps"], digits=2), why[:80]] + ["–"] * 9)
             continue
         m = r["metrics"]
-        rows.append([r["policy"], fmt(r["qps"], digits=2), fmt(m["requests_per_s"], digits=2),
+        within = {True: "yes", False: "no"}.get(r.get("within_p99_slo"), "–")
+        rows.append([server, fmt(r["qps"], digits=2), fmt(m["requests_per_s"], digits=2),
                      fmt(m["output_tokens_per_s"]), fmt(m["goodput_requests_per_s"], digits=2),
                      fmt(m["ttft_s"]["p50"], 1e3, 0), fmt(m["ttft_s"]["p99"], 1e3, 0), fmt(m["tpot_s"]["p99"], 1e3, 0),
-                     fmt(m["itl_s"]["p99"], 1e3, 0), fmt(m["e2e_s"]["p99"], digits=2)])
-    slo = data["config"]
-    return (f"goodput SLO: TTFT ≤ {slo['slo_ttft']} s and TPOT ≤ {slo['slo_tpot'] * 1e3:.0f} ms; "
-            f"streamed: {'yes' if data.get('streaming') else 'no (no ITL)'}\n\n"
-            + table(["policy", "QPS", "req/s", "tok/s", "goodput req/s", "TTFT p50 ms", "TTFT p99 ms",
-                     "TPOT p99 ms", "ITL p99 ms", "E2E p99 s"], rows))
+                     fmt(m["itl_s"]["p99"], 1e3, 0), fmt(m["e2e_s"]["p99"], digits=2), within,
+                     fmt(r.get("tokens_per_event"), digits=2)])
+    c = data["config"]
+    text = (f"goodput SLO: TTFT ≤ {c['slo_ttft']} s and TPOT ≤ {c['slo_tpot'] * 1e3:.0f} ms; "
+            f"streamed: {'yes' if data.get('streaming') else 'no (no ITL)'}\n\n")
+    for best in data.get("max_rate", []):
+        if "p99_ttft" in c:
+            text += (f"highest offered rate with p99 TTFT ≤ {c['p99_ttft'] * 1e3:g} ms and p99 TPOT ≤ "
+                     f"{c['p99_tpot'] * 1e3:g} ms ({best['policy']}"
+                     + (f", STREAM_INTERVAL_MS {best['stream_interval_ms']:g}" if "stream_interval_ms" in best else "")
+                     + f"): {fmt(best['offered_qps'], digits=0)} requests/s "
+                     f"offered, {fmt(best.get('achieved_requests_per_s'), digits=1)} achieved\n\n")
+    return text + table(["policy", "QPS", "req/s", "tok/s", "goodput req/s", "TTFT p50 ms", "TTFT p99 ms",
+                         "TPOT p99 ms", "ITL p99 ms", "E2E p99 s", "p99 SLO met", "tokens/event"], rows)
 
 
 def interference_table(data: dict) -> str:
