@@ -6,13 +6,14 @@ and single decode tokens of different sequences, concatenated with no padding), 
 and which cached tokens each sequence attends to (block tables, context lengths). Weights are loaded by
 engine/loader.py.
 """
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.attention import AttentionMetadata, invariant, paged_attention, write_kv
+from engine.attention import AttentionMetadata, paged_attention, write_kv
 
 
 @dataclass
@@ -34,12 +35,17 @@ SHAPES = {
 
 
 class Linear(nn.Linear):
-    """nn.Linear, or with `batch_invariant` set (GPT.make_batch_invariant) the same product over fixed tiles of
-    rows, so that a row's result does not depend on how many rows the step has (engine/attention/invariant.py)."""
-    batch_invariant = False
+    """nn.Linear whose product the runner picks for its device and mode (GPT.use_product): F.linear, or under
+    BATCH_INVARIANT one whose rows do not depend on how many rows the step has (engine/attention/invariant.py on
+    a CPU, engine/triton_matmul.py on a GPU)."""
+    product = staticmethod(F.linear)  # (x, weight, bias) -> x @ weight.T + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return invariant.linear(x, self.weight, self.bias) if self.batch_invariant else super().forward(x)
+        return self.project(x, self.weight)
+
+    def project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This layer's product with another weight of the same width (the padded vocab projection's)."""
+        return self.product(x, weight, self.bias)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -125,23 +131,25 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.padded_head: torch.Tensor | None = None  # lm_head's weight with zero rows after it (pad_vocab)
 
-    def make_batch_invariant(self) -> None:
-        """Run every linear layer over fixed tiles of rows (BATCH_INVARIANT; the attention is the runner's)."""
+    def use_product(self, product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> None:
+        """Every linear layer's product, the vocab projection's too (BATCH_INVARIANT's; the attention is the
+        runner's)."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.batch_invariant = True
+                module.product = product
 
-    def fuse_kernels(self) -> None:
+    def fuse_kernels(self, gelu_in_product: bool = True) -> None:
         """Fewer launches for the GPU path (attention "triton"; a decode step at batch 1 is launch-bound): every
-        residual add inside the layer norm after it (engine/triton_norm.py), and on CUDA c_fc's bias and GELU
-        inside its product. Call it once the model is on its device: a CPU's _addmm_activation takes the erf GELU,
-        not GPT-2's tanh one (cuBLASLt's epilogue), so there the GELU stays apart."""
+        residual add inside the layer norm after it (engine/triton_norm.py, a program per row), and on CUDA c_fc's
+        bias and GELU inside cuBLASLt's product, unless `gelu_in_product` is off (BATCH_INVARIANT takes its own
+        product). Call it once the model is on its device: a CPU's _addmm_activation takes the erf GELU, not
+        GPT-2's tanh one (cuBLASLt's epilogue), so there the GELU stays apart."""
         on_cuda = self.lm_head.weight.is_cuda
         for module in self.modules():
             if isinstance(module, LayerNorm):
                 module.fused_add = True
             elif isinstance(module, MLP):
-                module.fused_gelu = on_cuda
+                module.fused_gelu = on_cuda and gelu_in_product
 
     def pad_vocab(self, multiple: int = 64) -> None:
         """Give the vocab projection a row count that is a multiple of `multiple` (50,257 -> 50,304, as nanoGPT
@@ -178,4 +186,4 @@ class GPT(nn.Module):
         """fp32 logits (rows, vocab) of hidden states."""
         if self.padded_head is None:
             return self.lm_head(h).float()
-        return F.linear(h, self.padded_head)[:, :self.config.vocab_size].float()
+        return self.lm_head.project(h, self.padded_head)[:, :self.config.vocab_size].float()

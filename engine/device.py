@@ -43,14 +43,16 @@ def resolve_max_batch(max_batch: int | None, device: torch.device) -> int:
 
 
 def resolve_attention(name: str, device: torch.device, batch_invariant: bool = False) -> str:
-    """The attention path: BATCH_INVARIANT takes the batch-invariant one (engine/attention/invariant.py), on the
-    CPU only for now: its GPU path (fixed-tile products on the GPU's libraries, or Triton kernels) is not checked."""
+    """The attention path. BATCH_INVARIANT takes a batch-invariant one: on a CPU "invariant" (plain PyTorch over
+    fixed tiles, engine/attention/invariant.py), on a GPU "triton-invariant" (the Triton prefill kernel for every
+    row and Triton products of one tiling, engine/triton_matmul.py; ATTENTION=triton picks it on a CPU too, where
+    Triton's interpreter runs it for tests)."""
     if batch_invariant:
-        if device.type != "cpu":
-            raise ValueError("BATCH_INVARIANT runs on the CPU only for now (DEVICE=cpu): on a GPU the same "
-                             "tokens in any batch are not yet checked")
-        if name not in ("auto", "invariant"):
-            raise ValueError(f"BATCH_INVARIANT takes its own attention; leave ATTENTION unset, not {name!r}")
+        if name == "triton" or (name == "auto" and device.type == "cuda"):
+            return "triton-invariant"
+        if name not in ("auto", "invariant") or device.type == "cuda":
+            raise ValueError(f"BATCH_INVARIANT takes its own attention: leave ATTENTION unset (or triton); "
+                             f"got {name!r} on {device.type}")
         return "invariant"
     if name == "auto":
         return "triton" if device.type == "cuda" else "reference"

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from engine import tiled
 from engine.attention import invariant, metadata as attention_metadata, reference
 from engine.cuda_graphs import DecodeGraphs, MixedGraphs, capture_all, kept_logits_bytes, step_token_ids
 from engine.kv_cache import BlockManager
@@ -26,7 +27,9 @@ from model import GPT
 
 log = logging.getLogger(__name__)
 
+
 PLANS = {"reference": reference.plan, "invariant": invariant.plan}  # the attentions in plain PyTorch
+TRITON = ("triton", "triton-invariant")  # the attentions of the Triton kernels (BATCH_INVARIANT's: prefill only)
 GPU_SPARE = 1 << 30  # bytes of free GPU memory the KV pool leaves to activations and the CUDA graphs at least
 
 
@@ -68,15 +71,24 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         self.model = model.to(device=device, dtype=dtype).eval()
         if attention == "invariant":
-            self.model.make_batch_invariant()
+            self.model.use_product(invariant.linear)
+        elif attention == "triton-invariant":  # per-row kernels keep their fusion; the products are Triton's own
+            self.model.fuse_kernels(gelu_in_product=False)
+            from engine import triton_matmul  # triton only on this path
+            self.model.use_product(triton_matmul.linear)
         elif attention == "triton":  # the GPU path (interpreted on a CPU, for tests): fewer launches per step
             self.model.fuse_kernels()
+        elif device.type == "cpu":  # the CPU path: a decode step's short products spread over every core
+            self.model.use_product(tiled.linear)
+            self.model.pad_vocab(tiled.TILE)
         if device.type == "cuda":
             self.model.pad_vocab()
         c = model.config
-        graphs = cuda_graphs and device.type == "cuda" and attention == "triton"  # (the PyTorch attentions: eager)
+        graphs = cuda_graphs and device.type == "cuda" and attention in TRITON  # (the PyTorch attentions: eager)
+        # BATCH_INVARIANT runs decodes through the prefill kernel too (all_prefill): the mixed graphs take them
+        decode_graphs = graphs and attention == "triton"
         if num_blocks is None:
-            graph_bytes = kept_logits_bytes(max_batch, c.vocab_size) if graphs else 0
+            graph_bytes = kept_logits_bytes(max_batch, c.vocab_size) if decode_graphs else 0
             num_blocks = self._blocks_that_fit(block_size, kv_cache_gb, gpu_memory_utilization, graph_bytes)
         # (k/v, layer, block, slot, head, head_dim): one allocation, a view per layer; one spare block for padding
         self.kv_cache = torch.zeros(2, c.n_layer, num_blocks + 1, block_size, c.n_head, c.n_embd // c.n_head,
@@ -95,10 +107,11 @@ class ModelRunner:
         self.capture: dict = {}  # what capturing the graphs took (count, seconds, MiB)
         if graphs:
             pad_slot, vocab = self.block_manager.pad_slot, self.sampler.vocab_size
-            self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled)
+            if decode_graphs:
+                self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled)
             self.mixed_graphs = MixedGraphs(self.model, max(max_step_tokens, max_batch), max_batch, self.table_width,
                                             pad_slot, vocab, self.sampled)
-            self.capture = capture_all([self.graphs, self.mixed_graphs])
+            self.capture = capture_all([g for g in (self.graphs, self.mixed_graphs) if g])
 
     def _blocks_that_fit(self, block_size: int, kv_cache_gb: float, gpu_memory_utilization: float,
                          graph_bytes: int) -> int:
@@ -180,7 +193,7 @@ class ModelRunner:
 
     def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray,
                  from_device: np.ndarray | None = None) -> torch.Tensor:
-        meta = attention_metadata.build_metadata(step, self.device)
+        meta = attention_metadata.build_metadata(step, self.device, all_prefill=self.attention == "triton-invariant")
         if self.attention in PLANS:
             meta.reference = PLANS[self.attention](step, self.block_manager.block_size, self.device)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)

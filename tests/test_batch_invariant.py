@@ -93,11 +93,13 @@ def test_a_linear_row_does_not_depend_on_the_other_rows():
                for m in (2, 5, 16, 17, 40))
 
 
-def test_the_setting_takes_its_own_attention_and_refuses_a_gpu():
+def test_the_setting_takes_its_own_attention_on_each_device():
     import torch
     from engine.device import resolve_attention
-    assert resolve_attention("auto", torch.device("cpu"), batch_invariant=True) == "invariant"
-    with pytest.raises(ValueError, match="CPU only"):
-        resolve_attention("auto", torch.device("cuda"), batch_invariant=True)
-    with pytest.raises(ValueError, match="its own attention"):
-        resolve_attention("triton", torch.device("cpu"), batch_invariant=True)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_attention("auto", cpu, batch_invariant=True) == "invariant"
+    assert resolve_attention("auto", gpu, batch_invariant=True) == "triton-invariant"
+    assert resolve_attention("triton", cpu, batch_invariant=True) == "triton-invariant"  # interpreted: tests
+    for name, device in (("reference", cpu), ("invariant", gpu), ("reference", gpu)):
+        with pytest.raises(ValueError, match="its own attention"):
+            resolve_attention(name, device, batch_invariant=True)

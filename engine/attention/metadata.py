@@ -75,16 +75,19 @@ def prefill_work(query_lens: np.ndarray, context_lens: np.ndarray, block_m: int,
     return work
 
 
-def build_metadata(step: StepInputs, device: torch.device) -> AttentionMetadata:
+def build_metadata(step: StepInputs, device: torch.device, all_prefill: bool = False) -> AttentionMetadata:
+    """The Triton kernels' metadata; with all_prefill (BATCH_INVARIANT) every row goes through the prefill kernel,
+    decodes too, in query tiles of BLOCK_M rows whatever the step (as in the mixed CUDA graphs), so that a token's
+    attention is the same arithmetic in any step."""
     as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype, non_blocking=True)
-    D = step.num_decodes
+    D = 0 if all_prefill else step.num_decodes
     prefill_lens = step.query_lens[D:]
-    block_m = block_m_for(int(prefill_lens.max(initial=1)))
+    block_m = BLOCK_M if all_prefill else block_m_for(int(prefill_lens.max(initial=1)))
     return AttentionMetadata(
         slot_mapping=as_tensor(step.slots, torch.int64),
         block_tables=as_tensor(step.block_tables, torch.int32),
         context_lens=as_tensor(step.context_lens, torch.int32),
-        num_decodes=step.num_decodes,
+        num_decodes=D,
         query_start=as_tensor(np.concatenate([[0], np.cumsum(prefill_lens)]), torch.int32),
         prefill_work=as_tensor(prefill_work(prefill_lens, step.context_lens[D:], block_m), torch.int32),
         block_m=block_m,
