@@ -43,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 case " $STEPS " in *" pytest "*)
   log "pytest: the GPU tests, started $(date -u +%H:%M:%S)"
-  timeout 240 "$PY" -m pytest -q tests/test_triton_attention.py tests/test_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
+  timeout 300 "$PY" -m pytest -q tests/test_triton_attention.py tests/test_fused_kernels.py tests/test_gpu.py tests/test_batch_invariant_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
   log "pytest: exit $? ($(tail -n 1 "$OUT/pytest_gpu.txt"))" ;;
 esac
 step decode 90 --seconds 2

@@ -13,7 +13,8 @@ row by row already; the sampler's draws are keyed by (seed, position).
 
 The price: padding (a decode runs a 16-row tile of copies of itself) and many small products: on this project's
 CPU 45-48% of the default mode's tokens/s with batching, 28-29% for nobatch (bench/results/cpu/batch-invariant).
-The CPU path only: on a GPU the libraries' kernels for these shapes are not checked yet.
+The CPU's path: the GPU's ("triton-invariant") takes engine/triton_matmul.py's products and the prefill kernel
+for every row (not yet checked on a GPU).
 tests/test_batch_invariant.py checks the property itself.
 """
 import math
