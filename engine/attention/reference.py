@@ -1,8 +1,8 @@
 """Paged attention in plain PyTorch: the CPU path, and the oracle the Triton kernels are tested against.
 
-Decodes attend as one padded batch: their blocks are gathered into a (D, T) buffer, T a whole number of blocks
-covering the longest decode context, with a mask. Prefill chunks attend in packed groups: a group's keys are
-gathered by slot and a mask keeps each query to its own sequence's earlier positions.
+Decodes attend in padded batches of similar context length: a batch's blocks are gathered into a (D, T) buffer, T
+a whole number of blocks covering its longest context, with a mask. Prefill chunks attend in packed groups: a
+group's keys are gathered by slot and a mask keeps each query to its own sequence's earlier positions.
 """
 from dataclasses import dataclass, field
 
@@ -17,6 +17,17 @@ from engine.kv_cache import slot_mapping
 # twice the useful query-key pairs, or while the group is this small anyway: many short prompts take one call,
 # long ones are not multiplied by each other.
 SMALL_GROUP_PAIRS = 1 << 16
+# Decodes join a padded batch, longest context first, while its blocks stay within DECODE_PADDING times the blocks
+# of its members' own contexts: a few gathers and SDPA calls per layer cost less than padding every decode to the
+# longest (CPU offline, contexts spread over ~100 tokens: 16% less time in them on one thread).
+DECODE_PADDING = 1.25
+
+
+@dataclass
+class DecodeBatch:
+    rows: torch.Tensor | slice  # (D,) rows of its decodes in the packed batch (a slice when it is every decode)
+    tables: torch.Tensor  # (D, blocks) block ids covering its longest context
+    mask: torch.Tensor  # (D, 1, 1, blocks * block_size) True inside each sequence's context
 
 
 @dataclass
@@ -28,8 +39,7 @@ class PrefillGroup:
 
 @dataclass
 class ReferencePlan:
-    decode_tables: torch.Tensor  # (D, blocks) block ids covering the longest decode context
-    decode_mask: torch.Tensor  # (D, blocks * block_size) True inside each sequence's context
+    decode_batches: list[DecodeBatch]
     prefill_groups: list[PrefillGroup]
     scratch: dict = field(default_factory=dict)  # gather buffers the layers of one step reuse
 
@@ -41,9 +51,14 @@ class ReferencePlan:
 def plan(step: StepInputs, block_size: int, device: torch.device) -> ReferencePlan:
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
     D = step.num_decodes
-    width = -(-int(step.context_lens[:D].max(initial=0)) // block_size)
-    decode_ctx = as_tensor(step.context_lens[:D])
     starts = np.cumsum(step.query_lens) - step.query_lens
+
+    def batch_of(rows: np.ndarray) -> DecodeBatch:
+        ctx = as_tensor(step.context_lens[rows])
+        width = -(-int(step.context_lens[rows].max()) // block_size)
+        mask = torch.arange(width * block_size, device=device)[None, :] < ctx[:, None]
+        return DecodeBatch(rows=slice(0, D) if len(rows) == D else as_tensor(rows),
+                           tables=as_tensor(step.block_tables[rows, :width]), mask=mask[:, None, None, :])
 
     def group_of(seqs: list[int]) -> PrefillGroup:
         n, ctx = step.query_lens[seqs], step.context_lens[seqs]
@@ -67,20 +82,38 @@ def plan(step: StepInputs, block_size: int, device: torch.device) -> ReferencePl
             groups.append([b])
             queries, keys, useful = n, ctx, n * ctx
     return ReferencePlan(
-        decode_tables=as_tensor(step.block_tables[:D, :width]),
-        decode_mask=torch.arange(width * block_size, device=device)[None, :] < decode_ctx[:, None],
+        decode_batches=[batch_of(rows) for rows in decode_batches(step.context_lens[:D], block_size)],
         prefill_groups=[group_of(g) for g in groups],
     )
 
 
-def _gather_decode_kv(cache: torch.Tensor, plan: ReferencePlan, name: str) -> torch.Tensor:
-    """The decodes' cached K or V, block by block, into a buffer every layer of the step reuses (a fresh
+def decode_batches(context_lens: np.ndarray, block_size: int) -> list[np.ndarray]:
+    """The decodes' rows in batches of similar context length (DECODE_PADDING); all of them in their order when
+    they make one batch."""
+    blocks = -(-context_lens // block_size)
+    order = np.argsort(-blocks, kind="stable")
+    batches: list[list[int]] = []
+    width = own = 0
+    for row in order:
+        if batches and (len(batches[-1]) + 1) * width <= DECODE_PADDING * (own + blocks[row]):
+            batches[-1].append(row)
+            own += blocks[row]
+        else:
+            batches.append([row])
+            width = own = blocks[row]
+    if len(batches) == 1:
+        return [np.arange(len(context_lens))]
+    return [np.asarray(rows) for rows in batches]
+
+
+def _gather_decode_kv(cache: torch.Tensor, plan: ReferencePlan, batch: int, name: str) -> torch.Tensor:
+    """A decode batch's cached K or V, block by block, into a buffer every layer of the step reuses (a fresh
     allocation per layer costs more than the copy on the CPU). (D, blocks * block_size, nh, hs)."""
-    D, W = plan.decode_tables.shape
-    if name not in plan.scratch:
-        plan.scratch[name] = cache.new_empty((D * W,) + cache.shape[1:])
-    out = plan.scratch[name]
-    torch.index_select(cache, 0, plan.decode_tables.flatten(), out=out)
+    D, W = plan.decode_batches[batch].tables.shape
+    if (name, batch) not in plan.scratch:
+        plan.scratch[name, batch] = cache.new_empty((D * W,) + cache.shape[1:])
+    out = plan.scratch[name, batch]
+    torch.index_select(cache, 0, plan.decode_batches[batch].tables.flatten(), out=out)
     return out.view(D, W * cache.shape[1], *cache.shape[2:])
 
 
@@ -90,13 +123,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q: (N, nh, hs); caches: (num_blocks, block_size, nh, hs)."""
     plan: ReferencePlan = meta.reference
     out = torch.empty_like(q)
-    D = meta.num_decodes
-    if D:
-        k = _gather_decode_kv(k_cache, plan, "k")  # (D, T, nh, hs)
-        v = _gather_decode_kv(v_cache, plan, "v")
-        y = F.scaled_dot_product_attention(q[:D].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=plan.decode_mask[:, None, None, :])  # (D, nh, 1, hs)
-        out[:D] = y.squeeze(2)
+    for i, batch in enumerate(plan.decode_batches):
+        k = _gather_decode_kv(k_cache, plan, i, "k")  # (D, T, nh, hs)
+        v = _gather_decode_kv(v_cache, plan, i, "v")
+        y = F.scaled_dot_product_attention(q[batch.rows].unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=batch.mask)  # (D, nh, 1, hs)
+        out[batch.rows] = y.squeeze(2)
     nh, hs = q.shape[1:]
     for group in plan.prefill_groups:
         k = k_cache.view(-1, nh, hs)[group.key_slots].transpose(0, 1)  # (nh, K, hs)
