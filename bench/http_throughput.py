@@ -40,11 +40,8 @@ def main(args: argparse.Namespace) -> str:
                 for workload, requests in works.items():
                     requests = throughput.policy_requests(args, policy, requests)
                     for _ in range(args.repeats):
-                        since = timeline(url)["step"]  # the step before this run (read before it starts)
-                        load = send_load(url, requests, desc=f"{policy} {workload}")
-                        row = dict(**server, workload=workload, requests=len(requests), **load.outcome())
-                        if load.answered and health["engines"] == 1:  # steps are numbered per engine
-                            row["engine"] = engine_side(timeline(url, since), load)
+                        row = dict(**server, workload=workload, requests=len(requests),
+                                   **measured_load(url, health, requests, f"{policy} {workload}"))
                         print(f"{server} {workload}: {row.get('metrics', {}).get('output_tokens_per_s')} tok/s, "
                               f"{row.get('tokens_per_event')} tokens per event, {row['failed']} failed; "
                               f"{row.get('engine')}", flush=True)
@@ -52,6 +49,17 @@ def main(args: argparse.Namespace) -> str:
         except Exception as e:  # a server that does not start is a finding; the other policies still run
             result.add(dict(**server, workload=args.workloads, requests=0, error=repr(e)[:1000]))
     return result.finish()
+
+
+def measured_load(url: str, health: dict, requests: list[Request], desc: str) -> dict:
+    """The requests sent to the server at `url` (its /health in `health`): the load's outcome, and with one engine
+    (steps are numbered per engine) the run as the engine saw it (`engine_side`)."""
+    since = timeline(url)["step"]  # the step before this run (read before it starts)
+    load = send_load(url, requests, desc=desc)
+    row = load.outcome()
+    if load.answered and health["engines"] == 1:
+        row["engine"] = engine_side(timeline(url, since), load)
+    return row
 
 
 def timeline(url: str, since: int | None = None) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from bench import engine, roofline
 from bench.common import ResultFile, resolve, run_info
-from bench.http_throughput import WARM_UP, engine_side, timeline
+from bench.http_throughput import WARM_UP, measured_load
 from bench.scale import LONGTAIL
 from bench.server import add_server_arguments, policy_server, send_load, stream_intervals
 from bench.throughput import add_engine_arguments, kv_blocks_for, overlap_setting, run, warm_runner
@@ -111,11 +111,7 @@ def over_http(args: argparse.Namespace, device, dtype, requests: list[Request], 
     """The burst through a real server, held to the in-process schedule's bound (tokens/s)."""
     with policy_server(args, "dynamic", device, dtype, stream_interval_ms) as (url, health):
         send_load(url, WARM_UP)
-        since = timeline(url)["step"]  # the step before this run
-        load = send_load(url, requests, desc="longtail over HTTP")
-        row = load.outcome()
-        if load.answered and health["engines"] == 1:  # steps are numbered per engine
-            row["engine"] = engine_side(timeline(url, since), load)
+        row = measured_load(url, health, requests, "longtail over HTTP")
     achieved = row.get("metrics", {}).get("output_tokens_per_s")
     return row | dict(output_tokens_per_s=achieved, bound_tokens_per_s=bound,
                       of_bound=achieved / bound if achieved else None, server=health)
