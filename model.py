@@ -133,8 +133,8 @@ class GPT(nn.Module):
         self.padded_head: torch.Tensor | None = None  # lm_head's weight with zero rows after it (pad_vocab)
 
     def use_product(self, product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> None:
-        """Every linear layer's product, the vocab projection's too (BATCH_INVARIANT's; the attention is the
-        runner's)."""
+        """Every linear layer's product, the vocab projection's too (the CPU's tiled one, or BATCH_INVARIANT's;
+        the attention is the runner's)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.product = product
@@ -185,6 +185,5 @@ class GPT(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits (rows, vocab) of hidden states."""
-        if self.padded_head is None:
-            return self.lm_head(h).float()
-        return self.lm_head.project(h, self.padded_head)[:, :self.config.vocab_size].float()
+        weight = self.lm_head.weight if self.padded_head is None else self.padded_head
+        return self.lm_head.project(h, weight)[:, :self.config.vocab_size].float()

@@ -41,8 +41,8 @@ class Settings:
             raw = env.get(f.name.upper())
             if raw in (None, ""):
                 continue
-            kind = type(f.default) if f.default is not None else (int if f.name in ("engines", "max_batch", "kv_blocks", "seed")
-                                                                  else str)
+            optional_ints = ("engines", "max_batch", "kv_blocks", "seed")
+            kind = type(f.default) if f.default is not None else (int if f.name in optional_ints else str)
             if kind is bool:
                 value = raw.lower() in ("1", "true", "yes", "on")
             else:

@@ -27,7 +27,6 @@ from model import GPT
 
 log = logging.getLogger(__name__)
 
-
 PLANS = {"reference": reference.plan, "invariant": invariant.plan}  # the attentions in plain PyTorch
 TRITON = ("triton", "triton-invariant")  # the attentions of the Triton kernels (BATCH_INVARIANT's: prefill only)
 GPU_SPARE = 1 << 30  # bytes of free GPU memory the KV pool leaves to activations and the CUDA graphs at least
