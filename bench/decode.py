@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="time budget per batch size (at least 3 steps)")
     p.add_argument("--peers", default="hf", help="hf: time HF transformers' decode step at the same sizes "
                                                  "(empty: none)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="also time each batch with BATCH_INVARIANT (invariant_step_ms) and report its cost "
+                        "(invariant_of_default: the default step's ms over its)")
 
 
 def timed(step: Callable[[], object], device: torch.device, iters: int, seconds: float) -> list[float]:
@@ -116,6 +119,26 @@ def time_our_step(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds
                 steps=len(step_times), graphs=runner.graphs is not None)
 
 
+def time_invariant_steps(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, result: ResultFile,
+                         blocks_per_request: int) -> None:
+    """BATCH_INVARIANT's decode step at each batch, beside the default mode's row of the same run."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    batches = [row["batch"] for row in result.data["results"]]
+    runner = engine.build_runner(args.model, device, dtype, num_blocks=max(batches) * blocks_per_request,
+                                 max_batch=max(batches), batch_invariant=True)
+    for row in tqdm(result.data["results"], desc="BATCH_INVARIANT decode batches"):
+        try:
+            times = time_our_step(runner, row["batch"], args.ctx, args.iters, args.seconds)
+            row.update(invariant_step_ms=times["step_ms"])
+            if "step_ms" in row:
+                row["invariant_of_default"] = row["step_ms"] / times["step_ms"]
+        except Exception as e:
+            row["invariant_error"] = repr(e)[:500]
+        print(row, flush=True)
+        result.save()
+
+
 def main(args: argparse.Namespace) -> str:
     device, dtype = resolve(args, CPU, FULL)
     batches = [int(b) for b in args.batches.split(",")]
@@ -141,7 +164,9 @@ def main(args: argparse.Namespace) -> str:
         print(row, flush=True)
         result.add(row)
     config = runner.model.config
-    del runner  # its KV pool makes room for the reference lines' caches
+    del runner  # its KV pool makes room for the reference lines' caches (and BATCH_INVARIANT's runner's)
+    if args.batch_invariant:
+        time_invariant_steps(args, device, dtype, result, blocks_per_request)
     rows = {row["batch"]: row for row in result.data["results"]}
     if device.type == "cuda":
         torch.cuda.empty_cache()

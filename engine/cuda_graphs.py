@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from engine.attention.metadata import BLOCK_M, AttentionMetadata, StepInputs, prefill_work
+from engine.attention.metadata import (BLOCK_M, MIN_SHARING_DECODES, AttentionMetadata, SharedPrefix, StepInputs,
+                                       prefill_work)
 from model import GPT
 
 log = logging.getLogger(__name__)
@@ -33,15 +34,24 @@ def batch_buckets(max_batch: int) -> list[int]:
     return small + list(range(48, max_batch, 16)) + [max_batch]
 
 
+def cascade_buckets(max_batch: int) -> list[int]:
+    """The batch buckets of the shared-prefix decode graphs: from MIN_SHARING_DECODES, coarser than batch_buckets
+    (a step pads up to about 1.5x its decodes), for they are a second set."""
+    coarse = [16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024]
+    return [b for b in coarse if MIN_SHARING_DECODES <= b < max_batch] + [max_batch]
+
+
 def token_buckets(max_tokens: int) -> list[int]:
     """Powers of two from 32 up to max_tokens (which is always a bucket)."""
     return [n for n in (32, 64, 128, 256, 512, 1024, 2048, 4096) if n < max_tokens] + [max_tokens]
 
 
-def kept_logits_bytes(max_batch: int, vocab_size: int) -> int:
+def kept_logits_bytes(max_batch: int, vocab_size: int, shared_prefix: bool) -> int:
     """The memory the decode graphs keep for their outputs: each bucket's fp32 logits, a row per sequence (1.8 GB
-    at MAX_BATCH 512 for GPT-2's vocabulary). The mixed graphs keep hidden states only."""
-    return 4 * vocab_size * sum(batch_buckets(max_batch))
+    at MAX_BATCH 512 for GPT-2's vocabulary; 0.4 GB more with the shared-prefix graphs). The mixed graphs keep
+    hidden states only."""
+    rows = sum(batch_buckets(max_batch)) + (sum(cascade_buckets(max_batch)) if shared_prefix else 0)
+    return 4 * vocab_size * rows
 
 
 def step_token_ids(ids: torch.Tensor, from_device: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
@@ -120,13 +130,18 @@ class StepGraphs:
 
 
 class DecodeGraphs(StepGraphs):
+    """Decode steps; with `shared_splits`, steps whose decodes share a cached prefix, attended to once for all of
+    them (engine/attention/triton_shared.py), over fewer buckets (cascade_buckets)."""
 
     def __init__(self, model: GPT, max_batch: int, table_width: int, pad_slot: int, vocab_size: int,
-                 sampled: torch.Tensor):
+                 sampled: torch.Tensor, block_size: int, shared_splits: int = 0):
         n = max_batch
-        super().__init__(model, batch_buckets(max_batch), dict(ids=(n,), positions=(n,), slots=(n,),
-                         context_lens=(n,), block_tables=(n, table_width)), vocab_size, sampled)
-        self.pad_slot = pad_slot
+        sections = dict(ids=(n,), positions=(n,), slots=(n,), context_lens=(n,), block_tables=(n, table_width))
+        if shared_splits:
+            sections.update(shared_table=(table_width,), shared_len=(1,), shared_lens=(n,))
+        buckets = cascade_buckets(max_batch) if shared_splits else batch_buckets(max_batch)
+        super().__init__(model, buckets, sections, vocab_size, sampled)
+        self.pad_slot, self.block_size, self.shared_splits = pad_slot, block_size, shared_splits
         for h in self.staging:
             self._pad(h, 0, n)
 
@@ -135,20 +150,31 @@ class DecodeGraphs(StepGraphs):
         meta = AttentionMetadata(slot_mapping=d["slots"][:b], block_tables=d["block_tables"][:b],
                                  context_lens=d["context_lens"][:b], num_decodes=b, query_start=d["ids"][:1],
                                  prefill_work=d["ids"][:0], block_m=BLOCK_M)
+        if self.shared_splits:
+            meta.shared = SharedPrefix(d["shared_table"], d["shared_len"], d["shared_lens"][:b], self.shared_splits)
         return self._logits_and_argmax(self._hidden(b, meta))
 
     def _pad(self, h: dict[str, np.ndarray], lo: int, hi: int) -> None:
         h["ids"][lo:hi], h["from_device"][lo:hi], h["positions"][lo:hi] = 0, -1, 0
         h["slots"][lo:hi], h["context_lens"][lo:hi] = self.pad_slot, 1
+        if self.shared_splits:
+            h["shared_lens"][lo:hi] = 0
 
-    def run(self, ids: np.ndarray, from_device: np.ndarray, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode step of B sequences: (B, vocab) fp32 logits and (B,) argmax ids."""
+    def run(self, ids: np.ndarray, from_device: np.ndarray, step: StepInputs,
+            shared: tuple[int, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step of B sequences: (B, vocab) fp32 logits and (B,) argmax ids. `shared`
+        (metadata.find_shared_prefix's), for the graphs with shared_splits: the prefix the decodes share."""
         B = len(ids)
         b = next(bucket for bucket in self.buckets if bucket >= B)
         h = self._next_host()
         h["ids"][:B], h["from_device"][:B], h["positions"][:B], h["slots"][:B] = ids, from_device, step.positions, \
             step.slots
         h["context_lens"][:B], h["block_tables"][:B] = step.context_lens, step.block_tables
+        if self.shared_splits:  # (the plain graphs ignore a shared prefix)
+            blocks, members = shared
+            tokens = blocks * self.block_size
+            h["shared_table"][:blocks] = step.block_tables[np.argmax(members), :blocks]
+            h["shared_len"][0], h["shared_lens"][:B] = tokens, np.where(members, tokens, 0)
         self._pad(h, B, b)
         return self._replay(b, B)
 

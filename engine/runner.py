@@ -86,8 +86,12 @@ class ModelRunner:
         graphs = cuda_graphs and device.type == "cuda" and attention in TRITON  # (the PyTorch attentions: eager)
         # BATCH_INVARIANT runs decodes through the prefill kernel too (all_prefill): the mixed graphs take them
         decode_graphs = graphs and attention == "triton"
+        # decodes that begin with the same cached blocks attend to them once (cascade attention), in graphs of
+        # their own: the default path's launches stay as they were when nothing is shared
+        self.shared_prefix = attention == "triton" and prefix_caching
+        cascade_graphs = decode_graphs and self.shared_prefix
         if num_blocks is None:
-            graph_bytes = kept_logits_bytes(max_batch, c.vocab_size) if decode_graphs else 0
+            graph_bytes = kept_logits_bytes(max_batch, c.vocab_size, cascade_graphs) if decode_graphs else 0
             num_blocks = self._blocks_that_fit(block_size, kv_cache_gb, gpu_memory_utilization, graph_bytes)
         # (k/v, layer, block, slot, head, head_dim): one allocation, a view per layer; one spare block for padding
         self.kv_cache = torch.zeros(2, c.n_layer, num_blocks + 1, block_size, c.n_head, c.n_embd // c.n_head,
@@ -102,15 +106,20 @@ class ModelRunner:
         self._sampled_rows: dict[int, int] = {}  # sequence id -> its row in `sampled`
         log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GB); attention: %s", num_blocks, block_size,
                  num_blocks * block_size, self.kv_cache.numel() * self.kv_cache.element_size() / 1e9, attention)
-        self.graphs = self.mixed_graphs = None
+        self.graphs = self.cascade_graphs = self.mixed_graphs = None
         self.capture: dict = {}  # what capturing the graphs took (count, seconds, MiB)
         if graphs:
             pad_slot, vocab = self.block_manager.pad_slot, self.sampler.vocab_size
             if decode_graphs:
-                self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled)
+                self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled,
+                                           block_size)
+            if cascade_graphs:
+                self.cascade_graphs = DecodeGraphs(
+                    self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled, block_size,
+                    shared_splits=attention_metadata.shared_splits(self.table_width * block_size))
             self.mixed_graphs = MixedGraphs(self.model, max(max_step_tokens, max_batch), max_batch, self.table_width,
                                             pad_slot, vocab, self.sampled)
-            self.capture = capture_all([g for g in (self.graphs, self.mixed_graphs) if g])
+            self.capture = capture_all([g for g in (self.graphs, self.cascade_graphs, self.mixed_graphs) if g])
 
     def _blocks_that_fit(self, block_size: int, kv_cache_gb: float, gpu_memory_utilization: float,
                          graph_bytes: int) -> int:
@@ -149,17 +158,19 @@ class ModelRunner:
         bm = self.block_manager
         tables = bm.table_array([s.id for s in seqs], self.table_width if self.graphs else None)
         step = attention_metadata.pack_step(query_lens, context_lens, tables, bm.block_size)
+        shared = attention_metadata.find_shared_prefix(step, bm.block_size) if self.shared_prefix else None
         argmax = None
         mixed = self.mixed_graphs
-        if self.graphs and step.num_decodes == len(seqs) <= self.graphs.max_bucket:
-            logits, argmax = self.graphs.run(ids, from_device, step)
+        decode_graphs = self._decode_graphs(len(seqs), shared) if step.num_decodes == len(seqs) else None
+        if decode_graphs:
+            logits, argmax = decode_graphs.run(ids, from_device, step, shared)
             if not samples.all():  # a prompt's single-token chunk that is not its last
                 rows = torch.from_numpy(sample_rows).to(self.device)  # a decode step's rows are its sequences
                 logits, argmax = logits[rows], argmax[rows]
         elif mixed and len(ids) <= mixed.max_bucket and len(seqs) <= mixed.max_batch:
             logits, argmax = mixed.run(ids, from_device, step, sample_rows)
         else:
-            logits = self._forward(ids, step, sample_rows, from_device)
+            logits = self._forward(ids, step, sample_rows, from_device, shared)
         samplers = [seq for seq, sample in zip(seqs, samples) if sample]
         self._sampled_rows = {seq.id: row for row, seq in enumerate(samplers)}
         if not samplers:
@@ -171,6 +182,13 @@ class ModelRunner:
                                   known[samples].tolist(), argmax)
         self.sampled[:len(samplers)].copy_(drawn.tokens)
         return LaunchedStep([seq.id for seq in samplers], drawn)
+
+    def _decode_graphs(self, batch: int, shared: tuple[int, np.ndarray] | None) -> DecodeGraphs | None:
+        """The graphs for a decode step of `batch` sequences, the shared-prefix ones when its decodes share one."""
+        for graphs in (self.cascade_graphs if shared else None, self.graphs):
+            if graphs and batch <= graphs.max_bucket:
+                return graphs
+        return None
 
     def _token_ids(self, plan: list[tuple[Sequence, int]]) -> tuple[np.ndarray, np.ndarray]:
         """The step's token ids as far as the host knows them, and for each the row of `sampled` to take it from
@@ -191,8 +209,9 @@ class ModelRunner:
         return ids, from_device
 
     def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray,
-                 from_device: np.ndarray | None = None) -> torch.Tensor:
-        meta = attention_metadata.build_metadata(step, self.device, all_prefill=self.attention == "triton-invariant")
+                 from_device: np.ndarray | None = None, shared: tuple[int, np.ndarray] | None = None) -> torch.Tensor:
+        meta = attention_metadata.build_metadata(step, self.device, self.attention == "triton-invariant",
+                                                 self.block_manager.block_size, shared)
         if self.attention in PLANS:
             meta.reference = PLANS[self.attention](step, self.block_manager.block_size, self.device)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)

@@ -188,8 +188,10 @@ def test_streamed_deltas_add_up_to_the_text(tiny_model_dir):
 
 def test_graph_buckets_and_the_logits_their_graphs_keep():
     """What the KV pool leaves free on a GPU for the CUDA graphs' outputs (engine/runner.py): one fp32 logits row
-    per sequence of each decode bucket (the mixed graphs keep hidden states, a few MB)."""
-    from engine.cuda_graphs import batch_buckets, kept_logits_bytes, token_buckets
+    per sequence of each decode bucket, the shared-prefix ones' too (the mixed graphs keep hidden states, a few MB)."""
+    from engine.cuda_graphs import batch_buckets, cascade_buckets, kept_logits_bytes, token_buckets
     assert batch_buckets(512)[:8] == [1, 2, 4, 8, 16, 24, 32, 48] and batch_buckets(512)[-2:] == [496, 512]
     assert token_buckets(2048) == [32, 64, 128, 256, 512, 1024, 2048]
-    assert kept_logits_bytes(24, 10) == 4 * 10 * (1 + 2 + 4 + 8 + 16 + 24)
+    assert kept_logits_bytes(24, 10, False) == 4 * 10 * (1 + 2 + 4 + 8 + 16 + 24)
+    assert cascade_buckets(512) == [16, 32, 64, 96, 128, 192, 256, 384, 512] and cascade_buckets(100)[-1] == 100
+    assert kept_logits_bytes(24, 10, True) == 4 * 10 * (1 + 2 + 4 + 8 + 16 + 24 + 16 + 24)

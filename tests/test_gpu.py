@@ -77,6 +77,25 @@ def test_fp32_on_gpu_gives_the_cpu_tokens_from_cached_prefixes(tiny_model_dir, p
     assert cached > 0
 
 
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_decodes_sharing_a_cached_prefix_attend_to_it_once_and_give_the_cpu_tokens(tiny_model_dir, graphs,
+                                                                                   monkeypatch):
+    """Cascade attention (engine/attention/triton_shared.py): 40 requests after one 160-token system prompt decode
+    together, the prompt's blocks attended to once for all of them, on the shared-prefix graphs or eagerly."""
+    from engine.attention import metadata
+    rng = random.Random(7)
+    system = [rng.randrange(50257) for _ in range(160)]
+    w = [(system + [rng.randrange(50257) for _ in range(rng.randint(1, 30))], rng.randint(8, 24)) for _ in range(40)]
+    runner = gpu_runner(tiny_model_dir, graphs=graphs, max_batch=64)
+    found, find = [], metadata.find_shared_prefix
+    monkeypatch.setattr(metadata, "find_shared_prefix", lambda *a: found.append(find(*a)) or found[-1])
+    ours = greedy(runner, w, max_step_tokens=4096)
+    monkeypatch.undo()
+    assert ours == greedy(cpu_runner(tiny_model_dir), w, max_step_tokens=4096)
+    assert sum(f is not None and f[0] == 10 for f in found) >= 7  # 10 blocks; at least every step all 40 decode
+    assert (runner.cascade_graphs is not None) == graphs
+
+
 def test_sampled_tokens_and_logprobs_on_graphs_are_the_same_overlapped_or_not(tiny_model_dir):
     """Overlapped decodes take the token the sampler drew (not the graph's argmax) from the device."""
     w = work(8, seed=9)

@@ -6,6 +6,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import requests
 
@@ -180,6 +181,43 @@ def test_cached_prefixes_give_hf_tokens_with_chunks_and_preemption(tiny_model_di
     reqs = run_in_waves(manager, work, waves=2, steps_between=3)
     assert [r.output_ids for r in reqs] == want
     assert manager.scheduler.num_preemptions > 0 and sum(r.cached_tokens for r in reqs) > 0
+
+
+def test_the_prefix_most_decodes_begin_with_is_found_short_of_each_ones_own_last_token(monkeypatch):
+    from engine.attention import metadata
+    monkeypatch.setattr(metadata, "MIN_SHARING_DECODES", 3)
+    monkeypatch.setattr(metadata, "MIN_SHARED_TOKENS", 8)
+    tables = np.array([[5, 6, 7, 8], [5, 6, 7, 9], [1, 2, 0, 0], [5, 6, 3, 0], [5, 6, 7, 4]])
+    step = metadata.pack_step(np.ones(5, dtype=np.int64), np.array([14, 16, 5, 10, 13]), tables, BS)
+    blocks, members = metadata.find_shared_prefix(step, BS)
+    assert blocks == 2 and members.tolist() == [True, True, False, True, True]  # the 4th diverges at block 3
+    tables[3, 2] = 7  # now all four hold 5, 6, 7, but the 4th's context (10 tokens) ends in its 3rd block
+    assert metadata.find_shared_prefix(step, BS)[0] == 2
+    step.context_lens[3] = 13  # its last token (its own, being written) is in its 4th block
+    assert metadata.find_shared_prefix(step, BS)[0] == 3
+    monkeypatch.setattr(metadata, "MIN_SHARED_TOKENS", 13)
+    assert metadata.find_shared_prefix(step, BS) is None  # too short to be worth its launches
+    monkeypatch.setattr(metadata, "MIN_SHARED_TOKENS", 8)
+    monkeypatch.setattr(metadata, "MIN_SHARING_DECODES", 5)
+    assert metadata.find_shared_prefix(step, BS) is None  # too few decodes share it
+
+
+@OVERLAP
+def test_decodes_attending_to_a_shared_prefix_once_give_hf_tokens(tiny_model_dir, shared, overlap, monkeypatch):
+    """Cascade attention (engine/attention/triton_shared.py, interpreted): the decodes that begin with the
+    system prompt's blocks attend to them together, the others as before."""
+    pytest.importorskip("triton")
+    from engine.attention import metadata
+    monkeypatch.setattr(metadata, "MIN_SHARING_DECODES", 2)  # this workload's few decodes and 3-block prompt
+    monkeypatch.setattr(metadata, "MIN_SHARED_TOKENS", 8)
+    found = []
+    find = metadata.find_shared_prefix
+    monkeypatch.setattr(metadata, "find_shared_prefix", lambda *a: found.append(find(*a)) or found[-1])
+    work, want = shared
+    manager = make_manager(tiny_model_dir, "dynamic", attention="triton", overlap=overlap)
+    reqs = run_in_waves(manager, work, waves=1, steps_between=0)
+    assert [r.output_ids for r in reqs] == want
+    assert sum(f is not None for f in found) >= 3 and max(f[1].sum() for f in found if f) >= 5
 
 
 def test_a_conversation_resent_with_its_answer_reuses_the_answer_blocks(tiny_model_dir, tiny_hf_model):

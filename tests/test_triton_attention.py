@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")  # conftest.py runs it under the interpreter on a CPU
 from engine.attention.triton_decode import PROGRAMS_PER_SM, choose_num_splits, paged_decode_attention  # noqa: E402
-from engine.attention.metadata import block_m_for, prefill_work  # noqa: E402
+from engine.attention.metadata import SharedPrefix, block_m_for, prefill_work  # noqa: E402
 from engine.attention.triton_prefill import paged_prefill_attention  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -118,6 +118,40 @@ def test_decode_writes_into_strided_output_view(num_splits):
     paged_decode_attention(q, k_cache, v_cache, tables, lens, wide[..., hs:], 1 / math.sqrt(hs), num_splits=num_splits)
     assert_close(wide[..., hs:], reference(q, k_cache, v_cache, tables, context_lens, [1, 1]))
     assert wide[..., :hs].isnan().all(), "wrote outside the view"
+
+
+def shared_prefix_decode(context_lens: list[int], members: list[bool], prefix_blocks: int, num_splits: int,
+                         prefix_splits: int, block_size=4, nh=3, hs=16, dtype=torch.float32):
+    """Decodes where the `members` begin with the same prefix_blocks blocks (member 0's), attended to once through
+    the shared-prefix kernel; returns (output, float64 reference)."""
+    k_cache, v_cache, tables = paged_cache(context_lens, block_size, nh, hs, dtype)
+    first = members.index(True)
+    for s, member in enumerate(members):
+        if member:
+            tables[s, :prefix_blocks] = tables[first, :prefix_blocks]
+    q = torch.randn(len(context_lens), nh, hs, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    out = torch.full_like(q, float("nan"))
+    as_ints = lambda values: torch.tensor(values, dtype=torch.int32, device=DEVICE)
+    tokens = prefix_blocks * block_size
+    shared = SharedPrefix(table=tables[first, :prefix_blocks].clone(), length=as_ints([tokens]),
+                          lens=as_ints([tokens if m else 0 for m in members]), splits=prefix_splits)
+    paged_decode_attention(q, k_cache, v_cache, tables, as_ints(context_lens), out, 1 / math.sqrt(hs),
+                           num_splits=num_splits, shared=shared)
+    return out, reference(q, k_cache, v_cache, tables, context_lens, [1] * len(context_lens))
+
+
+@pytest.mark.parametrize("num_splits, prefix_splits", [(1, 1), (3, 1), (1, 2)])
+def test_decode_with_a_shared_prefix_merges_to_reference(num_splits, prefix_splits):
+    # members just past the prefix and far past it; the others attend to their own blocks only; a second prefix
+    # partition past the prefix's end is neutral
+    members = [True, False, True, True, False, True]
+    assert_close(*shared_prefix_decode([13, 7, 40, 17, 30, 70], members, 3, num_splits, prefix_splits))
+
+
+def test_decode_with_a_shared_prefix_bf16_over_many_decodes():
+    lens = [100 + 3 * i for i in range(70)]  # two tiles of the prefix kernel's decodes
+    members = [i % 5 != 2 for i in range(70)]
+    assert_close(*shared_prefix_decode(lens, members, 6, 1, 1, block_size=16, dtype=torch.bfloat16))
 
 
 def test_num_splits_split_small_batches_finely_and_large_ones_not_at_all():

@@ -37,7 +37,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     out = torch.empty_like(q)
     D, scale = meta.num_decodes, 1 / math.sqrt(q.shape[-1])
     if D:
-        decode(q[:D], k_cache, v_cache, meta.block_tables[:D], meta.context_lens[:D], out[:D], scale)
+        decode(q[:D], k_cache, v_cache, meta.block_tables[:D], meta.context_lens[:D], out[:D], scale,
+               shared=meta.shared)
     if D < len(q):
         prefill(q[D:], k_cache, v_cache, meta.block_tables[D:], meta.query_start, meta.context_lens[D:],
                 meta.prefill_work, meta.block_m, out[D:], scale)

@@ -6,6 +6,7 @@ prompt's single last token), then the prefill chunks of the other B-D sequences,
 of its sequence's context (earlier tokens may already be cached: chunked prefill, recompute after preemption).
 """
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -13,6 +14,20 @@ import torch
 from engine.kv_cache import slot_mapping
 
 BLOCK_M = 64  # query rows per prefill tile (fewer when every chunk is short: tl.dot needs at least 16)
+# a prefix is attended to once for the decodes that share it when it saves re-reading at least this much: fewer
+# decodes or tokens save less than the two launches it adds (triton_shared.py)
+MIN_SHARING_DECODES = 16
+MIN_SHARED_TOKENS = 128
+SHARED_SPLIT_TOKENS = 256  # prefix tokens per program of the shared-prefix kernel
+
+
+class SharedPrefix(NamedTuple):
+    """The cached blocks that many decodes of a step begin with, attended to once for all of them
+    (triton_shared.py: cascade attention)."""
+    table: torch.Tensor  # (W,) the prefix's blocks
+    length: torch.Tensor  # (1,) its tokens, a whole number of blocks
+    lens: torch.Tensor  # (D,) per decode: the prefix's length if it takes part, else 0
+    splits: int  # partitions of the prefix (a host int, fixed for a captured graph)
 
 
 @dataclass
@@ -27,6 +42,7 @@ class AttentionMetadata:
     # the plain PyTorch attention's plan (CPU path and oracle: reference.ReferencePlan; with BATCH_INVARIANT,
     # invariant.InvariantPlan), whose attend() runs it; None on the Triton path
     reference: object | None = None
+    shared: SharedPrefix | None = None  # a prefix the decodes share (Triton path)
 
 
 @dataclass
@@ -75,15 +91,43 @@ def prefill_work(query_lens: np.ndarray, context_lens: np.ndarray, block_m: int,
     return work
 
 
-def build_metadata(step: StepInputs, device: torch.device, all_prefill: bool = False) -> AttentionMetadata:
+def find_shared_prefix(step: StepInputs, block_size: int) -> tuple[int, np.ndarray] | None:
+    """The blocks that most of the step's decodes begin with: (how many blocks, which decodes), or None when too
+    few decodes or tokens share them. Decodes whose first block is the most common one form the group; the prefix
+    is the leading blocks all of them hold, short of each one's last token (its own, being written this step)."""
+    D = step.num_decodes
+    if D < MIN_SHARING_DECODES:
+        return None
+    tables = step.block_tables[:D]
+    firsts, counts = np.unique(tables[:, 0], return_counts=True)
+    if counts.max() < MIN_SHARING_DECODES:
+        return None
+    members = tables[:, 0] == firsts[counts.argmax()]
+    group = tables[members]
+    same = (group == group[0]).all(axis=0)
+    blocks = len(same) if same.all() else int(same.argmin())
+    blocks = min(blocks, int(step.context_lens[:D][members].min() - 1) // block_size)
+    if blocks * block_size < MIN_SHARED_TOKENS:
+        return None
+    return blocks, members
+
+
+def shared_splits(max_tokens: int) -> int:
+    """Partitions of the shared-prefix kernel for a prefix of at most max_tokens."""
+    return -(-max_tokens // SHARED_SPLIT_TOKENS)
+
+
+def build_metadata(step: StepInputs, device: torch.device, all_prefill: bool = False, block_size: int = 0,
+                   shared: tuple[int, np.ndarray] | None = None) -> AttentionMetadata:
     """The Triton kernels' metadata; with all_prefill (BATCH_INVARIANT) every row goes through the prefill kernel,
     decodes too, in query tiles of BLOCK_M rows whatever the step (as in the mixed CUDA graphs), so that a token's
-    attention is the same arithmetic in any step."""
+    attention is the same arithmetic in any step. `shared` (find_shared_prefix's, for blocks of block_size): a
+    prefix the decodes attend to together."""
     as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype, non_blocking=True)
     D = 0 if all_prefill else step.num_decodes
     prefill_lens = step.query_lens[D:]
     block_m = BLOCK_M if all_prefill else block_m_for(int(prefill_lens.max(initial=1)))
-    return AttentionMetadata(
+    meta = AttentionMetadata(
         slot_mapping=as_tensor(step.slots, torch.int64),
         block_tables=as_tensor(step.block_tables, torch.int32),
         context_lens=as_tensor(step.context_lens, torch.int32),
@@ -92,3 +136,11 @@ def build_metadata(step: StepInputs, device: torch.device, all_prefill: bool = F
         prefill_work=as_tensor(prefill_work(prefill_lens, step.context_lens[D:], block_m), torch.int32),
         block_m=block_m,
     )
+    if shared and D:
+        blocks, members = shared
+        tokens = blocks * block_size
+        meta.shared = SharedPrefix(table=as_tensor(step.block_tables[np.argmax(members), :blocks], torch.int32),
+                                   length=as_tensor(np.array([tokens]), torch.int32),
+                                   lens=as_tensor(np.where(members, tokens, 0), torch.int32),
+                                   splits=shared_splits(tokens))
+    return meta

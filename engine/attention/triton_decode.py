@@ -8,12 +8,18 @@ One program per (sequence, head) leaves most SMs idle when the batch is small, s
 num_splits partitions (flash-decoding): each program writes a partial output with its log-sum-exp, and a small
 second kernel merges them. The launch depends only on host ints (D, nh, W and the GPU's SM count), never on a
 value on the device, so a call can be captured in a CUDA graph and replayed with new lengths and tables.
+
+With a shared prefix (triton_shared.py, cascade attention), a decode that takes part starts its own partitions
+after the prefix, and the merge takes the prefix's partials too.
 """
 import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from engine.attention.metadata import SharedPrefix
+from engine.attention.triton_shared import shared_prefix_attention
 
 BLOCK_N = 128  # context tokens per tile, gathered from several cache blocks through the block table
 MIN_SPLIT_TOKENS = 128  # a shorter partition costs more to merge than its parallelism saves
@@ -23,13 +29,16 @@ LOG2E = 1.4426950408889634  # softmax in base 2: exp2 is one instruction
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
-                   part_out_ptr, part_lse_ptr, qk_scale, split_tokens,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, starts_ptr, out_ptr,
+                   part_out_ptr, part_lse_ptr, qk_scale, split_tokens, parts_per_row,
                    stride_qd, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_od, stride_oh,
-                   BLOCK_SIZE: tl.constexpr, HS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, HS: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
+                   AFTER_PREFIX: tl.constexpr):
     seq, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     start = split * split_tokens
+    if AFTER_PREFIX:  # the shared prefix's positions are triton_shared.py's
+        start = tl.maximum(start, tl.load(starts_ptr + seq).to(tl.int32))
     end = tl.minimum(start + split_tokens, context_len)  # end <= start: a split past the context, no work
 
     offs_d = tl.arange(0, HS)
@@ -54,9 +63,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
 
-    if SPLIT:
+    if PARTIAL:
         # a split with no positions (m_i = -inf, l_i = 0) writes the neutral partial: output 0, log-sum-exp -inf
-        part = (seq * tl.num_programs(1) + head) * tl.num_programs(2) + split
+        part = (seq * tl.num_programs(1) + head) * parts_per_row + split
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         tl.store(part_out_ptr + part * HS + offs_d, acc / l_safe)
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_safe))
@@ -74,7 +83,7 @@ def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_od, 
     mask_s = offs_s < num_splits
     offs_d = tl.arange(0, HS)
     lse = tl.load(part_lse_ptr + first + offs_s, mask=mask_s, other=float("-inf"))  # (SPLITS_POW2,)
-    w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 always holds position 0, so the max is finite
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # position 0 is in some partition, so the max is finite
     o = tl.load(part_out_ptr + (first + offs_s)[:, None] * HS + offs_d[None, :], mask=mask_s[:, None], other=0.0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.sum(w, axis=0)
     tl.store(out_ptr + seq * stride_od + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
@@ -100,10 +109,11 @@ def choose_num_splits(num_seqs: int, nh: int, max_context: int, sm_count: int) -
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, out: torch.Tensor, scale: float,
-                           num_splits: int | None = None) -> None:
+                           num_splits: int | None = None, shared: SharedPrefix | None = None) -> None:
     """out[s] = softmax(q[s] k^T * scale) v over positions 0..context_lens[s]-1 of sequence s, for every head.
     q, out: (D, nh, hs); k_cache, v_cache: (num_blocks, block_size, nh, hs); block_tables: (D, W) int32 or int64;
-    context_lens: (D,) int32 or int64, each >= 1. Writes into out (which may be a strided view)."""
+    context_lens: (D,) int32 or int64, each >= 1, and longer than shared.lens. Writes into out (which may be a
+    strided view)."""
     D, nh, hs = q.shape
     block_size = k_cache.shape[1]
     W = block_tables.shape[1]
@@ -112,14 +122,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_splits = choose_num_splits(D, nh, W * block_size, _sm_count(q.device))
     # partitions of whole tiles, so every tile starts on a BLOCK_N boundary
     split_tokens = triton.cdiv(triton.cdiv(W * block_size, num_splits), BLOCK_N) * BLOCK_N
-    split = num_splits > 1
-    part_out = torch.empty((D, nh, num_splits, hs), dtype=torch.float32, device=q.device) if split else None
-    part_lse = torch.empty((D, nh, num_splits), dtype=torch.float32, device=q.device) if split else None
+    parts = num_splits + (shared.splits if shared else 0)
+    partial = parts > 1
+    part_out = torch.empty((D, nh, parts, hs), dtype=torch.float32, device=q.device) if partial else None
+    part_lse = torch.empty((D, nh, parts), dtype=torch.float32, device=q.device) if partial else None
     _decode_kernel[(D, nh, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_out, part_lse, scale * LOG2E, split_tokens,
+        q, k_cache, v_cache, block_tables, context_lens, shared.lens if shared else context_lens, out, part_out,
+        part_lse, scale * LOG2E, split_tokens, parts,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, HS=hs, BLOCK_N=BLOCK_N, SPLIT=split, num_warps=NUM_WARPS, num_stages=2)
-    if split:
-        _combine_kernel[(D, nh)](part_out, part_lse, out, num_splits, out.stride(0), out.stride(1),
-                                 HS=hs, SPLITS_POW2=triton.next_power_of_2(num_splits), num_warps=1)
+        BLOCK_SIZE=block_size, HS=hs, BLOCK_N=BLOCK_N, PARTIAL=partial, AFTER_PREFIX=shared is not None,
+        num_warps=NUM_WARPS, num_stages=2)
+    if shared:
+        shared_prefix_attention(q, k_cache, v_cache, shared.table, shared.length, shared.lens, part_out, part_lse,
+                                num_splits, shared.splits, scale)
+    if partial:
+        _combine_kernel[(D, nh)](part_out, part_lse, out, parts, out.stride(0), out.stride(1),
+                                 HS=hs, SPLITS_POW2=triton.next_power_of_2(parts), num_warps=1)
