@@ -84,8 +84,14 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(N, C))
 
 
+def cublaslt_gelu_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU(x @ weight.T + bias) in one launch: cuBLASLt's GELU_BIAS epilogue, the tanh GELU on CUDA."""
+    return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+
+
 class MLP(nn.Module):
-    fused_gelu = False  # c_fc's bias and GELU inside its product (GPT.fuse_kernels, on CUDA)
+    # c_fc's product, bias and GELU in one launch (GPT.fuse_kernels, on CUDA): (x, weight, bias) -> GELU(x W^T + b)
+    gelu_product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -93,8 +99,8 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gelu:  # one launch: cuBLASLt's GELU_BIAS epilogue, the tanh GELU on CUDA
-            h = torch._addmm_activation(self.c_fc.bias, x, self.c_fc.weight.t(), use_gelu=True)
+        if self.gelu_product:
+            h = self.gelu_product(x, self.c_fc.weight, self.c_fc.bias)
         else:
             h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's "gelu_new"
         return self.c_proj(h)
@@ -132,12 +138,17 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # weight tying, as GPT-2
         self.padded_head: torch.Tensor | None = None  # lm_head's weight with zero rows after it (pad_vocab)
 
-    def use_product(self, product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]) -> None:
-        """Every linear layer's product, the vocab projection's too (the CPU's tiled one, or BATCH_INVARIANT's;
-        the attention is the runner's)."""
+    def use_product(self, product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+                    gelu_product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                    ) -> None:
+        """Every linear layer's product, the vocab projection's too (the CPU's tiled one, BATCH_INVARIANT's, or
+        the GPU's for a decode's few rows; the attention is the runner's), and with `gelu_product` c_fc's product
+        with its GELU."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.product = product
+            elif isinstance(module, MLP) and gelu_product:
+                module.gelu_product = gelu_product
 
     def fuse_kernels(self, gelu_in_product: bool = True) -> None:
         """Fewer launches for the GPU path (attention "triton"; a decode step at batch 1 is launch-bound): every
@@ -149,8 +160,8 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, LayerNorm):
                 module.fused_add = True
-            elif isinstance(module, MLP):
-                module.fused_gelu = on_cuda and gelu_in_product
+            elif isinstance(module, MLP) and on_cuda and gelu_in_product:
+                module.gelu_product = cublaslt_gelu_product
 
     def pad_vocab(self, multiple: int = 64) -> None:
         """Give the vocab projection a row count that is a multiple of `multiple` (50,257 -> 50,304, as nanoGPT

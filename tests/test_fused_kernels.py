@@ -101,7 +101,7 @@ def test_on_a_cpu_the_gelu_stays_apart_as_addmm_activation_takes_the_erf_gelu_th
     assert not torch.allclose(fused, F.gelu(product, approximate="tanh"), rtol=0, atol=1e-5)
     model = from_pretrained(tiny_model_dir)
     model.fuse_kernels()
-    assert not any(mlp.fused_gelu for mlp in model.modules() if isinstance(mlp, MLP))
+    assert not any(mlp.gelu_product for mlp in model.modules() if isinstance(mlp, MLP))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt's epilogue needs CUDA")
@@ -139,3 +139,31 @@ def test_add_layer_norm_replays_in_a_cuda_graph_with_new_rows_in_bf16():
     graph.replay()
     torch.cuda.synchronize()
     assert_add_layer_norm_matches_torch(x, y, weight, bias, total, norm)
+
+
+@pytest.mark.parametrize("rows, cfg", [(1, None), (5, (32, 64, 4, 4)), (17, (32, 128, 2, 4)), (3, (32, 64, 3, 4))])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_the_skinny_product_is_f_linear_then_the_tanh_gelu(rows, cfg, gelu):
+    """engine/triton_skinny.py for a decode's few rows: split over K (3 shares of K=200: the last one short and
+    masked), the partials summed by the last program of each output slice, bias and GELU after the sum."""
+    from engine.triton_skinny import linear
+    g = torch.Generator().manual_seed(rows)
+    K = 200 if cfg and cfg[2] == 3 else 256
+    x, weight, bias = torch.randn(rows, K, generator=g), torch.randn(100, K, generator=g), torch.randn(100, generator=g)
+    x, weight, bias = x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE)
+    for b in (bias, None):
+        want = F.linear(x, weight, b)
+        want = F.gelu(want, approximate="tanh") if gelu else want
+        torch.testing.assert_close(linear(x, weight, b, gelu, cfg), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(linear(x, weight, b, gelu, cfg), want, rtol=1e-4, atol=1e-4)  # tickets reset
+
+
+def test_the_model_on_the_skinny_products_gives_the_reference_paths_logits(tiny_model_dir):
+    """Every product of a few rows through engine/triton_skinny.py (c_fc's with its GELU), as decode steps run on
+    a GPU; the vocab projection's 50,304 columns stay cuBLAS's."""
+    from engine import triton_skinny
+    model = from_pretrained(tiny_model_dir)
+    model.use_product(triton_skinny.product, triton_skinny.gelu_product)
+    skinny = prefill_logits(model, IDS, DEVICE, attention="triton")
+    reference = prefill_logits(from_pretrained(tiny_model_dir), IDS, DEVICE)
+    torch.testing.assert_close(skinny, reference, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,78 @@
+"""`python -m bench.skinny_probe`: a decode step's four products per layer (gpt2-medium's shapes, bf16) at a few
+row counts, cuBLAS (F.linear; c_fc through cuBLASLt's bias + GELU epilogue, as the engine runs it) beside
+engine/triton_skinny.py over a sweep of its tilings: microseconds per product, each timed as 20 back-to-back calls
+in a CUDA graph, and the weights' bytes over that time. GPU only; prints a table and the best tiling per shape."""
+import argparse
+import itertools
+
+import triton
+
+import torch
+import torch.nn.functional as F
+
+from engine import triton_skinny
+
+SHAPES = {"c_attn": (3072, 1024, False), "attn.c_proj": (1024, 1024, False), "c_fc": (4096, 1024, True),
+          "mlp.c_proj": (1024, 4096, False)}  # name: (N, K, GELU)
+CONFIGS = [(n, k, s, 4) for n, k, s in itertools.product((16, 32, 64), (64, 128), (1, 2, 4, 8))]
+
+
+def graph_us(call, repeats: int = 20, replays: int = 20) -> float:
+    """Microseconds per call: `repeats` calls captured in one CUDA graph, replayed `replays` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (repeats * replays)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rows", default="1,32,128,256")
+    args = p.parse_args()
+    print(torch.cuda.get_device_name())
+    for M in (int(r) for r in args.rows.split(",")):
+        for name, (N, K, gelu) in SHAPES.items():
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+            b = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+            if gelu:
+                cublas = graph_us(lambda: torch._addmm_activation(b, x, w.t(), use_gelu=True))
+            else:
+                cublas = graph_us(lambda: F.linear(x, w, b))
+            want = F.gelu(F.linear(x, w, b).float(), approximate="tanh") if gelu else F.linear(x, w, b).float()
+            best = None
+            for cfg in CONFIGS:
+                if triton.cdiv(N, cfg[0]) > triton_skinny.MAX_SLICES or cfg[2] * cfg[1] > K:
+                    continue
+                try:
+                    got = triton_skinny.linear(x, w, b, gelu, cfg).float()
+                    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2):
+                        print(f"  {name} M={M} {cfg}: wrong result")
+                        continue
+                    us = graph_us(lambda: triton_skinny.linear(x, w, b, gelu, cfg))
+                except Exception as e:  # a tiling that does not compile (shared memory) is skipped
+                    print(f"  {name} M={M} {cfg}: {type(e).__name__}")
+                    continue
+                if best is None or us < best[0]:
+                    best = (us, cfg)
+            default_us = graph_us(lambda: triton_skinny.linear(x, w, b, gelu))
+            gb = N * K * 2 / 1e3  # the weights' bytes over this, per us: GB/s
+            print(f"M={M:4d} {name:12s} cublas {cublas:6.1f} us ({gb / cublas:5.0f} GB/s)  skinny default "
+                  f"{default_us:6.1f} us  best {best[0]:6.1f} us ({gb / best[0]:5.0f} GB/s) {best[1]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
