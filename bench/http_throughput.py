@@ -76,9 +76,11 @@ def engine_side(snapshot: dict, load: Load) -> dict:
     arrivals = np.array([origin + r["arrival"] - first_send for r in snapshot["requests"]])
     arrivals = arrivals[arrivals > -0.001]  # this run's requests
     steps = [s for s in snapshot["steps"] if origin + s["start"] >= first_send]
+    ms = lambda x: round(float(x) * 1e3, 2)
+    if not steps:  # a tiny run whose steps all began within the two clocks' offset (~1 ms) of its first send
+        return dict(arrival_p50_ms=ms(np.percentile(arrivals, 50)), last_arrival_ms=ms(arrivals.max()), steps=0)
     starts, durations = (np.array([s[k] for s in steps]) for k in ("start", "duration"))
     gaps = starts[1:] - starts[:-1] - durations[:-1] if len(starts) > 1 else np.zeros(1)  # one step: no gap
-    ms = lambda x: round(float(x) * 1e3, 2)
     return dict(arrival_p50_ms=ms(np.percentile(arrivals, 50)), last_arrival_ms=ms(arrivals.max()),
                 steps=len(starts),
                 ms_per_step=ms((starts[-1] + durations[-1] - starts[0]) / len(starts)),  # steps and their gaps
