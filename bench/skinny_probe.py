@@ -14,7 +14,8 @@ from engine import triton_skinny
 
 SHAPES = {"c_attn": (3072, 1024, False), "attn.c_proj": (1024, 1024, False), "c_fc": (4096, 1024, True),
           "mlp.c_proj": (1024, 4096, False)}  # name: (N, K, GELU)
-CONFIGS = [(n, k, s, 4) for n, k, s in itertools.product((16, 32, 64), (64, 128), (1, 2, 4, 8))]
+FEW_ROWS = list(itertools.product((16, 32, 64), (64, 128), (1, 2, 4, 8), (4,)))  # (BLOCK_N, BLOCK_K, SPLIT_K, warps)
+MANY_ROWS = list(itertools.product((32, 64), (32, 64), (1, 2, 4), (4, 8)))  # a larger accumulator: more warps
 
 
 def graph_us(call, repeats: int = 20, replays: int = 20) -> float:
@@ -54,7 +55,7 @@ def main() -> None:
                 cublas = graph_us(lambda: F.linear(x, w, b))
             want = F.gelu(F.linear(x, w, b).float(), approximate="tanh") if gelu else F.linear(x, w, b).float()
             best = None
-            for cfg in CONFIGS:
+            for cfg in FEW_ROWS if M <= 64 else MANY_ROWS:
                 if triton.cdiv(N, cfg[0]) > triton_skinny.MAX_SLICES or cfg[2] * cfg[1] > K:
                     continue
                 try:
