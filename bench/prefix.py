@@ -13,11 +13,13 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
-from bench import engine, peers, throughput
+from bench import engine, peers, roofline, throughput
 from bench.common import ResultFile, resolve, run_info
+from bench.longtail import recorded_steps
 from bench.throughput import add_engine_arguments, add_size_arguments, overlap_setting, run, runner_and_peer
 from bench.workloads import Conversation, chat, offline, seed_burst, shared_prefix
 from client.workload import Request
+from engine.runner import kv_bytes_per_token
 from telemetry.latency import summarize
 
 CPU = dict(shared_requests=24, shared_prefix=96, shared_unique=16, shared_output=16, chat_conversations=8,
@@ -72,12 +74,15 @@ def main(args: argparse.Namespace) -> str:
     works = workloads(args)
     result = ResultFile(args, "prefix", run_info(device, dtype, args.model))
     runner, hf = runner_and_peer(args, device, dtype, kv_blocks_for(works), "hf_cb" in args.peers.split(","))
+    limits = dict(copy_GBps=roofline.copy_bandwidth(device) / 1e9,
+                  matmul_peak_tflops=roofline.matmul_throughput(device, dtype, runner.model.config.n_embd) / 1e12)
+    result.data.update(limits)
     for workload, work in works.items():
         n = sum(c.turns for c in work) if workload == "chat" else len(work)
         for i in range(args.repeats):
             for caching in (True, False) if i % 2 == 0 else (False, True):  # neither always first: no drift bias
                 run(result, dict(system="ours-dynamic", workload=workload, prefix_caching=caching, requests=n),
-                    lambda: ours(runner, work, caching, args, workload, n))
+                    lambda: ours(runner, work, caching, args, workload, n, limits))
         if hf is not None and workload == "shared":
             run(result, dict(system="hf-continuous", workload=workload, prefix_caching=True, requests=n),
                 lambda: hf_row(work, *peers.run_hf_continuous(hf, work, device, block_sharing=True,
@@ -87,13 +92,22 @@ def main(args: argparse.Namespace) -> str:
     return result.finish()
 
 
-def ours(runner, work: Work, caching: bool, args: argparse.Namespace, workload: str, n: int) -> dict:
-    """One cold run: the cache switched on or off and emptied, then the workload to its last token."""
+def ours(runner, work: Work, caching: bool, args: argparse.Namespace, workload: str, n: int, limits: dict) -> dict:
+    """One cold run: the cache switched on or off and emptied, then the workload to its last token; beside it the
+    floor of the schedule that ran (bench/README.md, "Bounds"; a block that several sequences of a step hold is
+    read once)."""
     blocks = runner.block_manager
     blocks.prefix_caching = caching
     blocks.clear_cache()
     first, follow = chat_turns(work) if workload == "chat" else (work, lambda chain, inf: None)
-    finished, steps = drive(runner, first, follow, n, args, f"{workload} caching {'on' if caching else 'off'}")
+    kv_tokens: list[int] = []
+    with recorded_steps(runner, kv_tokens) as launched:
+        finished, steps = drive(runner, first, follow, n, args, f"{workload} caching {'on' if caching else 'off'}")
+    config, dtype = runner.model.config, runner.dtype
+    bound_s = sum(roofline.step_floor_s(config, step, roofline.weight_bytes(runner.model),
+                                        kv_bytes_per_token(runner.model, dtype), limits["copy_GBps"] * 1e9,
+                                        limits["matmul_peak_tflops"] * 1e12, kv)
+                  for step, kv in zip(launched, kv_tokens))
     summary = summarize([engine.record(inf) for inf in finished])
     cached = sum(inf.cached_tokens for inf in finished)
     prompt, output = summary["prompt_tokens"], summary["output_tokens"]
@@ -101,7 +115,7 @@ def ours(runner, work: Work, caching: bool, args: argparse.Namespace, workload: 
                 total_tokens_per_s=(prompt + output) / summary["duration_s"],
                 output_tokens_per_s=summary["output_tokens_per_s"], ttft_p50_s=summary["ttft_s"]["p50"],
                 ttft_p99_s=summary["ttft_s"]["p99"], cached_tokens=cached, hit_rate=cached / prompt, steps=steps,
-                metrics=summary)
+                bound_s=bound_s, of_bound=bound_s / summary["duration_s"], metrics=summary)
 
 
 def drive(runner, first: list[Request], follow: Follow, total: int, args: argparse.Namespace,
@@ -158,7 +172,8 @@ def hf_row(requests: list[Request], seconds: float, output_tokens: int) -> dict:
 
 def ratios(rows: list[dict]) -> list[dict]:
     """Per workload, our caching-on runs over the caching-off runs (means over the repeats): total tokens/s on / off,
-    and TTFT p50 off / on, so that both are speed-ups where above 1."""
+    and TTFT p50 off / on, so that both are speed-ups where above 1; and the floors' (bound_s off / on): the most
+    the cache could gain on those schedules."""
     ours = [r for r in rows if r["system"] == "ours-dynamic" and "error" not in r]
 
     def mean(workload: str, caching: bool, key: str) -> float | None:
@@ -167,10 +182,11 @@ def ratios(rows: list[dict]) -> list[dict]:
 
     out = []
     for w in dict.fromkeys(r["workload"] for r in ours):
-        speed, ttft = [[mean(w, caching, key) for caching in (True, False)]
-                       for key in ("total_tokens_per_s", "ttft_p50_s")]
-        if None not in speed + ttft:
-            out.append(dict(workload=w, total_tokens_per_s=speed[0] / speed[1], ttft_p50=ttft[1] / ttft[0]))
+        speed, ttft, floor = [[mean(w, caching, key) for caching in (True, False)]
+                              for key in ("total_tokens_per_s", "ttft_p50_s", "bound_s")]
+        if None not in speed + ttft + floor:
+            out.append(dict(workload=w, total_tokens_per_s=speed[0] / speed[1], ttft_p50=ttft[1] / ttft[0],
+                            bound=floor[1] / floor[0]))
     return out
 
 
@@ -185,5 +201,5 @@ def print_table(data: dict) -> None:
         print(f"{r['system']:<15} {r['workload']:<9} {'on' if r['prefix_caching'] else 'off':>7} {r['requests']:>8} "
               f"{figures}")
     for r in data["ratios"]:
-        print(f"{r['workload']:<9} caching on / off: {r['total_tokens_per_s']:.2f}x tokens/s, "
-              f"TTFT p50 {r['ttft_p50']:.2f}x faster")
+        print(f"{r['workload']:<9} caching on / off: {r['total_tokens_per_s']:.2f}x tokens/s (the floors: "
+              f"{r['bound']:.2f}x), TTFT p50 {r['ttft_p50']:.2f}x faster")

@@ -209,19 +209,23 @@ def prefix_table(data: dict) -> str:
     for r in data["results"]:
         head = [r["workload"], r["system"], "on" if r["prefix_caching"] else "off", str(r["requests"])]
         if "error" in r:
-            rows.append(head + ["failed: " + r["error"][:80]] + ["–"] * 8)
+            rows.append(head + ["failed: " + r["error"][:80]] + ["–"] * 9)
             continue
         rows.append(head + [str(r["prompt_tokens"]), str(r.get("cached_tokens", "–")),
                             "–" if r.get("hit_rate") is None else fmt(r["hit_rate"], 100, 0) + "%",
                             fmt(r["seconds"], digits=2),
                             fmt(r["total_tokens_per_s"]), fmt(r["output_tokens_per_s"]),
-                            fmt(r.get("ttft_p50_s"), 1e3, 0), fmt(r.get("ttft_p99_s"), 1e3, 0)])
-    gains = "; ".join(f"{g['workload']} {g['total_tokens_per_s']:.2f}× tokens/s, TTFT p50 {g['ttft_p50']:.2f}×"
+                            fmt(r.get("ttft_p50_s"), 1e3, 0), fmt(r.get("ttft_p99_s"), 1e3, 0),
+                            "–" if r.get("of_bound") is None else fmt(r["of_bound"], 100, 0) + "%"])
+    gains = "; ".join(f"{g['workload']} {g['total_tokens_per_s']:.2f}× tokens/s"
+                      + (f" (floors {g['bound']:.2f}×)" if "bound" in g else "") + f", TTFT p50 {g['ttft_p50']:.2f}×"
                       for g in data.get("ratios", []))
     return (f"caching on / off (TTFT: off / on): {gains or '–'}. tok/s counts prompt and output tokens; cached: "
-            "prompt tokens whose K/V came from the cache.\n\n"
+            "prompt tokens whose K/V came from the cache; of floor: the floor of the schedule that ran "
+            "(bench/README.md, Bounds; a block several sequences of a step hold read once) over the time it took, "
+            "and the floors' ratio the most the cache could gain on those schedules.\n\n"
             + table(["workload", "system", "prefix caching", "requests", "prompt tokens", "cached", "hit rate",
-                     "seconds", "tok/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms"], rows))
+                     "seconds", "tok/s", "output tok/s", "TTFT p50 ms", "TTFT p99 ms", "of floor"], rows))
 
 
 TABLES = {"throughput": throughput_table, "http": http_table, "scale": scale_table, "decode": decode_table,

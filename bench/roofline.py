@@ -5,6 +5,7 @@ at the matmul throughput; its floor is the larger of the two (bench/README.md, "
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,11 +70,25 @@ def forward_flops(config: GPTConfig, cached: int, new: int, samples: bool) -> in
             + 2 * c.vocab_size * c.n_embd * samples)
 
 
+def distinct_kv_tokens(tables: np.ndarray, context_lens: np.ndarray, block_size: int) -> int:
+    """The K/V tokens a step reads at least once: every sequence's context (its first context_lens[s] positions,
+    in the blocks of its row of `tables`), a block that several sequences hold counted once (a shared prefix, read
+    once for all of them by cascade attention)."""
+    used = np.clip(context_lens[:, None] - np.arange(tables.shape[1]) * block_size, 0, block_size)
+    held = used > 0
+    tokens = np.zeros(int(tables[held].max()) + 1, dtype=np.int64)
+    np.maximum.at(tokens, tables[held], used[held])
+    return int(tokens.sum())
+
+
 def step_floor_s(config: GPTConfig, rows: list[tuple[int, int, bool]], weights: int, kv_per_token: int,
-                 bandwidth: float, matmul: float) -> float:
+                 bandwidth: float, matmul: float, kv_tokens: int | None = None) -> float:
     """The least time a step of `rows` (per sequence: cached tokens, new tokens, whether it samples) can take: its
-    weights and its sequences' K/V (the cached and the new tokens) read at the copy bandwidth (bytes/s), or its
-    FLOPs at the matmul throughput (FLOP/s), whichever is longer."""
-    bytes_read = weights + kv_per_token * sum(cached + new for cached, new, _ in rows)
+    weights and its sequences' K/V (the cached and the new tokens, or `kv_tokens` where blocks are shared:
+    distinct_kv_tokens) read at the copy bandwidth (bytes/s), or its FLOPs at the matmul throughput (FLOP/s),
+    whichever is longer."""
+    if kv_tokens is None:
+        kv_tokens = sum(cached + new for cached, new, _ in rows)
+    bytes_read = weights + kv_per_token * kv_tokens
     flops = sum(forward_flops(config, *row) for row in rows)
     return max(bytes_read / bandwidth, flops / matmul)

@@ -7,6 +7,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,6 +257,11 @@ def test_prefix_runs_every_workload_with_the_cache_on_and_off(out, tiny_model_di
     assert "error" not in hf and hf["output_tokens"] == outputs["shared"], hf
     assert [r["workload"] for r in data["ratios"]] == ["shared", "chat", "burst", "offline"]
     assert all(r["total_tokens_per_s"] > 0 and r["ttft_p50"] > 0 for r in data["ratios"])
+    # the floors: below the time taken; with the cache the shared prompt is neither computed again nor held (so
+    # read) more than once a step; where nothing is shared the schedules, and their floors, are the same
+    assert all(0 < r["of_bound"] < 1 for r in data["results"] if r["system"] == "ours-dynamic")
+    bounds = {r["workload"]: r["bound"] for r in data["ratios"]}
+    assert bounds["shared"] > 1 and bounds["burst"] == pytest.approx(1) and bounds["offline"] == pytest.approx(1)
 
 
 # ---- bounds ----
@@ -275,15 +281,26 @@ def test_step_floor_is_the_slower_of_reading_and_computing():
     assert step_floor_s(config, step, 1000, 10, bandwidth=100, matmul=100) == pytest.approx(4400 / 100)
 
 
+def test_a_step_reads_a_block_that_several_sequences_hold_once():
+    from bench.roofline import distinct_kv_tokens
+    tables = np.array([[7, 8, 9], [7, 8, 3], [5, 0, 0]])  # blocks of 4: two sequences hold 7 and 8
+    assert distinct_kv_tokens(tables, np.array([10, 9, 3]), 4) == 8 + 2 + 1 + 3  # 7, 8 once; 9: 2, 3: 1; 5: 3
+    config = GPTConfig(n_layer=2, n_embd=4, vocab_size=10)
+    step = [(9, 1, True), (8, 1, True), (2, 1, True)]
+    assert step_floor_s(config, step, 1000, 10, 100, 1e9, kv_tokens=14) == pytest.approx((1000 + 140) / 100)
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_longtail_records_each_step_as_launched(tiny_model_dir, overlap):
     """A 12-token prompt in chunks of 8 and 4 (the last samples), then decodes until its 3 tokens are sampled; with
     overlapped steps each step is recorded as launched too, before the step before it is read."""
     manager = make_manager(tiny_model_dir, max_step_tokens=8, overlap=overlap)
-    with recorded_steps(manager.runner) as steps:
+    kv_tokens = []
+    with recorded_steps(manager.runner, kv_tokens) as steps:
         manager.enqueue(request(list(range(1, 13)), 3))
         run_until_idle(manager)
     assert steps == [[(0, 8, False)], [(8, 4, True)], [(12, 1, True)], [(13, 1, True)]]
+    assert kv_tokens == [8, 12, 13, 14]  # each step's context, its new tokens included
     assert "launch" not in vars(manager.runner)  # the runner's own again
 
 
