@@ -20,20 +20,21 @@ def kernels() -> list[tuple[str, object, dict, dict, dict]]:
     from engine.attention import triton_cache, triton_decode, triton_prefill, triton_shared
     from engine import triton_matmul, triton_norm, triton_skinny
     table = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "starts_ptr": "*i32"}
+    graph_table = {name: "*i64" for name in table}  # a CUDA graph's inputs are int64 (cuda_graphs.StepGraphs)
     parts = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
     decode = dict(BLOCK_SIZE=16, HS=64, BLOCK_N=triton_decode.BLOCK_N)
-    out = [(f"decode partial={p} after_prefix={a}", triton_decode._decode_kernel, table | parts,
+    out = [(f"decode partial={p} after_prefix={a} {ints['starts_ptr']}", triton_decode._decode_kernel, ints | parts,
             decode | dict(PARTIAL=p, AFTER_PREFIX=a), dict(num_warps=triton_decode.NUM_WARPS, num_stages=2))
-           for p, a in ((False, False), (True, False), (True, True))]
+           for p, a in ((False, False), (True, False), (True, True)) for ints in (table, graph_table)]
     out.append(("combine", triton_decode._combine_kernel, parts, dict(HS=64, SPLITS_POW2=8), dict(num_warps=1)))
-    out.append(("shared prefix", triton_shared._shared_prefix_kernel,
-                {"shared_table_ptr": "*i64", "shared_len_ptr": "*i64", "shared_lens_ptr": "*i64"} | parts,
-                dict(BLOCK_SIZE=16, HS=64, BLOCK_M=triton_shared.BLOCK_M, BLOCK_N=triton_shared.BLOCK_N,
-                     SPLIT_TOKENS=256, PRECISION="tf32"), dict(num_warps=4, num_stages=2)))
-    out.append(("prefill", triton_prefill._prefill_kernel,
-                table | {"query_start_ptr": "*i32", "work_ptr": "*i32"},
-                dict(BLOCK_SIZE=16, HS=64, BLOCK_M=64, BLOCK_N=triton_prefill.BLOCK_N, PRECISION="tf32"),
-                dict(num_warps=4, num_stages=2)))
+    out += [(f"shared prefix {ints}", triton_shared._shared_prefix_kernel,
+             {name: ints for name in ("shared_table_ptr", "shared_len_ptr", "shared_lens_ptr")} | parts,
+             dict(BLOCK_SIZE=16, HS=64, BLOCK_M=triton_shared.BLOCK_M, BLOCK_N=triton_shared.BLOCK_N,
+                  SPLIT_TOKENS=256, PRECISION="tf32"), dict(num_warps=4, num_stages=2)) for ints in ("*i32", "*i64")]
+    out += [(f"prefill {ints}", triton_prefill._prefill_kernel,
+             {name: ints for name in ("block_tables_ptr", "context_lens_ptr", "query_start_ptr", "work_ptr")},
+             dict(BLOCK_SIZE=16, HS=64, BLOCK_M=64, BLOCK_N=triton_prefill.BLOCK_N, PRECISION="tf32"),
+             dict(num_warps=4, num_stages=2)) for ints in ("*i32", "*i64")]
     out.append(("write kv", triton_cache._write_kv_kernel, {"slots_ptr": "*i64"}, dict(WIDTH=1024, BLOCK=1024),
                 dict(num_warps=4)))
     out.append(("add + layer norm", triton_norm._add_layer_norm_kernel, {}, dict(C=1024, BLOCK=1024),
