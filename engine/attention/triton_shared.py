@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from engine.attention.metadata import SHARED_SPLIT_TOKENS
+from engine.attention.triton_prefill import _attend
 
 BLOCK_M = 64  # decodes per tile
 BLOCK_N = 64  # prefix tokens per key tile
@@ -46,21 +47,11 @@ def _shared_prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, shared_table_ptr, sha
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HS], dtype=tl.float32)
-    for tile in range(start, end, BLOCK_N):
-        offs_n = tile + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        block = tl.load(shared_table_ptr + offs_n // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
-        kv_offs = block[:, None] * stride_kb + (offs_n % BLOCK_SIZE)[:, None] * stride_kt + offs_d[None, :]
-        k = tl.load(k_ptr + kv_offs, mask=mask_n[:, None], other=0.0)  # (BLOCK_N, HS)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: a tile holds at least one key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        v = tl.load(v_ptr + kv_offs, mask=mask_n[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    # the prefill kernel's loop; as if every decode sat at the partition's last key, which masks the keys of a
+    # last tile past it
+    last = tl.zeros([BLOCK_M], dtype=tl.int32) + (end - 1)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, last, k_ptr, v_ptr, shared_table_ptr, stride_kb, stride_kt, qk_scale,
+                            start, end, BLOCK_SIZE, HS, BLOCK_N, True, PRECISION)
 
     # a partition past the prefix, or a decode outside it, is neutral: output 0, log-sum-exp -inf
     keep = member & (l_i > 0)
