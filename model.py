@@ -38,7 +38,7 @@ class Linear(nn.Linear):
     """nn.Linear whose product the runner picks for its device and mode (GPT.use_product): F.linear; on the CPU
     path engine/tiled.py's (a decode's short products spread over every core); under BATCH_INVARIANT one whose
     rows do not depend on how many rows the step has (engine/attention/invariant.py on a CPU,
-    engine/triton_matmul.py on a GPU)."""
+    engine/triton_linear.py on a GPU)."""
     product = staticmethod(F.linear)  # (x, weight, bias) -> x @ weight.T + bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """`python -m bench.skinny_probe`: a decode step's four products per layer (gpt2-medium's shapes, bf16) at a few
 row counts, cuBLAS (F.linear; c_fc through cuBLASLt's bias + GELU epilogue, as the engine runs it) beside
-engine/triton_skinny.py over a sweep of its tilings: microseconds per product, each timed as 20 back-to-back calls
-in a CUDA graph, and the weights' bytes over that time. GPU only; prints a table and the best tiling per shape."""
+engine/triton_linear.py's kernel over a sweep of tilings (every row in one tile): microseconds per product, each
+timed as 20 back-to-back calls in a CUDA graph, and the weights' bytes over that time. GPU only; prints a table and
+the best tiling per shape."""
 import argparse
 import itertools
 
@@ -10,12 +11,13 @@ import triton
 import torch
 import torch.nn.functional as F
 
-from engine import triton_skinny
+from engine import triton_linear
 
 SHAPES = {"c_attn": (3072, 1024, False), "attn.c_proj": (1024, 1024, False), "c_fc": (4096, 1024, True),
           "mlp.c_proj": (1024, 4096, False)}  # name: (N, K, GELU)
 FEW_ROWS = list(itertools.product((16, 32, 64), (64, 128), (1, 2, 4, 8), (4,)))  # (BLOCK_N, BLOCK_K, SPLIT_K, warps)
 MANY_ROWS = list(itertools.product((32, 64), (32, 64), (1, 2, 4), (4, 8)))  # a larger accumulator: more warps
+Tiling = tuple[int, int, int, int, int]
 
 
 def graph_us(call, repeats: int = 20, replays: int = 20) -> float:
@@ -56,22 +58,24 @@ def main() -> None:
             want = F.gelu(F.linear(x, w, b).float(), approximate="tanh") if gelu else F.linear(x, w, b).float()
             best = None
             for cfg in FEW_ROWS if M <= 64 else MANY_ROWS:
-                if triton.cdiv(N, cfg[0]) > triton_skinny.MAX_SLICES or cfg[2] * cfg[1] > K:
+                if triton.cdiv(N, cfg[0]) > triton_linear.MAX_TILES or cfg[2] * cfg[1] > K:
                     continue
+                tiling: Tiling = (max(16, triton.next_power_of_2(M)), *cfg)
                 try:
-                    got = triton_skinny.linear(x, w, b, gelu, cfg).float()
+                    got = triton_linear.linear(x, w, b, tiling, gelu).float()
                     if not torch.allclose(got, want, rtol=2e-2, atol=2e-2):
                         print(f"  {name} M={M} {cfg}: wrong result")
                         continue
-                    us = graph_us(lambda: triton_skinny.linear(x, w, b, gelu, cfg))
+                    us = graph_us(lambda: triton_linear.linear(x, w, b, tiling, gelu))
                 except Exception as e:  # a tiling that does not compile (shared memory) is skipped
                     print(f"  {name} M={M} {cfg}: {type(e).__name__}")
                     continue
                 if best is None or us < best[0]:
-                    best = (us, cfg)
-            default_us = graph_us(lambda: triton_skinny.linear(x, w, b, gelu))
+                    best = (us, tiling)
+            default = triton_linear.few_rows_config(M, N, K)
+            default_us = graph_us(lambda: triton_linear.linear(x, w, b, default, gelu))
             gb = N * K * 2 / 1e3  # the weights' bytes over this, per us: GB/s
-            print(f"M={M:4d} {name:12s} cublas {cublas:6.1f} us ({gb / cublas:5.0f} GB/s)  skinny default "
+            print(f"M={M:4d} {name:12s} cublas {cublas:6.1f} us ({gb / cublas:5.0f} GB/s)  few-rows default "
                   f"{default_us:6.1f} us  best {best[0]:6.1f} us ({gb / best[0]:5.0f} GB/s) {best[1]}", flush=True)
 
 

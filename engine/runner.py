@@ -73,8 +73,8 @@ class ModelRunner:
             self.model.use_product(invariant.linear)
         elif attention == "triton-invariant":  # per-row kernels keep their fusion; the products are Triton's own
             self.model.fuse_kernels(gelu_in_product=False)
-            from engine import triton_matmul  # triton only on this path
-            self.model.use_product(triton_matmul.linear)
+            from engine import triton_linear  # triton only on this path
+            self.model.use_product(triton_linear.invariant_linear)
         elif attention == "triton":  # the GPU path (interpreted on a CPU, for tests): fewer launches per step
             self.model.fuse_kernels()
         elif device.type == "cpu":  # the CPU path: a decode step's short products spread over every core

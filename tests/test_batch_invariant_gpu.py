@@ -1,5 +1,5 @@
 """BATCH_INVARIANT on the GPU path ("triton-invariant": every row through the Triton prefill kernel, the products
-through engine/triton_matmul.py): seeded sampled requests get bitwise the same tokens alone and inside a crowd,
+through engine/triton_linear.py): seeded sampled requests get bitwise the same tokens alone and inside a crowd,
 in bf16 on CUDA graphs with steps overlapped, under every policy, chunked, preempted and from the prefix cache.
 On a CPU the same path runs under Triton's interpreter, whose products (numpy's) are not row-invariant: there
 only its correctness is checked (greedy tokens equal HF's)."""
@@ -11,7 +11,7 @@ from batching import BatchingManager, make_policy  # noqa: E402
 from conftest import make_manager, request, run_until_idle  # noqa: E402
 from engine.loader import from_pretrained  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
-from engine.triton_matmul import linear  # noqa: E402
+from engine.triton_linear import invariant_linear  # noqa: E402
 from test_batch_invariant import crowd, in_a_crowd, seeded, targets  # noqa: E402
 from test_loader import IDS, prefill_logits  # noqa: E402
 from test_oracle import hf_greedy  # noqa: E402
@@ -25,7 +25,7 @@ def test_the_invariant_product_is_f_linear_with_and_without_a_bias():
     x, weight, bias = torch.randn(37, 80, generator=g), torch.randn(100, 80, generator=g), torch.randn(100, generator=g)
     x, weight, bias = x.to(device), weight.to(device), bias.to(device)
     for b in (bias, None):
-        torch.testing.assert_close(linear(x, weight, b), torch.nn.functional.linear(x, weight, b), rtol=1e-4,
+        torch.testing.assert_close(invariant_linear(x, weight, b), torch.nn.functional.linear(x, weight, b), rtol=1e-4,
                                    atol=1e-4)
 
 

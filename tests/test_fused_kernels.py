@@ -141,29 +141,32 @@ def test_add_layer_norm_replays_in_a_cuda_graph_with_new_rows_in_bf16():
     assert_add_layer_norm_matches_torch(x, y, weight, bias, total, norm)
 
 
-@pytest.mark.parametrize("rows, cfg", [(1, None), (5, (32, 64, 4, 4)), (17, (32, 128, 2, 4)), (3, (32, 64, 3, 4))])
+@pytest.mark.parametrize("rows, tiling", [(1, None), (5, (16, 32, 64, 4, 4)), (17, (32, 32, 128, 2, 4)),
+                                         (3, (16, 32, 64, 3, 4)), (40, (16, 64, 64, 2, 4))])
 @pytest.mark.parametrize("gelu", [False, True])
-def test_the_skinny_product_is_f_linear_then_the_tanh_gelu(rows, cfg, gelu):
-    """engine/triton_skinny.py for a decode's few rows: split over K (3 shares of K=200: the last one short and
-    masked), the partials summed by the last program of each output slice, bias and GELU after the sum."""
-    from engine.triton_skinny import linear
+def test_the_triton_product_is_f_linear_then_the_tanh_gelu(rows, tiling, gelu):
+    """engine/triton_linear.py: the few-rows tiling (None), and others split over K (3 shares of K=200: the last
+    one short and masked; 40 rows in 3 tiles of 16), the partials summed by the last program of each output tile,
+    bias and GELU after the sum."""
+    from engine import triton_linear
     g = torch.Generator().manual_seed(rows)
-    K = 200 if cfg and cfg[2] == 3 else 256
+    K = 200 if tiling and tiling[3] == 3 else 256
     x, weight, bias = torch.randn(rows, K, generator=g), torch.randn(100, K, generator=g), torch.randn(100, generator=g)
     x, weight, bias = x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE)
+    tiling = tiling or triton_linear.few_rows_config(rows, 100, K)
     for b in (bias, None):
         want = F.linear(x, weight, b)
         want = F.gelu(want, approximate="tanh") if gelu else want
-        torch.testing.assert_close(linear(x, weight, b, gelu, cfg), want, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(linear(x, weight, b, gelu, cfg), want, rtol=1e-4, atol=1e-4)  # tickets reset
+        for _ in range(2):  # the second launch finds the ticket counters back at zero
+            torch.testing.assert_close(triton_linear.linear(x, weight, b, tiling, gelu), want, rtol=1e-4, atol=1e-4)
 
 
-def test_the_model_on_the_skinny_products_gives_the_reference_paths_logits(tiny_model_dir):
-    """Every product of a few rows through engine/triton_skinny.py (c_fc's with its GELU), as decode steps run on
-    a GPU; the vocab projection's 50,304 columns stay cuBLAS's."""
-    from engine import triton_skinny
+def test_the_model_on_the_few_rows_products_gives_the_reference_paths_logits(tiny_model_dir):
+    """Every product of a few rows through engine/triton_linear.py's few-rows tiling (c_fc's with its GELU); the
+    vocab projection's 50,257 columns stay cuBLAS's."""
+    from engine import triton_linear
     model = from_pretrained(tiny_model_dir)
-    model.use_product(triton_skinny.product, triton_skinny.gelu_product)
-    skinny = prefill_logits(model, IDS, DEVICE, attention="triton")
+    model.use_product(triton_linear.product, triton_linear.gelu_product)
+    few_rows = prefill_logits(model, IDS, DEVICE, attention="triton")
     reference = prefill_logits(from_pretrained(tiny_model_dir), IDS, DEVICE)
-    torch.testing.assert_close(skinny, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(few_rows, reference, rtol=1e-4, atol=1e-4)

@@ -18,7 +18,7 @@ H100 = ("cuda", 90, 32)  # backend, compute capability, warp size
 def kernels() -> list[tuple[str, object, dict, dict, dict]]:
     """(name, kernel, pointer element types (default bf16), constexprs, options) of each launch configuration."""
     from engine.attention import triton_cache, triton_decode, triton_prefill, triton_shared
-    from engine import triton_matmul, triton_norm, triton_skinny
+    from engine import triton_linear, triton_norm
     table = {"block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "starts_ptr": "*i32"}
     graph_table = {name: "*i64" for name in table}  # a CUDA graph's inputs are int64 (cuda_graphs.StepGraphs)
     parts = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
@@ -39,15 +39,14 @@ def kernels() -> list[tuple[str, object, dict, dict, dict]]:
                 dict(num_warps=4)))
     out.append(("add + layer norm", triton_norm._add_layer_norm_kernel, {}, dict(C=1024, BLOCK=1024),
                 dict(num_warps=4)))
-    out.append(("invariant product", triton_matmul._linear_kernel, {},
-                dict(K=1024, HAS_BIAS=True, BLOCK_M=triton_matmul.BLOCK_M, BLOCK_N=triton_matmul.BLOCK_N,
-                     BLOCK_K=triton_matmul.BLOCK_K, PRECISION="tf32"), dict(num_warps=4, num_stages=3)))
-    for rows, (n, k, split, warps), gelu in ((1, triton_skinny.config(1, 4096, 1024), True),
-                                             (256, triton_skinny.config(256, 1024, 4096), False)):
-        out.append((f"skinny product {rows} rows split {split}", triton_skinny._skinny_kernel,
+    for name, (m, n, k, split, warps), gelu in (
+            ("invariant", triton_linear.INVARIANT, False),
+            ("1 row", triton_linear.few_rows_config(1, 4096, 1024), True),
+            ("256 rows", triton_linear.few_rows_config(256, 1024, 4096), False)):
+        out.append((f"product, {name} tiling", triton_linear._linear_kernel,
                     {"part_ptr": "*fp32", "tickets_ptr": "*i32"},
-                    dict(HAS_BIAS=True, GELU=gelu, SPLIT_K=split, K_SHARE=1024, BLOCK_M=max(16, rows), BLOCK_N=n,
-                         BLOCK_K=k, PRECISION="tf32"), dict(num_warps=warps, num_stages=3)))
+                    dict(HAS_BIAS=True, GELU=gelu, SPLIT_K=split, K_SHARE=1024, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
+                         PRECISION="tf32"), dict(num_warps=warps, num_stages=3)))
     return out
 
 

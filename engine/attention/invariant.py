@@ -14,7 +14,7 @@ row by row already; the sampler's draws are keyed by (seed, position).
 The price: padding (a decode runs a 16-row tile of copies of itself) and many small products: on this project's
 CPU, one thread, 38-44% of the default mode's tokens/s with batching, 30-31% for nobatch
 (bench/results/cpu/batch-invariant).
-The CPU's path: the GPU's ("triton-invariant") takes engine/triton_matmul.py's products and the prefill kernel
+The CPU's path: the GPU's ("triton-invariant") takes engine/triton_linear.py's products and the prefill kernel
 for every row (not yet checked on a GPU).
 tests/test_batch_invariant.py checks the property itself.
 """

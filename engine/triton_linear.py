@@ -1,0 +1,138 @@
+"""The GPU path's own products in Triton, x @ Wᵀ + b (optionally then GPT-2's tanh GELU), in two tilings of one
+kernel: BATCH_INVARIANT's, whose every row is the same arithmetic whatever the number of rows, and a candidate for
+a decode's few rows, which reads the weights with many programs at once.
+
+The kernel: a program takes BLOCK_M rows and BLOCK_N outputs over a 1/SPLIT_K share of K, reducing in BLOCK_K
+steps with tl.dot into an fp32 accumulator. With SPLIT_K > 1 each program writes its partial sum, and whichever
+program of an output tile takes the last ticket (a counter per tile, reset by that program for the next launch)
+sums the partials in split order; the bias and the GELU follow the sum. One launch per product, CUDA graph safe.
+
+- `invariant_linear` (BATCH_INVARIANT): cuBLAS picks its kernel by the product's shape (its tiles, whether to split
+  the reduction over K), so a row of a step's product changes in its last bits with how many rows the step has.
+  Here the tiling is fixed (16 x 64 tiles, K in 64-wide steps from 0, no split): a row's numbers depend on that
+  row and the weights only.
+- `product` / `gelu_product` (a candidate, not used by the engine until it beats cuBLAS on a GPU:
+  bench.skinny_probe): a decode step multiplies at most a few hundred rows by each weight matrix, a read of 2-8 MB
+  of weights with little arithmetic, which cuBLAS's kernels did at ~1 TB/s on an H100 at batch 128. Every row
+  goes in one tile, and the outputs and K are split so that ~2 programs per SM stream the weights.
+On a CPU the kernel runs under TRITON_INTERPRET=1 (tests).
+"""
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from model import cublaslt_gelu_product
+
+INVARIANT = (16, 64, 64, 1, 4)  # BATCH_INVARIANT's tiling: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps)
+MAX_ROWS = 256  # the few-rows tiling's limit: past it, cuBLAS's tiles are the better product
+MAX_TILES = 1024  # output tiles with a ticket counter (the vocab projection's 50,304 columns go to cuBLAS)
+
+
+@triton.jit
+def _gelu_tanh(x):
+    # GPT-2's "gelu_new": 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with tanh(u) = 2 sigmoid(2u) - 1
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, tickets_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SPLIT_K: tl.constexpr, K_SHARE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(pid_k * K_SHARE, (pid_k + 1) * K_SHARE, BLOCK_K):  # K_SHARE: whole tiles, masked past K
+        mask_k = k + offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k + offs_k)[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + (k + offs_k)[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    store_mask = mask_out
+    if SPLIT_K > 1:
+        # partials at [split, row, column]; the tile's last program to take a ticket sums them (the ticket's
+        # acquire-release ordering makes the other programs' partials visible to it)
+        part = part_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part + pid_k * M * N, acc, mask=mask_out)
+        tile = pid_m * tl.num_programs(1) + pid_n
+        ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel")
+        last = ticket == SPLIT_K - 1
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for s in range(SPLIT_K):
+            acc += tl.load(part + s * M * N, mask=mask_out & last, other=0.0, cache_modifier=".cg")
+        tl.store(tickets_ptr + tile, 0, mask=last)  # ready for the next launch (or graph replay)
+        store_mask = mask_out & last
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = _gelu_tanh(acc)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=store_mask)
+
+
+@functools.cache
+def _tickets(device: torch.device) -> torch.Tensor:
+    """One zeroed ticket counter per output tile, kept for every later launch (each leaves them at zero)."""
+    return torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+
+
+def few_rows_config(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps) for a product of M <= MAX_ROWS rows: every row in one tile, and
+    enough programs to keep ~2 per SM reading weights, each reading a few tiles in a row."""
+    block_n = 32 if M <= 64 else 64
+    split_k = max(1, min(8, 256 // triton.cdiv(N, block_n), K // 256))
+    return max(16, triton.next_power_of_2(M)), block_n, 128 if M <= 64 else 64, split_k, 4 if M <= 64 else 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiling: tuple[int, int, int, int, int],
+           gelu: bool = False) -> torch.Tensor:
+    """F.linear(x, weight, bias) (then GPT-2's tanh GELU if `gelu`) for x (M, K) and weight (N, K), in `tiling`
+    (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    block_m, block_n, block_k, split_k, warps = tiling
+    x, weight = x.contiguous(), weight.contiguous()
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
+    assert split_k == 1 or grid[0] * grid[1] <= MAX_TILES
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    part = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    _linear_kernel[grid](
+        x, weight, bias if bias is not None else x, out, part, _tickets(x.device), M, N, K, x.stride(0),
+        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split_k,
+        K_SHARE=triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=3)
+    return out
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """BATCH_INVARIANT's product (GPT.use_product): F.linear, each row's result independent of M."""
+    return linear(x, weight, bias, INVARIANT)
+
+
+def fits_few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the few-rows tiling takes the product: at most MAX_ROWS rows, and tiles its counters cover."""
+    return x.shape[0] <= MAX_ROWS and triton.cdiv(weight.shape[0], few_rows_config(x.shape[0], *weight.shape)[1]) \
+        <= MAX_TILES
+
+
+def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The candidate product (GPT.use_product): the few-rows tiling where it fits, cuBLAS for the rest. A captured
+    graph's row count is fixed, so the choice is made once per graph."""
+    if fits_few_rows(x, weight):
+        return linear(x, weight, bias, few_rows_config(x.shape[0], *weight.shape))
+    return F.linear(x, weight, bias)
+
+
+def gelu_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """c_fc's product and GELU (MLP.gelu_product): the few-rows tiling, else cuBLASLt's epilogue."""
+    if fits_few_rows(x, weight):
+        return linear(x, weight, bias, few_rows_config(x.shape[0], *weight.shape), gelu=True)
+    return cublaslt_gelu_product(x, weight, bias)
