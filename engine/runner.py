@@ -79,9 +79,10 @@ class ModelRunner:
             self.model.fuse_kernels()
         elif device.type == "cpu":  # the CPU path: a decode step's short products spread over every core
             self.model.use_product(tiled.linear)
-            self.model.pad_vocab(tiled.TILE)
-        if device.type == "cuda":
-            self.model.pad_vocab()
+        # the vocab projection's rows padded to the CPU path's tiles, or for cuBLAS's aligned kernels on a GPU
+        cpu_tiles = self.model.lm_head.product is tiled.linear
+        if cpu_tiles or device.type == "cuda":
+            self.model.pad_vocab(tiled.TILE if cpu_tiles else 64)
         c = model.config
         graphs = cuda_graphs and device.type == "cuda" and attention in TRITON  # (the PyTorch attentions: eager)
         # BATCH_INVARIANT runs decodes through the prefill kernel too (all_prefill): the mixed graphs take them
