@@ -148,6 +148,13 @@ def test_decode_with_a_shared_prefix_merges_to_reference(num_splits, prefix_spli
     assert_close(*shared_prefix_decode([13, 7, 40, 17, 30, 70], members, 3, num_splits, prefix_splits))
 
 
+def test_decode_partitions_after_a_shared_prefix_longer_than_one_partition_cover_each_context_once():
+    # partitions of 128 tokens; the 160-token prefix ends inside the second: the first has nothing left, the
+    # second starts at the prefix's end, the rest as they were
+    lens = [161, 300, 400, 170, 90]
+    assert_close(*shared_prefix_decode(lens, [True, True, True, True, False], 10, 4, 1, block_size=16))
+
+
 def test_decode_with_a_shared_prefix_bf16_over_many_decodes():
     lens = [100 + 3 * i for i in range(70)]  # two tiles of the prefix kernel's decodes
     members = [i % 5 != 2 for i in range(70)]

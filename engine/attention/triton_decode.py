@@ -37,9 +37,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
     seq, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     start = split * split_tokens
+    end = tl.minimum(start + split_tokens, context_len)  # end <= start: a split past the context, no work
     if AFTER_PREFIX:  # the shared prefix's positions are triton_shared.py's
         start = tl.maximum(start, tl.load(starts_ptr + seq).to(tl.int32))
-    end = tl.minimum(start + split_tokens, context_len)  # end <= start: a split past the context, no work
 
     offs_d = tl.arange(0, HS)
     q = tl.load(q_ptr + seq * stride_qd + head * stride_qh + offs_d).to(tl.float32) * qk_scale  # (HS,)
