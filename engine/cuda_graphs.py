@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from engine.attention.metadata import (BLOCK_M, MIN_SHARING_DECODES, AttentionMetadata, SharedPrefix, StepInputs,
-                                       prefill_work)
+from engine.attention.metadata import (BLOCK_M, MIN_SHARING_DECODES, AttentionMetadata, PrefixShare, SharedPrefix,
+                                       StepInputs, prefill_work)
 from model import GPT
 
 log = logging.getLogger(__name__)
@@ -134,14 +134,14 @@ class DecodeGraphs(StepGraphs):
     them (engine/attention/triton_shared.py), over fewer buckets (cascade_buckets)."""
 
     def __init__(self, model: GPT, max_batch: int, table_width: int, pad_slot: int, vocab_size: int,
-                 sampled: torch.Tensor, block_size: int, shared_splits: int = 0):
+                 sampled: torch.Tensor, shared_splits: int = 0):
         n = max_batch
         sections = dict(ids=(n,), positions=(n,), slots=(n,), context_lens=(n,), block_tables=(n, table_width))
         if shared_splits:
             sections.update(shared_table=(table_width,), shared_len=(1,), shared_lens=(n,))
         buckets = cascade_buckets(max_batch) if shared_splits else batch_buckets(max_batch)
         super().__init__(model, buckets, sections, vocab_size, sampled)
-        self.pad_slot, self.block_size, self.shared_splits = pad_slot, block_size, shared_splits
+        self.pad_slot, self.shared_splits = pad_slot, shared_splits
         for h in self.staging:
             self._pad(h, 0, n)
 
@@ -161,7 +161,7 @@ class DecodeGraphs(StepGraphs):
             h["shared_lens"][lo:hi] = 0
 
     def run(self, ids: np.ndarray, from_device: np.ndarray, step: StepInputs,
-            shared: tuple[int, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            shared: PrefixShare | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """A decode step of B sequences: (B, vocab) fp32 logits and (B,) argmax ids. `shared`
         (metadata.find_shared_prefix's), for the graphs with shared_splits: the prefix the decodes share."""
         B = len(ids)
@@ -171,10 +171,8 @@ class DecodeGraphs(StepGraphs):
             step.slots
         h["context_lens"][:B], h["block_tables"][:B] = step.context_lens, step.block_tables
         if self.shared_splits:  # (the plain graphs ignore a shared prefix)
-            blocks, members = shared
-            tokens = blocks * self.block_size
-            h["shared_table"][:blocks] = step.block_tables[np.argmax(members), :blocks]
-            h["shared_len"][0], h["shared_lens"][:B] = tokens, np.where(members, tokens, 0)
+            h["shared_table"][:len(shared.table)] = shared.table
+            h["shared_len"][0], h["shared_lens"][:B] = shared.lens.max(), shared.lens
         self._pad(h, B, b)
         return self._replay(b, B)
 

@@ -112,11 +112,10 @@ class ModelRunner:
         if graphs:
             pad_slot, vocab = self.block_manager.pad_slot, self.sampler.vocab_size
             if decode_graphs:
-                self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled,
-                                           block_size)
+                self.graphs = DecodeGraphs(self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled)
             if cascade_graphs:
                 self.cascade_graphs = DecodeGraphs(
-                    self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled, block_size,
+                    self.model, max_batch, self.table_width, pad_slot, vocab, self.sampled,
                     shared_splits=attention_metadata.shared_splits(self.table_width * block_size))
             self.mixed_graphs = MixedGraphs(self.model, max(max_step_tokens, max_batch), max_batch, self.table_width,
                                             pad_slot, vocab, self.sampled)
@@ -184,7 +183,7 @@ class ModelRunner:
         self.sampled[:len(samplers)].copy_(drawn.tokens)
         return LaunchedStep([seq.id for seq in samplers], drawn)
 
-    def _decode_graphs(self, batch: int, shared: tuple[int, np.ndarray] | None) -> DecodeGraphs | None:
+    def _decode_graphs(self, batch: int, shared: attention_metadata.PrefixShare | None) -> DecodeGraphs | None:
         """The graphs for a decode step of `batch` sequences, the shared-prefix ones when its decodes share one."""
         for graphs in (self.cascade_graphs if shared else None, self.graphs):
             if graphs and batch <= graphs.max_bucket:
@@ -210,9 +209,9 @@ class ModelRunner:
         return ids, from_device
 
     def _forward(self, ids: np.ndarray, step: attention_metadata.StepInputs, sample_rows: np.ndarray,
-                 from_device: np.ndarray | None = None, shared: tuple[int, np.ndarray] | None = None) -> torch.Tensor:
-        meta = attention_metadata.build_metadata(step, self.device, self.attention == "triton-invariant",
-                                                 self.block_manager.block_size, shared)
+                 from_device: np.ndarray | None = None,
+                 shared: attention_metadata.PrefixShare | None = None) -> torch.Tensor:
+        meta = attention_metadata.build_metadata(step, self.device, self.attention == "triton-invariant", shared)
         if self.attention in PLANS:
             meta.reference = PLANS[self.attention](step, self.block_manager.block_size, self.device)
         as_tensor = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)

@@ -189,12 +189,12 @@ def test_the_prefix_most_decodes_begin_with_is_found_short_of_each_ones_own_last
     monkeypatch.setattr(metadata, "MIN_SHARED_TOKENS", 8)
     tables = np.array([[5, 6, 7, 8], [5, 6, 7, 9], [1, 2, 0, 0], [5, 6, 3, 0], [5, 6, 7, 4]])
     step = metadata.pack_step(np.ones(5, dtype=np.int64), np.array([14, 16, 5, 10, 13]), tables, BS)
-    blocks, members = metadata.find_shared_prefix(step, BS)
-    assert blocks == 2 and members.tolist() == [True, True, False, True, True]  # the 4th diverges at block 3
+    share = metadata.find_shared_prefix(step, BS)
+    assert share.table.tolist() == [5, 6] and share.lens.tolist() == [8, 8, 0, 8, 8]  # the 4th diverges at block 3
     tables[3, 2] = 7  # now all four hold 5, 6, 7, but the 4th's context (10 tokens) ends in its 3rd block
-    assert metadata.find_shared_prefix(step, BS)[0] == 2
+    assert len(metadata.find_shared_prefix(step, BS).table) == 2
     step.context_lens[3] = 13  # its last token (its own, being written) is in its 4th block
-    assert metadata.find_shared_prefix(step, BS)[0] == 3
+    assert metadata.find_shared_prefix(step, BS).table.tolist() == [5, 6, 7]
     monkeypatch.setattr(metadata, "MIN_SHARED_TOKENS", 13)
     assert metadata.find_shared_prefix(step, BS) is None  # too short to be worth its launches
     monkeypatch.setattr(metadata, "MIN_SHARED_TOKENS", 8)
@@ -217,7 +217,7 @@ def test_decodes_attending_to_a_shared_prefix_once_give_hf_tokens(tiny_model_dir
     manager = make_manager(tiny_model_dir, "dynamic", attention="triton", overlap=overlap)
     reqs = run_in_waves(manager, work, waves=1, steps_between=0)
     assert [r.output_ids for r in reqs] == want
-    assert sum(f is not None for f in found) >= 3 and max(f[1].sum() for f in found if f) >= 5
+    assert sum(f is not None for f in found) >= 3 and max((f.lens > 0).sum() for f in found if f) >= 5
 
 
 def test_a_conversation_resent_with_its_answer_reuses_the_answer_blocks(tiny_model_dir, tiny_hf_model):

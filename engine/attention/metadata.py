@@ -21,6 +21,12 @@ MIN_SHARED_TOKENS = 128
 SHARED_SPLIT_TOKENS = 256  # prefix tokens per program of the shared-prefix kernel
 
 
+class PrefixShare(NamedTuple):
+    """On the host: the cached blocks that many decodes of a step begin with (find_shared_prefix)."""
+    table: np.ndarray  # (blocks,) the prefix's blocks
+    lens: np.ndarray  # (D,) per decode: the prefix's tokens if it takes part, else 0
+
+
 class SharedPrefix(NamedTuple):
     """The cached blocks that many decodes of a step begin with, attended to once for all of them
     (triton_shared.py: cascade attention)."""
@@ -91,10 +97,10 @@ def prefill_work(query_lens: np.ndarray, context_lens: np.ndarray, block_m: int,
     return work
 
 
-def find_shared_prefix(step: StepInputs, block_size: int) -> tuple[int, np.ndarray] | None:
-    """The blocks that most of the step's decodes begin with: (how many blocks, which decodes), or None when too
-    few decodes or tokens share them. Decodes whose first block is the most common one form the group; the prefix
-    is the leading blocks all of them hold, short of each one's last token (its own, being written this step)."""
+def find_shared_prefix(step: StepInputs, block_size: int) -> PrefixShare | None:
+    """The blocks that most of the step's decodes begin with, and which decodes take part, or None when too few
+    decodes or tokens share them. Decodes whose first block is the most common one form the group; the prefix is the
+    leading blocks all of them hold, short of each one's last token (its own, being written this step)."""
     D = step.num_decodes
     if D < MIN_SHARING_DECODES:
         return None
@@ -109,7 +115,7 @@ def find_shared_prefix(step: StepInputs, block_size: int) -> tuple[int, np.ndarr
     blocks = min(blocks, int(step.context_lens[:D][members].min() - 1) // block_size)
     if blocks * block_size < MIN_SHARED_TOKENS:
         return None
-    return blocks, members
+    return PrefixShare(table=group[0, :blocks], lens=np.where(members, blocks * block_size, 0))
 
 
 def shared_splits(max_tokens: int) -> int:
@@ -117,12 +123,12 @@ def shared_splits(max_tokens: int) -> int:
     return -(-max_tokens // SHARED_SPLIT_TOKENS)
 
 
-def build_metadata(step: StepInputs, device: torch.device, all_prefill: bool = False, block_size: int = 0,
-                   shared: tuple[int, np.ndarray] | None = None) -> AttentionMetadata:
+def build_metadata(step: StepInputs, device: torch.device, all_prefill: bool = False,
+                   shared: PrefixShare | None = None) -> AttentionMetadata:
     """The Triton kernels' metadata; with all_prefill (BATCH_INVARIANT) every row goes through the prefill kernel,
     decodes too, in query tiles of BLOCK_M rows whatever the step (as in the mixed CUDA graphs), so that a token's
-    attention is the same arithmetic in any step. `shared` (find_shared_prefix's, for blocks of block_size): a
-    prefix the decodes attend to together."""
+    attention is the same arithmetic in any step. `shared` (find_shared_prefix's): a prefix the decodes attend to
+    together."""
     as_tensor = lambda a, dtype: torch.from_numpy(np.ascontiguousarray(a)).to(device, dtype, non_blocking=True)
     D = 0 if all_prefill else step.num_decodes
     prefill_lens = step.query_lens[D:]
@@ -137,10 +143,8 @@ def build_metadata(step: StepInputs, device: torch.device, all_prefill: bool = F
         block_m=block_m,
     )
     if shared and D:
-        blocks, members = shared
-        tokens = blocks * block_size
-        meta.shared = SharedPrefix(table=as_tensor(step.block_tables[np.argmax(members), :blocks], torch.int32),
+        tokens = int(shared.lens.max())
+        meta.shared = SharedPrefix(table=as_tensor(shared.table, torch.int32),
                                    length=as_tensor(np.array([tokens]), torch.int32),
-                                   lens=as_tensor(np.where(members, tokens, 0), torch.int32),
-                                   splits=shared_splits(tokens))
+                                   lens=as_tensor(shared.lens, torch.int32), splits=shared_splits(tokens))
     return meta

@@ -68,7 +68,8 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             scale: float) -> None:
     """The partials of decodes q (D, nh, hs) over the shared prefix: shared_table (W,) its blocks, shared_len (1,)
     its tokens (at most splits * SHARED_SPLIT_TOKENS), shared_lens (D,) > 0 for the decodes that take part. Writes
-    partitions first_part .. first_part + splits - 1 of part_out (D, nh, parts, hs) and part_lse (D, nh, parts), both fp32."""
+    partitions first_part .. first_part + splits - 1 of part_out (D, nh, parts, hs) and part_lse (D, nh, parts),
+    both fp32."""
     D, nh, hs = q.shape
     assert q.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and k_cache.is_contiguous()
     assert part_out.is_contiguous() and part_lse.is_contiguous() and first_part + splits <= part_lse.shape[2]
