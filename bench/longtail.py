@@ -48,21 +48,18 @@ def kv_blocks(requests: list[Request], max_batch: int, context: int = 1024, bloc
 
 
 @contextlib.contextmanager
-def recorded_steps(runner: ModelRunner, kv_tokens: list[int] | None = None) -> Iterator[list[Step]]:
+def recorded_steps(runner: ModelRunner, tables: list[np.ndarray] | None = None) -> Iterator[list[Step]]:
     """Every step the runner launches inside the block, as launched (before the engine counts its tokens in); with
-    `kv_tokens`, each step's distinct K/V tokens appended to it (roofline.distinct_kv_tokens: shared blocks once)."""
+    `tables`, each step's block tables appended to it (a copy, for roofline.distinct_kv_tokens after the run)."""
     steps: list[Step] = []
     launch = runner.launch
-    blocks = runner.block_manager
 
     def recording(plan):
         launched = launch(plan)
         sampling = set(launched.ids)
         steps.append([(seq.num_computed, n, seq.id in sampling) for seq, n in plan])
-        if kv_tokens is not None:
-            context = np.array([seq.num_computed + n for seq, n in plan])
-            kv_tokens.append(roofline.distinct_kv_tokens(blocks.table_array([seq.id for seq, _ in plan]), context,
-                                                         blocks.block_size))
+        if tables is not None:
+            tables.append(runner.block_manager.table_array([seq.id for seq, _ in plan]))
         return launched
 
     runner.launch = recording

@@ -100,14 +100,15 @@ def ours(runner, work: Work, caching: bool, args: argparse.Namespace, workload: 
     blocks.prefix_caching = caching
     blocks.clear_cache()
     first, follow = chat_turns(work) if workload == "chat" else (work, lambda chain, inf: None)
-    kv_tokens: list[int] = []
-    with recorded_steps(runner, kv_tokens) as launched:
+    tables: list = []
+    with recorded_steps(runner, tables) as launched:
         finished, steps = drive(runner, first, follow, n, args, f"{workload} caching {'on' if caching else 'off'}")
-    config, dtype = runner.model.config, runner.dtype
-    bound_s = sum(roofline.step_floor_s(config, step, roofline.weight_bytes(runner.model),
-                                        kv_bytes_per_token(runner.model, dtype), limits["copy_GBps"] * 1e9,
-                                        limits["matmul_peak_tflops"] * 1e12, kv)
-                  for step, kv in zip(launched, kv_tokens))
+    weights, kv_per_token = roofline.weight_bytes(runner.model), kv_bytes_per_token(runner.model, runner.dtype)
+    block_size = runner.block_manager.block_size
+    bound_s = sum(roofline.step_floor_s(runner.model.config, step, weights, kv_per_token, limits["copy_GBps"] * 1e9,
+                                        limits["matmul_peak_tflops"] * 1e12,
+                                        roofline.distinct_kv_tokens(step, table, block_size))
+                  for step, table in zip(launched, tables))
     summary = summarize([engine.record(inf) for inf in finished])
     cached = sum(inf.cached_tokens for inf in finished)
     prompt, output = summary["prompt_tokens"], summary["output_tokens"]

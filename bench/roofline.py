@@ -70,10 +70,11 @@ def forward_flops(config: GPTConfig, cached: int, new: int, samples: bool) -> in
             + 2 * c.vocab_size * c.n_embd * samples)
 
 
-def distinct_kv_tokens(tables: np.ndarray, context_lens: np.ndarray, block_size: int) -> int:
-    """The K/V tokens a step reads at least once: every sequence's context (its first context_lens[s] positions,
-    in the blocks of its row of `tables`), a block that several sequences hold counted once (a shared prefix, read
-    once for all of them by cascade attention)."""
+def distinct_kv_tokens(rows: list[tuple[int, int, bool]], tables: np.ndarray, block_size: int) -> int:
+    """The K/V tokens a step of `rows` (as step_floor_s's) reads at least once: every sequence's context (its cached
+    and new tokens, in the blocks of its row of `tables`), a block that several sequences hold counted once (a
+    shared prefix, read once for all of them by cascade attention)."""
+    context_lens = np.array([cached + new for cached, new, _ in rows])
     used = np.clip(context_lens[:, None] - np.arange(tables.shape[1]) * block_size, 0, block_size)
     held = used > 0
     tokens = np.zeros(int(tables[held].max()) + 1, dtype=np.int64)

@@ -15,7 +15,7 @@ from bench.__main__ import parser
 from bench.http_throughput import engine_side
 from bench.poisson import max_rate, within_p99_slo
 from bench.longtail import recorded_steps
-from bench.roofline import forward_flops, step_floor_s
+from bench.roofline import distinct_kv_tokens, forward_flops, step_floor_s
 from bench.scale import LONGTAIL
 from bench.server import send_load
 from bench.workloads import chat, long_tailed, offline, poisson_arrivals, seed_burst, shared_prefix
@@ -282,11 +282,10 @@ def test_step_floor_is_the_slower_of_reading_and_computing():
 
 
 def test_a_step_reads_a_block_that_several_sequences_hold_once():
-    from bench.roofline import distinct_kv_tokens
     tables = np.array([[7, 8, 9], [7, 8, 3], [5, 0, 0]])  # blocks of 4: two sequences hold 7 and 8
-    assert distinct_kv_tokens(tables, np.array([10, 9, 3]), 4) == 8 + 2 + 1 + 3  # 7, 8 once; 9: 2, 3: 1; 5: 3
+    step = [(9, 1, True), (8, 1, True), (2, 1, True)]  # contexts of 10, 9 and 3 tokens
+    assert distinct_kv_tokens(step, tables, 4) == 8 + 2 + 1 + 3  # 7, 8 once; 9: 2, 3: 1; 5: 3
     config = GPTConfig(n_layer=2, n_embd=4, vocab_size=10)
-    step = [(9, 1, True), (8, 1, True), (2, 1, True)]
     assert step_floor_s(config, step, 1000, 10, 100, 1e9, kv_tokens=14) == pytest.approx((1000 + 140) / 100)
 
 
@@ -295,11 +294,12 @@ def test_longtail_records_each_step_as_launched(tiny_model_dir, overlap):
     """A 12-token prompt in chunks of 8 and 4 (the last samples), then decodes until its 3 tokens are sampled; with
     overlapped steps each step is recorded as launched too, before the step before it is read."""
     manager = make_manager(tiny_model_dir, max_step_tokens=8, overlap=overlap)
-    kv_tokens = []
-    with recorded_steps(manager.runner, kv_tokens) as steps:
+    tables = []
+    with recorded_steps(manager.runner, tables) as steps:
         manager.enqueue(request(list(range(1, 13)), 3))
         run_until_idle(manager)
     assert steps == [[(0, 8, False)], [(8, 4, True)], [(12, 1, True)], [(13, 1, True)]]
+    kv_tokens = [distinct_kv_tokens(step, table, 4) for step, table in zip(steps, tables)]
     assert kv_tokens == [8, 12, 13, 14]  # each step's context, its new tokens included
     assert "launch" not in vars(manager.runner)  # the runner's own again
 
