@@ -117,22 +117,24 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return linear(x, weight, bias, INVARIANT)
 
 
-def fits_few_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the few-rows tiling takes the product: at most MAX_ROWS rows, and tiles its counters cover."""
-    return x.shape[0] <= MAX_ROWS and triton.cdiv(weight.shape[0], few_rows_config(x.shape[0], *weight.shape)[1]) \
-        <= MAX_TILES
+def few_rows_tiling(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, int] | None:
+    """The few-rows tiling of this product, or None where it does not take it: past MAX_ROWS rows, or more output
+    tiles than there are ticket counters."""
+    M, (N, K) = x.shape[0], weight.shape
+    if M > MAX_ROWS:
+        return None
+    tiling = few_rows_config(M, N, K)
+    return tiling if triton.cdiv(N, tiling[1]) <= MAX_TILES else None
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The candidate product (GPT.use_product): the few-rows tiling where it fits, cuBLAS for the rest. A captured
     graph's row count is fixed, so the choice is made once per graph."""
-    if fits_few_rows(x, weight):
-        return linear(x, weight, bias, few_rows_config(x.shape[0], *weight.shape))
-    return F.linear(x, weight, bias)
+    tiling = few_rows_tiling(x, weight)
+    return linear(x, weight, bias, tiling) if tiling else F.linear(x, weight, bias)
 
 
 def gelu_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """c_fc's product and GELU (MLP.gelu_product): the few-rows tiling, else cuBLASLt's epilogue."""
-    if fits_few_rows(x, weight):
-        return linear(x, weight, bias, few_rows_config(x.shape[0], *weight.shape), gelu=True)
-    return cublaslt_gelu_product(x, weight, bias)
+    tiling = few_rows_tiling(x, weight)
+    return linear(x, weight, bias, tiling, gelu=True) if tiling else cublaslt_gelu_product(x, weight, bias)
