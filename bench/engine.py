@@ -4,7 +4,12 @@ BatchingManager stepped on this thread, and each finished request turned into a 
 `batching` is imported where it is used: it needs tiktoken (streamed detokenisation), and the HF peers of a
 benchmark must still run where tiktoken is not installed.
 """
+import contextlib
+import time
+from collections.abc import Iterator
 from typing import NamedTuple
+
+import numpy as np
 
 import torch
 from tqdm import tqdm
@@ -16,6 +21,8 @@ from engine.device import resolve_attention, resolve_overlap
 from engine.loader import load_model
 from engine.runner import ModelRunner
 from engine.params import SamplingParams
+
+Step = list[tuple[int, int, bool]]  # per sequence: tokens in the cache, new tokens, whether it samples
 
 
 def build_runner(model: str, device: torch.device, dtype: torch.dtype, num_blocks: int | None = None,
@@ -71,3 +78,39 @@ def run_burst(runner: ModelRunner, policy: str, requests: list[Request], max_bat
 def warm_up(runner: ModelRunner) -> None:
     """One small mixed batch, so first-call costs (allocator, kernels, thread pools) stay out of the timings."""
     run_burst(runner, "dynamic", [Request(list(range(1, 33)), 4), Request([1, 2, 3], 8)], 8, 256)
+
+
+@contextlib.contextmanager
+def recorded_steps(runner: ModelRunner, tables: list[np.ndarray] | None = None,
+                   times: list[list[float | None]] | None = None) -> Iterator[list[Step]]:
+    """Every step the runner launches inside the block, as launched (before the engine counts its tokens in); with
+    `tables`, each step's block tables appended to it (a copy, for roofline.distinct_kv_tokens after the run); with
+    `times`, each step's [launched, tokens read] perf_counter times (None: never waited for)."""
+    steps: list[Step] = []
+    launch = runner.launch
+
+    def recording(plan):
+        launched_at = time.perf_counter()
+        launched = launch(plan)
+        sampling = set(launched.ids)
+        steps.append([(seq.num_computed, n, seq.id in sampling) for seq, n in plan])
+        if tables is not None:
+            tables.append(runner.block_manager.table_array([seq.id for seq, _ in plan]))
+        if times is not None:
+            span: list[float | None] = [launched_at, None]
+            times.append(span)
+            wait = launched.wait
+
+            def timed_wait():
+                out = wait()
+                span[1] = time.perf_counter()
+                return out
+
+            launched.wait = timed_wait
+        return launched
+
+    runner.launch = recording
+    try:
+        yield steps
+    finally:
+        del runner.launch

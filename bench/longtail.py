@@ -12,10 +12,7 @@ requests; the transport changes when, and in what order, they reach it, and with
 server's steps, from its /timeline, are in the row).
 """
 import argparse
-import contextlib
-from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 from bench import engine, roofline
@@ -26,12 +23,11 @@ from bench.server import add_server_arguments, policy_server, send_load, stream_
 from bench.throughput import add_engine_arguments, kv_blocks_for, overlap_setting, run, warm_runner
 from bench.workloads import long_tailed
 from client.workload import Request
-from engine.runner import ModelRunner, kv_bytes_per_token
+from engine.runner import kv_bytes_per_token
 from telemetry.latency import summarize
 
 CPU = dict(requests=48)
 FULL = dict(requests=1000)
-Step = list[tuple[int, int, bool]]  # per sequence: tokens in the cache, new tokens, whether it samples
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,28 +41,6 @@ def kv_blocks(requests: list[Request], max_batch: int, context: int = 1024, bloc
     """A pool that holds every request at full length, or max_batch of them at the full context where that is
     less: the dynamic policy runs at most max_batch at once, so nothing is preempted either way."""
     return min(kv_blocks_for({"longtail": requests}, block_size), max_batch * -(-context // block_size))
-
-
-@contextlib.contextmanager
-def recorded_steps(runner: ModelRunner, tables: list[np.ndarray] | None = None) -> Iterator[list[Step]]:
-    """Every step the runner launches inside the block, as launched (before the engine counts its tokens in); with
-    `tables`, each step's block tables appended to it (a copy, for roofline.distinct_kv_tokens after the run)."""
-    steps: list[Step] = []
-    launch = runner.launch
-
-    def recording(plan):
-        launched = launch(plan)
-        sampling = set(launched.ids)
-        steps.append([(seq.num_computed, n, seq.id in sampling) for seq, n in plan])
-        if tables is not None:
-            tables.append(runner.block_manager.table_array([seq.id for seq, _ in plan]))
-        return launched
-
-    runner.launch = recording
-    try:
-        yield steps
-    finally:
-        del runner.launch
 
 
 def main(args: argparse.Namespace) -> str:
@@ -90,7 +64,7 @@ def in_process(args: argparse.Namespace, device, dtype, requests: list[Request])
     runner = warm_runner(args, device, dtype, kv_blocks(requests, args.max_batch))
     bandwidth = roofline.copy_bandwidth(device)
     matmul = roofline.matmul_throughput(device, dtype, runner.model.config.n_embd)
-    with recorded_steps(runner) as steps:
+    with engine.recorded_steps(runner) as steps:
         burst = engine.run_burst(runner, "dynamic", requests, args.max_batch, args.max_step_tokens,
                                  desc="longtail in-process", overlap_steps=overlap_setting(args))
     weights, kv_per_token = roofline.weight_bytes(runner.model), kv_bytes_per_token(runner.model, dtype)

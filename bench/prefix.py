@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 from bench import engine, peers, roofline, throughput
 from bench.common import ResultFile, resolve, run_info
-from bench.longtail import recorded_steps
 from bench.throughput import add_engine_arguments, add_size_arguments, overlap_setting, run, runner_and_peer
 from bench.workloads import Conversation, chat, offline, seed_burst, shared_prefix
 from client.workload import Request
@@ -101,7 +100,7 @@ def ours(runner, work: Work, caching: bool, args: argparse.Namespace, workload: 
     blocks.clear_cache()
     first, follow = chat_turns(work) if workload == "chat" else (work, lambda chain, inf: None)
     tables: list = []
-    with recorded_steps(runner, tables) as launched:
+    with engine.recorded_steps(runner, tables) as launched:
         finished, steps = drive(runner, first, follow, n, args, f"{workload} caching {'on' if caching else 'off'}")
     weights, kv_per_token = roofline.weight_bytes(runner.model), kv_bytes_per_token(runner.model, runner.dtype)
     block_size = runner.block_manager.block_size

@@ -25,42 +25,32 @@ def main() -> None:
                                  max_batch=args.max_batch)
     engine.warm_up(runner)
     engine.run_burst(runner, "dynamic", requests[:32], args.max_batch, 2048)
-    stats = collections.defaultdict(lambda: [0, 0.0, 0, 0])  # kind -> steps, seconds, decode rows, prefill tokens
-    launch = runner.launch
-    last_read = [0.0]
-
-    def timed_launch(plan):
-        """A step is timed from its launch, or from the end of the wait of the step before when the engine
-        launched it while that one ran, to the end of its own wait for the sampled tokens."""
-        start, launched = time.perf_counter(), launch(plan)
-        wait = launched.wait
-
-        def timed_wait():
-            out = wait()
-            decodes = sum(1 for _, n in plan if n == 1)
-            s = stats["decode" if decodes == len(plan) else "mixed"]
-            s[0] += 1
-            now = time.perf_counter()
-            s[1] += now - max(start, last_read[0])
-            last_read[0] = now
-            s[2] += decodes
-            s[3] += sum(n for _, n in plan if n > 1)
-            return out
-
-        launched.wait = timed_wait
-        return launched
-
-    runner.launch = timed_launch
+    times: list = []
     start = time.perf_counter()
-    records = engine.run_burst(runner, "dynamic", requests, args.max_batch, 2048).records
+    with engine.recorded_steps(runner, times=times) as steps:
+        records = engine.run_burst(runner, "dynamic", requests, args.max_batch, 2048).records
     total = time.perf_counter() - start
     tokens = sum(r.output_tokens for r in records)
     print(f"{args.workload}: {tokens} tokens in {total:.2f} s = {tokens / total:.0f} tok/s")
+    stats = collections.defaultdict(lambda: [0, 0.0, 0, 0])  # kind -> steps, seconds, decode rows, prefill tokens
+    last_read = 0.0
+    for step, (launched, read) in zip(steps, times):
+        if read is None:  # nothing sampled that the engine waited for
+            continue
+        # from its launch, or from the read of the step before when the engine launched it while that one ran,
+        # to the read of its own sampled tokens
+        decodes = sum(1 for _, n, _ in step if n == 1)
+        s = stats["decode" if decodes == len(step) else "mixed"]
+        s[0] += 1
+        s[1] += read - max(launched, last_read)
+        last_read = read
+        s[2] += decodes
+        s[3] += sum(n for _, n, _ in step if n > 1)
     in_runner = 0.0
-    for kind, (steps, seconds, decodes, prefill) in stats.items():
+    for kind, (count, seconds, decodes, prefill) in stats.items():
         in_runner += seconds
-        print(f"{kind:6s} steps {steps:5d}  {seconds:6.2f} s  {seconds / steps * 1e3:6.2f} ms/step  "
-              f"decode rows/step {decodes / steps:6.1f}  prefill tokens/step {prefill / steps:7.1f}")
+        print(f"{kind:6s} steps {count:5d}  {seconds:6.2f} s  {seconds / count * 1e3:6.2f} ms/step  "
+              f"decode rows/step {decodes / count:6.1f}  prefill tokens/step {prefill / count:7.1f}")
     print(f"outside the runner (scheduling, post-processing): {total - in_runner:.2f} s")
     eager_step_launch_share(runner)
 

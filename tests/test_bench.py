@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from bench import engine
 from bench.__main__ import parser
 from bench.http_throughput import engine_side
 from bench.poisson import max_rate, within_p99_slo
-from bench.longtail import recorded_steps
 from bench.roofline import distinct_kv_tokens, forward_flops, step_floor_s
 from bench.scale import LONGTAIL
 from bench.server import send_load
@@ -290,15 +290,17 @@ def test_a_step_reads_a_block_that_several_sequences_hold_once():
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_longtail_records_each_step_as_launched(tiny_model_dir, overlap):
+def test_recorded_steps_are_each_step_as_launched_and_when_it_was_read(tiny_model_dir, overlap):
     """A 12-token prompt in chunks of 8 and 4 (the last samples), then decodes until its 3 tokens are sampled; with
     overlapped steps each step is recorded as launched too, before the step before it is read."""
     manager = make_manager(tiny_model_dir, max_step_tokens=8, overlap=overlap)
-    tables = []
-    with recorded_steps(manager.runner, tables) as steps:
+    tables, times = [], []
+    with engine.recorded_steps(manager.runner, tables, times) as steps:
         manager.enqueue(request(list(range(1, 13)), 3))
         run_until_idle(manager)
     assert steps == [[(0, 8, False)], [(8, 4, True)], [(12, 1, True)], [(13, 1, True)]]
+    launched, read = zip(*times[1:])  # the steps that sample: each read after its launch, in launch order
+    assert all(a <= b for a, b in zip(launched, read)) and list(read) == sorted(read)
     kv_tokens = [distinct_kv_tokens(step, table, 4) for step, table in zip(steps, tables)]
     assert kv_tokens == [8, 12, 13, 14]  # each step's context, its new tokens included
     assert "launch" not in vars(manager.runner)  # the runner's own again
