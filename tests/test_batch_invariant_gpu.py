@@ -1,18 +1,22 @@
 """BATCH_INVARIANT on the GPU path ("triton-invariant": every row through the Triton prefill kernel, the products
-through engine/triton_linear.py): seeded sampled requests get bitwise the same tokens alone and inside a crowd,
-in bf16 on CUDA graphs with steps overlapped, under every policy, chunked, preempted and from the prefix cache.
+through engine/triton_linear.py): 64 seeded sampled requests get bitwise the same tokens alone (prefix caching
+off) and inside a crowd that arrives as a Poisson process (caching on: hits and misses), in bf16 on CUDA graphs
+with steps overlapped, under every policy, chunked and preempted. The model has gpt2-medium's layer shapes (4
+layers): products over K = 1,024 and 4,096, where cuBLAS would pick its tiles and split K by the number of rows.
 On a CPU the same path runs under Triton's interpreter, whose products (numpy's) are not row-invariant: there
 only its correctness is checked (greedy tokens equal HF's)."""
+import random
+
 import pytest
 import torch
 
 pytest.importorskip("triton")  # conftest.py runs it under the interpreter on a CPU
 from batching import BatchingManager, make_policy  # noqa: E402
-from conftest import make_manager, request, run_until_idle  # noqa: E402
+from conftest import assert_nothing_leaked, make_manager, request, run_until_idle  # noqa: E402
 from engine.loader import from_pretrained  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
 from engine.triton_linear import invariant_linear  # noqa: E402
-from test_batch_invariant import crowd, in_a_crowd, seeded, targets  # noqa: E402
+from test_batch_invariant import SAMPLED, seeded  # noqa: E402
 from test_loader import IDS, prefill_logits  # noqa: E402
 from test_oracle import hf_greedy  # noqa: E402
 
@@ -41,18 +45,69 @@ def test_interpreted_the_gpu_mode_gives_the_reference_logits_and_hf_greedy_token
     assert r.output_ids == hf_greedy(tiny_hf_model, [464, 318], 2)
 
 
-def gpu_manager(model_dir: str, policy: str, max_step_tokens: int = 256, **kw) -> BatchingManager:
+def gpu_manager(model_dir: str, policy: str, max_step_tokens: int = 256, prefix_caching: bool = True,
+                **kw) -> BatchingManager:
     runner = ModelRunner(from_pretrained(model_dir), torch.device("cuda"), torch.bfloat16, seed=0,
-                         attention="triton-invariant", cuda_graphs=True, max_batch=32,
-                         **(dict(block_size=16, num_blocks=512) | kw))
+                         attention="triton-invariant", cuda_graphs=True, max_batch=32, prefix_caching=prefix_caching,
+                         **(dict(block_size=16, num_blocks=1024) | kw))
     return BatchingManager(runner, make_policy(policy, 32), max_step_tokens, overlap=True)
 
 
 @pytest.fixture(scope="module")
-def alone_on_gpu(tiny_model_dir) -> list[list[int]]:
-    manager = gpu_manager(tiny_model_dir, "nobatch")
+def medium_shaped_dir(tmp_path_factory) -> str:
+    """Random weights in gpt2-medium's layer shapes, 4 layers."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt2-medium-shaped")
+    GPT2LMHeadModel(GPT2Config(n_layer=4, n_head=16, n_embd=1024, n_positions=1024)).save_pretrained(path)
+    return str(path)
+
+
+def watched(seed: int = 7) -> list[tuple[list[int], int, int]]:
+    """(prompt, tokens, seed) of 64 requests: half of them in four groups that share a 40-token prefix (two full
+    16-token blocks, cached once the group's first request has been admitted)."""
+    rng = random.Random(seed)
+    ids = lambda n: [rng.randrange(50257) for _ in range(n)]
+    commons = [ids(40) for _ in range(4)]
+    prompts = [commons[i % 4] + ids(rng.randint(1, 40)) for i in range(32)] + [ids(rng.randint(1, 80))
+                                                                               for _ in range(32)]
+    return [(p, rng.randint(4, 24), 1000 + i) for i, p in enumerate(prompts)]
+
+
+def in_a_poisson_crowd(manager: BatchingManager, work: list, crowd_size: int = 64, per_step: float = 1.5,
+                       seed: int = 9) -> list:
+    """The watched requests and a crowd of unseeded ones in a random order, arriving as a Poisson process of
+    `per_step` requests a step on average (the engine stepped in between): each watched request joins a running
+    batch of its own mix, with prompts being prefilled beside its decodes."""
+    rng = random.Random(seed)
+    crowd = [([rng.randrange(50257) for _ in range(rng.randint(1, 120))], rng.randint(1, 40))
+             for _ in range(crowd_size)]
+    arrivals = [(True, w) for w in work] + [(False, c) for c in crowd]
+    rng.shuffle(arrivals)
+    out, clock, steps = [], 0.0, 0
+    for is_watched, item in arrivals:
+        clock += rng.expovariate(per_step)
+        while steps < clock:
+            manager.step()
+            steps += 1
+        if is_watched:
+            out.append(manager.enqueue(seeded(*item)))
+        else:
+            manager.enqueue(request(*item, **SAMPLED))
+    run_until_idle(manager)
+    assert all(r.finish_reason == "length" for r in out), [(r.finish_reason, r.error) for r in out]
+    assert_nothing_leaked(manager)
+    return out
+
+
+@pytest.fixture(scope="module")
+def alone_on_gpu(medium_shaped_dir) -> list[list[int]]:
+    """Each watched request with the engine to itself, its whole prompt computed (no cache)."""
+    manager = gpu_manager(medium_shaped_dir, "nobatch", prefix_caching=False)
     out = []
-    for p, n, seed in targets():
+    for p, n, seed in watched():
         r = manager.enqueue(seeded(p, n, seed))
         run_until_idle(manager)
         out.append(r.output_ids)
@@ -61,15 +116,17 @@ def alone_on_gpu(tiny_model_dir) -> list[list[int]]:
 
 @needs_cuda
 @pytest.mark.parametrize("policy", ["nobatch", "static", "dynamic"])
-def test_on_the_gpu_a_seeded_request_gets_the_same_tokens_alone_and_in_a_crowd(tiny_model_dir, alone_on_gpu,
-                                                                                policy):
-    manager = gpu_manager(tiny_model_dir, policy)
-    assert [r.output_ids for r in in_a_crowd(manager, targets(), crowd())] == alone_on_gpu
+def test_on_the_gpu_a_seeded_request_gets_the_same_tokens_alone_and_in_a_poisson_crowd(medium_shaped_dir,
+                                                                                       alone_on_gpu, policy):
+    manager = gpu_manager(medium_shaped_dir, policy)
+    crowded = in_a_poisson_crowd(manager, watched())
+    assert [r.output_ids for r in crowded] == alone_on_gpu
+    assert sum(r.cached_tokens > 0 for r in crowded) >= 16  # cache hits among them, the same tokens as misses
 
 
 @needs_cuda
-def test_on_the_gpu_the_same_tokens_chunked_preempted_and_from_the_cache(tiny_model_dir, alone_on_gpu):
-    manager = gpu_manager(tiny_model_dir, "dynamic", max_step_tokens=32, block_size=4, num_blocks=40)
-    watched = in_a_crowd(manager, targets(), crowd(n=12))
-    assert [r.output_ids for r in watched] == alone_on_gpu
-    assert manager.scheduler.num_preemptions > 0 and any(r.cached_tokens for r in watched)
+def test_on_the_gpu_the_same_tokens_chunked_and_preempted(medium_shaped_dir, alone_on_gpu):
+    manager = gpu_manager(medium_shaped_dir, "dynamic", max_step_tokens=48, block_size=4, num_blocks=160)
+    crowded = in_a_poisson_crowd(manager, watched(), crowd_size=24, per_step=3.0)
+    assert [r.output_ids for r in crowded] == alone_on_gpu
+    assert manager.scheduler.num_preemptions > 0 and any(r.cached_tokens for r in crowded)
