@@ -9,8 +9,10 @@ sums the partials in split order; the bias and the GELU follow the sum. One laun
 
 - `invariant_linear` (BATCH_INVARIANT): cuBLAS picks its kernel by the product's shape (its tiles, whether to split
   the reduction over K), so a row of a step's product changes in its last bits with how many rows the step has.
-  Here the tiling is fixed (16 x 64 tiles, K in 64-wide steps from 0, no split): a row's numbers depend on that
-  row and the weights only.
+  Here K is reduced the same way for every row count (64-wide steps from 0, in order, no split), so a row's
+  numbers depend on that row and the weights only; the tile around it (which rows and columns share a program)
+  grows with the rows, from 16 x 64 for a few decodes to 128 x 128 for a prefill, since it does not change the
+  order of any row's sums (tests/test_batch_invariant_gpu.py checks rows bitwise across tile sizes).
 - `product` / `gelu_product` (a candidate, not used by the engine until it beats cuBLAS on a GPU:
   bench.skinny_probe): a decode step multiplies at most a few hundred rows by each weight matrix, a read of 2-8 MB
   of weights with little arithmetic, which cuBLAS's kernels did at ~1 TB/s on an H100 at batch 128. Every row
@@ -26,7 +28,9 @@ import triton.language as tl
 
 from model import cublaslt_gelu_product
 
-INVARIANT = (16, 64, 64, 1, 4)  # BATCH_INVARIANT's tiling: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps)
+# BATCH_INVARIANT's tilings (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps) by the most rows each takes: BLOCK_K and
+# SPLIT_K the same in all
+INVARIANT = ((16, (16, 64, 64, 1, 4)), (64, (64, 64, 64, 1, 4)), (None, (128, 128, 64, 1, 8)))
 MAX_ROWS = 256  # the few-rows tiling's limit: past it, cuBLAS's tiles are the better product
 MAX_TILES = 1024  # output tiles with a ticket counter (the vocab projection's 50,304 columns go to cuBLAS)
 
@@ -112,9 +116,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, til
     return out
 
 
+def invariant_tiling(M: int) -> tuple[int, int, int, int, int]:
+    """BATCH_INVARIANT's tiling of a product of M rows."""
+    return next(tiling for most, tiling in INVARIANT if most is None or M <= most)
+
+
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """BATCH_INVARIANT's product (GPT.use_product): F.linear, each row's result independent of M."""
-    return linear(x, weight, bias, INVARIANT)
+    return linear(x, weight, bias, invariant_tiling(x.shape[0]))
 
 
 def few_rows_tiling(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, int] | None:

@@ -130,3 +130,16 @@ def test_on_the_gpu_the_same_tokens_chunked_and_preempted(medium_shaped_dir, alo
     crowded = in_a_poisson_crowd(manager, watched(), crowd_size=24, per_step=3.0)
     assert [r.output_ids for r in crowded] == alone_on_gpu
     assert manager.scheduler.num_preemptions > 0 and any(r.cached_tokens for r in crowded)
+
+
+@needs_cuda
+@pytest.mark.parametrize("k, n", [(1024, 3072), (4096, 1024)])
+def test_on_the_gpu_a_row_of_the_invariant_product_has_the_same_bits_for_any_number_of_rows(k, n):
+    """Across the tilings' row limits (16, 64) and well past them: each row is bitwise the row computed alone."""
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = (t.to("cuda", torch.bfloat16) for t in (torch.randn(2048, k, generator=g),
+                                                                torch.randn(n, k, generator=g) / k ** 0.5,
+                                                                torch.randn(n, generator=g)))
+    alone = torch.cat([invariant_linear(x[i:i + 1], weight, bias) for i in range(130)])
+    for rows in (2, 15, 16, 17, 63, 64, 65, 129, 300, 2048):
+        assert torch.equal(invariant_linear(x[:rows], weight, bias)[:130], alone[:rows]), rows

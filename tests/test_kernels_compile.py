@@ -40,7 +40,7 @@ def kernels() -> list[tuple[str, object, dict, dict, dict]]:
     out.append(("add + layer norm", triton_norm._add_layer_norm_kernel, {}, dict(C=1024, BLOCK=1024),
                 dict(num_warps=4)))
     for name, (m, n, k, split, warps), gelu in (
-            ("invariant", triton_linear.INVARIANT, False),
+            *((f"invariant up to {most} rows", tiling, False) for most, tiling in triton_linear.INVARIANT),
             ("1 row", triton_linear.few_rows_config(1, 4096, 1024), True),
             ("256 rows", triton_linear.few_rows_config(256, 1024, 4096), False)):
         out.append((f"product, {name} tiling", triton_linear._linear_kernel,
