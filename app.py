@@ -55,7 +55,8 @@ def body_too_large(e: RequestEntityTooLarge) -> Response:
 
 
 ENDPOINTS = ("POST /inference {\"prompt\": str, \"num_tokens\": int}; POST /v1/completions; GET /v1/models; "
-             "GET /stats; GET /metrics; GET /health; GET /timeline")
+             "GET /stats; GET /metrics; GET /health; GET /timeline; POST /demo-burst; GET / (the live page, in a "
+             "browser)")
 
 
 @app.errorhandler(NotFound)

@@ -37,10 +37,25 @@ from typing import Any, Callable
 
 from gunicorn.workers.gthread import DEFAULT_WORKER_DATA_TIMEOUT, ThreadWorker
 
-HOST, PORT = os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "8500"))
-CLIENT_TIMEOUT_S = float(os.environ.get("CLIENT_TIMEOUT_S", "30"))
-GRACEFUL_TIMEOUT_S = float(os.environ.get("GRACEFUL_TIMEOUT_S", "30"))
-KEEPALIVE_S = int(os.environ.get("KEEPALIVE_S", "75"))
+from engine.config import Settings, env_number
+
+
+def setting(name: str, default: int | float) -> int | float:
+    """A number setting of gunicorn's; a mistyped one stops the server in one line, before it listens."""
+    try:
+        return env_number(name, default)
+    except ValueError as e:
+        sys.exit(str(e))
+
+
+try:
+    Settings.from_env()  # the engines' settings, checked as early
+except ValueError as e:
+    sys.exit(str(e))
+HOST, PORT = os.environ.get("HOST", "127.0.0.1"), setting("PORT", 8500)
+CLIENT_TIMEOUT_S = setting("CLIENT_TIMEOUT_S", 30.0)
+GRACEFUL_TIMEOUT_S = setting("GRACEFUL_TIMEOUT_S", 30.0)
+KEEPALIVE_S = setting("KEEPALIVE_S", 75)
 STOP_MARGIN_S = 10  # after the drain: ending its last requests, closing kept-alive connections, leaving the engine
 
 
@@ -125,7 +140,7 @@ bind = f"{HOST}:{PORT}"
 # Workers share the engines; each takes about a millisecond of Python per request, so a burst of requests
 # reaches the engines sooner when several take them: on a 16-core H200 machine four took 100 requests in 20-30 ms
 # (one: 100-170 ms), eight did no better. A quarter of the cores, 1 to 4, leaves the rest to the engine and clients.
-workers = int(os.environ.get("WORKERS") or min(4, max(1, (os.cpu_count() or 1) // 4)))
+workers = setting("WORKERS", min(4, max(1, (os.cpu_count() or 1) // 4)))
 # A worker's threads share one GIL, and a burst of requests passes it between them hundreds of times: each pass
 # wakes a thread, on another core unless the worker has a core of its own, where a pass is a switch on one core
 # (H200 host, 16 cores, four workers, 100 requests at once: half of them in after 6-11 ms pinned, 9-17 ms not;
@@ -134,10 +149,10 @@ PIN_WORKERS = os.environ.get("PIN_WORKERS", "auto")
 if PIN_WORKERS not in ("auto", "true", "false"):
     sys.exit(f"PIN_WORKERS must be auto, true or false; got {PIN_WORKERS!r}")
 worker_class = ServingThreadWorker
-threads = int(os.environ.get("THREADS", "512"))
+threads = setting("THREADS", 512)
 worker_connections = threads + 64
 backlog = 2048
-timeout = int(os.environ.get("WORKER_TIMEOUT", "300"))  # model loading happens before the worker's first heartbeat
+timeout = setting("WORKER_TIMEOUT", 300)  # model loading happens before the worker's first heartbeat
 # The master SIGKILLs workers still running this long after its SIGTERM: never one still ending its requests
 graceful_timeout = math.ceil(GRACEFUL_TIMEOUT_S) + STOP_MARGIN_S
 # An idle kept-alive connection waits on the worker's poller, not in a thread (gthread's finish_request registers

@@ -115,6 +115,8 @@ def prompt_list(prompt) -> list[str | list[int]]:
     def is_ids(x) -> bool:
         return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
+    if prompt is None:
+        raise InvalidRequest("'prompt' is required", "prompt", "missing_field")
     if isinstance(prompt, str) or is_ids(prompt) and prompt:
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt) or

@@ -43,9 +43,26 @@ class Settings:
                 continue
             optional_ints = ("engines", "max_batch", "kv_blocks", "seed")
             kind = type(f.default) if f.default is not None else (int if f.name in optional_ints else str)
-            if kind is bool:
-                value = raw.lower() in ("1", "true", "yes", "on")
-            else:
-                value = kind(raw)
-            setattr(s, f.name, value)
+            setattr(s, f.name, parse(f.name.upper(), raw, kind))
         return s
+
+
+def parse(name: str, raw: str, kind: type) -> bool | int | float | str:
+    """A setting's text as its type; a ValueError that names the setting if it is not one: a mistyped switch
+    (PREFIX_CACHING=flase) must not quietly read as false."""
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{name} must be true or false (or 1/0, yes/no, on/off); got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}; got {raw!r}") from None
+
+
+def env_number(name: str, default: int | float) -> int | float:
+    """A number setting read outside Settings (gunicorn's), of its default's type."""
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else parse(name, raw, type(default))

@@ -37,6 +37,8 @@ def from_pretrained(source: str) -> GPT:
     if os.path.isfile(source):
         return _from_nanogpt_checkpoint(source)
     if not os.path.isdir(source):
+        if source.startswith(("/", ".", "~")) or source.count("/") > 1:  # a path, not a hub name ("org/name")
+            raise FileNotFoundError(f"no such file or directory: {source}")
         source = _download_hf(source)
     return _from_hf_dir(source)
 

@@ -84,6 +84,11 @@ def test_a_prompt_list_that_mixes_forms_is_refused(server, prompt):
     assert err["param"] == "prompt" and err["code"] == "invalid_type" and "not a mix" in err["message"]
 
 
+def test_a_completion_without_a_prompt_says_it_is_required(server):
+    err = error_of(requests.post(server + "/v1/completions", json={"max_tokens": 1}, timeout=10), 400)
+    assert err["param"] == "prompt" and err["code"] == "missing_field" and err["message"] == "'prompt' is required"
+
+
 @pytest.mark.parametrize("prompt, choices", [("a", 1), (["a", "b c"], 2), ([64, 275], 1), ([[64], [275, 66]], 2)])
 def test_each_of_the_four_prompt_forms_is_taken(server, prompt, choices):
     r = requests.post(server + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=30)

@@ -304,6 +304,14 @@ def test_a_port_in_use_fails_in_one_line_and_leaves_nothing_behind(tiny_model_di
     assert metrics_dirs() == before
 
 
+@pytest.mark.parametrize("env, says", [({"MAX_BATCH": "abc"}, "MAX_BATCH must be an integer; got 'abc'"),
+                                       ({"PREFIX_CACHING": "flase"}, "PREFIX_CACHING must be true or false"),
+                                       ({"CLIENT_TIMEOUT_S": "30s"}, "CLIENT_TIMEOUT_S must be a number")])
+def test_a_mistyped_setting_stops_the_server_in_one_line(env, says):
+    r = start({"PORT": "0", **env})
+    assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr
+
+
 def test_weights_that_cannot_load_fail_in_one_line_that_says_what_to_do(tmp_path):
     r = start({"PORT": "0", "MODEL": str(tmp_path), "WEIGHTS": "pretrained", "DEVICE": "cpu"})
     failure = [line for line in r.stderr.splitlines() if "cannot serve" in line]

@@ -74,6 +74,10 @@ def test_auto_falls_back_to_random_weights_loudly_when_pretrained_is_unobtainabl
         load_model("gpt2-medium", "pretrained")
 
 
-def test_a_missing_local_directory_is_a_clear_error(tmp_path):
+def test_a_missing_local_directory_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         from_pretrained(str(tmp_path))
+    monkeypatch.setattr(loader, "_download_hf", lambda name: pytest.fail(f"asked the hub for {name}"))
+    for path in (str(tmp_path / "nowhere"), "./nowhere", "models/gpt2/nowhere"):  # paths, not hub names
+        with pytest.raises(FileNotFoundError, match=f"no such file or directory: {path}"):
+            from_pretrained(path)
