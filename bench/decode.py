@@ -108,8 +108,8 @@ def time_our_step(runner: ModelRunner, batch: int, ctx: int, iters: int, seconds
     if runner.graphs:  # a replayed graph runs no Python forward: time the decode graph's replay alone
         graph = runner.graphs.graphs[next(b for b in runner.graphs.buckets if b >= batch)]
         forward_times = timed(lambda: (graph.replay(), sync(runner.device)), runner.device, iters, seconds)
-    else:  # the timed steps' eager forwards
-        forward_times = forward_times[-len(step_times):]
+    else:  # the timed steps' eager forwards (none where the mixed graphs ran them: BATCH_INVARIANT's decodes)
+        forward_times = forward_times[-len(step_times):] or step_times
     for r in requests:
         manager.abort(r)
     while manager.step():  # the aborts, and the step still in flight

@@ -156,7 +156,7 @@ class ModelRunner:
         samples = context_lens == known  # the rest are mid-prompt chunks
         sample_rows = (np.cumsum(query_lens) - 1)[samples]
         bm = self.block_manager
-        tables = bm.table_array([s.id for s in seqs], self.table_width if self.graphs else None)
+        tables = bm.table_array([s.id for s in seqs], self.table_width if self.graphs or self.mixed_graphs else None)
         step = attention_metadata.pack_step(query_lens, context_lens, tables, bm.block_size)
         shared = attention_metadata.find_shared_prefix(step, bm.block_size) if self.shared_prefix else None
         argmax = None

@@ -69,7 +69,7 @@ class Sampler:
         if any(p.top_p < 1 for p in params):
             top_p = torch.tensor([p.top_p for p in params]).to(self.device, non_blocking=True)
             scaled = _apply_top_p(scaled, top_p)
-        cdf = torch.softmax(scaled, dim=-1).double().cumsum(dim=-1)
+        cdf = row_cumsum(torch.softmax(scaled, dim=-1).double())
         return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
 
 
@@ -113,18 +113,28 @@ class Drawn:
         return result
 
 
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """x.cumsum(dim=-1) of (B, V), each row's sums in the same order whatever B: CUDA scans a lone row with another
+    kernel (cub's) than several rows, so a lone row is scanned beside a copy of itself (BATCH_INVARIANT needs a
+    request's draws to be the same alone and in a batch)."""
+    if x.shape[0] == 1 and x.is_cuda:
+        return x.expand(2, -1).cumsum(dim=-1)[:1]
+    return x.cumsum(dim=-1)
+
+
 def _apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     vocab = logits.shape[-1]
     k = torch.tensor([min(t, vocab) if t > 0 else vocab for t in top_k]).to(logits.device, non_blocking=True)
-    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # (B, 1)
+    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # (B, 1): values, ties or not
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def _apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    # stable: tied tokens (bf16 logits tie often) ranked by id, whichever sort the row count picks
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(dim=-1)
     # drop a token when the tokens ranked above it already cover top_p; the first token always stays
-    drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop_sorted = (row_cumsum(probs) - probs) >= top_p[:, None]
     drop_sorted[:, 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))

@@ -11,7 +11,7 @@ sums the partials in split order; the bias and the GELU follow the sum. One laun
   the reduction over K), so a row of a step's product changes in its last bits with how many rows the step has.
   Here K is reduced the same way for every row count (64-wide steps from 0, in order, no split), so a row's
   numbers depend on that row and the weights only; the tile around it (which rows and columns share a program)
-  grows with the rows, from 16 x 64 for a few decodes to 128 x 128 for a prefill, since it does not change the
+  grows with the rows, from 16 x 64 for up to 64 rows to 128 x 128 past 512, since it does not change the
   order of any row's sums (tests/test_batch_invariant_gpu.py checks rows bitwise across tile sizes).
 - `product` / `gelu_product` (a candidate, not used by the engine until it beats cuBLAS on a GPU:
   bench.skinny_probe): a decode step multiplies at most a few hundred rows by each weight matrix, a read of 2-8 MB
@@ -30,7 +30,7 @@ from model import cublaslt_gelu_product
 
 # BATCH_INVARIANT's tilings (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps) by the most rows each takes: BLOCK_K and
 # SPLIT_K the same in all
-INVARIANT = ((16, (16, 64, 64, 1, 4)), (64, (64, 64, 64, 1, 4)), (None, (128, 128, 64, 1, 8)))
+INVARIANT = ((64, (16, 64, 64, 1, 4)), (512, (64, 64, 64, 1, 4)), (None, (128, 128, 64, 1, 8)))
 MAX_ROWS = 256  # the few-rows tiling's limit: past it, cuBLAS's tiles are the better product
 MAX_TILES = 1024  # output tiles with a ticket counter (the vocab projection's 50,304 columns go to cuBLAS)
 
