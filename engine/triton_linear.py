@@ -9,14 +9,15 @@ sums the partials in split order; the bias and the GELU follow the sum. One laun
 
 - `invariant_linear` (BATCH_INVARIANT): cuBLAS picks its kernel by the product's shape (its tiles, whether to split
   the reduction over K), so a row of a step's product changes in its last bits with how many rows the step has.
-  Here K is reduced the same way for every row count (64-wide steps from 0, in order, no split), so a row's
-  numbers depend on that row and the weights only; the tile around it (which rows and columns share a program)
-  grows with the rows, from 16 x 64 for up to 64 rows to 128 x 128 past 512, since it does not change the
-  order of any row's sums (tests/test_batch_invariant_gpu.py checks rows bitwise across tile sizes).
-- `product` / `gelu_product` (a candidate, not used by the engine until it beats cuBLAS on a GPU:
-  bench.skinny_probe): a decode step multiplies at most a few hundred rows by each weight matrix, a read of 2-8 MB
-  of weights with little arithmetic, which cuBLAS's kernels did at ~1 TB/s on an H100 at batch 128. Every row
-  goes in one tile, and the outputs and K are split so that ~2 programs per SM stream the weights.
+  Here K is reduced the same way for every row count (64-wide steps from 0, in order, split or not by K alone),
+  so a row's numbers depend on that row and the weights only; the tile around it (which rows and columns share a
+  program) grows with the rows, from 16 x 64 up to 64 rows to 128 x 128 past 512: on an H100 every tile gave a
+  row the same bits, mma.sync and wgmma alike (tests/test_batch_invariant_gpu.py checks rows across the limits).
+- `product` / `gelu_product` (a candidate, not used by the engine): a decode step multiplies at most a few hundred
+  rows by each weight matrix, a read of 2-8 MB of weights with little arithmetic. Every row goes in one tile, and
+  the outputs and K are split so that ~2 programs per SM stream the weights. Timed on an H100 (bench.skinny_probe)
+  it beat cuBLAS only at a few rows on the products with 1,024 outputs: a 4% shorter decode step at batch 1, a
+  longer one from 32 rows up.
 On a CPU the kernel runs under TRITON_INTERPRET=1 (tests).
 """
 import functools
@@ -28,9 +29,11 @@ import triton.language as tl
 
 from model import cublaslt_gelu_product
 
-# BATCH_INVARIANT's tilings (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps) by the most rows each takes: BLOCK_K and
-# SPLIT_K the same in all
-INVARIANT = ((64, (16, 64, 64, 1, 4)), (512, (64, 64, 64, 1, 4)), (None, (128, 128, 64, 1, 8)))
+# BATCH_INVARIANT's tiles (BLOCK_M, BLOCK_N, warps) by the most rows each takes (the best of those timed on an
+# H100, bench/results/h100/cascade-invariant). K goes in 64-wide steps, split in two where it is long (the MLP's
+# down projection, whose 1,024 outputs leave most SMs idle at a few rows): by K alone, the same for any M.
+INVARIANT_TILES = ((64, (16, 64, 4)), (512, (64, 64, 4)), (None, (128, 128, 8)))
+INVARIANT_SPLIT_FROM_K = 4096
 MAX_ROWS = 256  # the few-rows tiling's limit: past it, cuBLAS's tiles are the better product
 MAX_TILES = 1024  # output tiles with a ticket counter (the vocab projection's 50,304 columns go to cuBLAS)
 
@@ -116,14 +119,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, til
     return out
 
 
-def invariant_tiling(M: int) -> tuple[int, int, int, int, int]:
-    """BATCH_INVARIANT's tiling of a product of M rows."""
-    return next(tiling for most, tiling in INVARIANT if most is None or M <= most)
+def invariant_tiling(M: int, K: int) -> tuple[int, int, int, int, int]:
+    """BATCH_INVARIANT's tiling of a product of M rows over K."""
+    block_m, block_n, warps = next(tile for most, tile in INVARIANT_TILES if most is None or M <= most)
+    return block_m, block_n, 64, 2 if K >= INVARIANT_SPLIT_FROM_K else 1, warps
 
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """BATCH_INVARIANT's product (GPT.use_product): F.linear, each row's result independent of M."""
-    return linear(x, weight, bias, invariant_tiling(x.shape[0]))
+    return linear(x, weight, bias, invariant_tiling(*x.shape))
 
 
 def few_rows_tiling(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, int] | None:

@@ -40,7 +40,8 @@ def kernels() -> list[tuple[str, object, dict, dict, dict]]:
     out.append(("add + layer norm", triton_norm._add_layer_norm_kernel, {}, dict(C=1024, BLOCK=1024),
                 dict(num_warps=4)))
     for name, (m, n, k, split, warps), gelu in (
-            *((f"invariant up to {most} rows", tiling, False) for most, tiling in triton_linear.INVARIANT),
+            *((f"invariant up to {most} rows, K {k}", triton_linear.invariant_tiling(most or 2048, k), False)
+              for most, _ in triton_linear.INVARIANT_TILES for k in (1024, 4096)),
             ("1 row", triton_linear.few_rows_config(1, 4096, 1024), True),
             ("256 rows", triton_linear.few_rows_config(256, 1024, 4096), False)):
         out.append((f"product, {name} tiling", triton_linear._linear_kernel,
