@@ -193,6 +193,17 @@ class MixedGraphs(StepGraphs):
     def _items(self, n: int) -> int:
         return -(-n // BLOCK_M) + self.max_batch
 
+    def capture(self, pool=None):
+        pool = super().capture(pool)
+        # The vocab projection runs eagerly after each replay, on the rows that sample: run it now at every power of
+        # two of rows, so that a product whose kernel depends on them (BATCH_INVARIANT's Triton tiles, compiled on
+        # first use) is ready before the first busy step
+        hidden = torch.zeros(self.max_batch, self.model.config.n_embd, device=self.device_buffer.device,
+                             dtype=self.model.lm_head.weight.dtype)
+        for rows in {min(2 ** i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}:
+            self._logits_and_argmax(hidden[:rows])
+        return pool
+
     def _forward(self, n: int) -> tuple[torch.Tensor]:
         d = self.d
         meta = AttentionMetadata(slot_mapping=d["slots"][:n], block_tables=d["block_tables"],

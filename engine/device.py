@@ -49,8 +49,8 @@ def resolve_attention(name: str, device: torch.device, batch_invariant: bool = F
     Triton's interpreter. A GPU refuses the setting until tests/test_batch_invariant_gpu.py has passed on one."""
     if batch_invariant:
         if device.type == "cuda":
-            raise ValueError("BATCH_INVARIANT runs on the CPU only for now (DEVICE=cpu): its GPU path is built but "
-                             "the same tokens in any batch are not yet checked on a GPU")
+            raise ValueError("BATCH_INVARIANT runs on the CPU only for now (DEVICE=cpu): its GPU path is built, "
+                             "and the same tokens in any batch are not yet confirmed on a GPU")
         if name == "triton":
             return "triton-invariant"
         if name not in ("auto", "invariant"):

@@ -101,5 +101,5 @@ def test_the_setting_takes_its_own_attention_and_refuses_a_gpu_for_now():
     assert resolve_attention("triton", cpu, batch_invariant=True) == "triton-invariant"  # the GPU's, interpreted
     with pytest.raises(ValueError, match="its own attention"):
         resolve_attention("reference", cpu, batch_invariant=True)
-    with pytest.raises(ValueError, match="not yet checked on a GPU"):
+    with pytest.raises(ValueError, match="not yet confirmed on a GPU"):
         resolve_attention("auto", torch.device("cuda"), batch_invariant=True)
