@@ -77,6 +77,9 @@ class ModelRunner:
             self.model.use_product(triton_linear.invariant_linear)
         elif attention == "triton":  # the GPU path (interpreted on a CPU, for tests): fewer launches per step
             self.model.fuse_kernels()
+            if device.type == "cuda":  # a step of a few rows: Triton's products (engine/triton_linear.py)
+                from engine import triton_linear
+                self.model.use_product(triton_linear.product, triton_linear.gelu_product)
         elif device.type == "cpu":  # the CPU path: a decode step's short products spread over every core
             self.model.use_product(tiled.linear)
         # the vocab projection's rows padded to the CPU path's tiles, or for cuBLAS's aligned kernels on a GPU

@@ -1,6 +1,6 @@
 """The GPU path's own products in Triton, x @ Wᵀ + b (optionally then GPT-2's tanh GELU), in two tilings of one
-kernel: BATCH_INVARIANT's, whose every row is the same arithmetic whatever the number of rows, and a candidate for
-a decode's few rows, which reads the weights with many programs at once.
+kernel: BATCH_INVARIANT's, whose every row is the same arithmetic whatever the number of rows, and the default
+path's for a step of a few rows, which reads the weights with many programs at once.
 
 The kernel: a program takes BLOCK_M rows and BLOCK_N outputs over a 1/SPLIT_K share of K, reducing in BLOCK_K
 steps with tl.dot into an fp32 accumulator. With SPLIT_K > 1 each program writes its partial sum, and whichever
@@ -13,11 +13,11 @@ sums the partials in split order; the bias and the GELU follow the sum. One laun
   so a row's numbers depend on that row and the weights only; the tile around it (which rows and columns share a
   program) grows with the rows, from 16 x 64 up to 64 rows to 128 x 128 past 512: on an H100 every tile gave a
   row the same bits, mma.sync and wgmma alike (tests/test_batch_invariant_gpu.py checks rows across the limits).
-- `product` / `gelu_product` (a candidate, not used by the engine): a decode step multiplies at most a few hundred
-  rows by each weight matrix, a read of 2-8 MB of weights with little arithmetic. Every row goes in one tile, and
-  the outputs and K are split so that ~2 programs per SM stream the weights. Timed on an H100 (bench.skinny_probe)
-  it beat cuBLAS only at a few rows on the products with 1,024 outputs: a 4% shorter decode step at batch 1, a
-  longer one from 32 rows up.
+- `product` / `gelu_product` (the GPU path's products, GPT.use_product): a decode step of a few rows multiplies
+  them by each weight matrix, a read of 2-8 MB of weights with little arithmetic, where cuBLAS's kernels take 4-6
+  us each and a second kernel to sum a split K. Here every row goes in one tile, and the outputs and K are split
+  so that ~2 programs per SM stream the weights, summed in the same launch. Up to MAX_ROWS rows; cuBLAS past it
+  and for the vocab projection.
 On a CPU the kernel runs under TRITON_INTERPRET=1 (tests).
 """
 import functools
@@ -34,7 +34,9 @@ from model import cublaslt_gelu_product
 # down projection, whose 1,024 outputs leave most SMs idle at a few rows): by K alone, the same for any M.
 INVARIANT_TILES = ((64, (16, 64, 4)), (512, (64, 64, 4)), (None, (128, 128, 8)))
 INVARIANT_SPLIT_FROM_K = 4096
-MAX_ROWS = 256  # the few-rows tiling's limit: past it, cuBLAS's tiles are the better product
+# the few-rows tiling's limit: on an H100 it made a decode step 4% shorter at batch 1 and 8, and longer from 32 rows
+# up, where cuBLAS's tiles are the better product (bench/results/h100/cascade-invariant)
+MAX_ROWS = 16
 MAX_TILES = 1024  # output tiles with a ticket counter (the vocab projection's 50,304 columns go to cuBLAS)
 
 
@@ -92,11 +94,11 @@ def _tickets(device: torch.device) -> torch.Tensor:
 
 
 def few_rows_config(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps) for a product of M <= MAX_ROWS rows: every row in one tile, and
-    enough programs to keep ~2 per SM reading weights, each reading a few tiles in a row."""
-    block_n = 32 if M <= 64 else 64
-    split_k = max(1, min(8, 256 // triton.cdiv(N, block_n), K // 256))
-    return max(16, triton.next_power_of_2(M)), block_n, 128 if M <= 64 else 64, split_k, 4 if M <= 64 else 8
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, warps) for a product of M <= MAX_ROWS rows: every row in one tile (16
+    rows, tl.dot's least), 32 outputs a program, and K split so that ~2 programs per SM read weights, each a few
+    128-wide steps."""
+    assert M <= MAX_ROWS
+    return 16, 32, 128, max(1, min(8, 256 // triton.cdiv(N, 32), K // 256)), 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiling: tuple[int, int, int, int, int],
@@ -141,7 +143,7 @@ def few_rows_tiling(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, in
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The candidate product (GPT.use_product): the few-rows tiling where it fits, cuBLAS for the rest. A captured
+    """The GPU path's product (GPT.use_product): the few-rows tiling where it fits, cuBLAS for the rest. A captured
     graph's row count is fixed, so the choice is made once per graph."""
     tiling = few_rows_tiling(x, weight)
     return linear(x, weight, bias, tiling) if tiling else F.linear(x, weight, bias)

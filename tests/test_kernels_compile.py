@@ -43,7 +43,7 @@ def kernels() -> list[tuple[str, object, dict, dict, dict]]:
             *((f"invariant up to {most} rows, K {k}", triton_linear.invariant_tiling(most or 2048, k), False)
               for most, _ in triton_linear.INVARIANT_TILES for k in (1024, 4096)),
             ("1 row", triton_linear.few_rows_config(1, 4096, 1024), True),
-            ("256 rows", triton_linear.few_rows_config(256, 1024, 4096), False)):
+            ("16 rows", triton_linear.few_rows_config(16, 1024, 4096), False)):
         out.append((f"product, {name} tiling", triton_linear._linear_kernel,
                     {"part_ptr": "*fp32", "tickets_ptr": "*i32"},
                     dict(HAS_BIAS=True, GELU=gelu, SPLIT_K=split, K_SHARE=1024, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
