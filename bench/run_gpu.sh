@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU tests and the benchmark suite on one GPU, in one go (about 12 minutes): gpt2-medium, bf16, random weights.
 #   OUT=/some/dir bench/run_gpu.sh          (default OUT: bench/results/gpu; BUDGET_S: total seconds, 600;
-#                                            STEPS: which steps, default pytest and all nine sub-commands)
+#                                            STEPS: which steps, default pytest and all ten sub-commands)
 # decode and throughput run in-process (torch + transformers; our engine's requests also need tiktoken), then
-# interference, timeline-overhead and prefill, then longtail (in-process and over HTTP), http, poisson and scale if
+# interference, timeline-overhead, prefill and prefix, then longtail (in-process and over HTTP), http, poisson and scale if
 # flask, gunicorn and tiktoken import. Each sub-command runs in its own process with a share of the time left: one
 # that fails or runs out of time keeps the rows it already wrote (the JSON is rewritten after every row) and the
 # next still runs. results.md and the plots are redrawn from the JSON at the end (`python -m bench report --out DIR`
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu}"
 PY="${PYTHON:-python3}"
 end=$((SECONDS + ${BUDGET_S:-600}))
-STEPS="${STEPS:-pytest decode throughput interference timeline-overhead prefill longtail http poisson scale}"
+STEPS="${STEPS:-pytest decode throughput interference timeline-overhead prefill prefix longtail http poisson scale}"
 mkdir -p "$OUT"
 export TQDM_MININTERVAL=10  # progress lines every 10 s, not a log full of them
 COMMON=(--model gpt2-medium --dtype bfloat16 --device cuda --full --out "$OUT")
@@ -51,6 +51,7 @@ step throughput 330 --repeats 3 --peers hf_cb
 step interference 60
 step timeline-overhead 60
 step prefill 60
+step prefix 120 --peers ""  # the prefix cache on and off: shared, chat, burst, offline (no HF peer row)
 if "$PY" -c "import flask, gunicorn, tiktoken" 2>/dev/null; then
   step longtail 150
   step http 250 --policies dynamic,static,nobatch --repeats 3  # dynamic first: the one the targets are about
