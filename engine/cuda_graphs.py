@@ -172,7 +172,7 @@ class DecodeGraphs(StepGraphs):
         h["context_lens"][:B], h["block_tables"][:B] = step.context_lens, step.block_tables
         if self.shared_splits:  # (the plain graphs ignore a shared prefix)
             h["shared_table"][:len(shared.table)] = shared.table
-            h["shared_len"][0], h["shared_lens"][:B] = shared.lens.max(), shared.lens
+            h["shared_len"][0], h["shared_lens"][:B] = shared.tokens, shared.lens
         self._pad(h, B, b)
         return self._replay(b, B)
 

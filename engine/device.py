@@ -45,8 +45,9 @@ def resolve_max_batch(max_batch: int | None, device: torch.device) -> int:
 def resolve_attention(name: str, device: torch.device, batch_invariant: bool = False) -> str:
     """The attention path. BATCH_INVARIANT takes a batch-invariant one: on a CPU "invariant" (plain PyTorch over
     fixed tiles, engine/attention/invariant.py), or with ATTENTION=triton "triton-invariant", the GPU's (the
-    Triton prefill kernel for every row and Triton products of one tiling, engine/triton_linear.py), run by
-    Triton's interpreter. A GPU refuses the setting until tests/test_batch_invariant_gpu.py has passed on one."""
+    Triton prefill kernel for every row and Triton products whose reduction does not depend on the row count,
+    engine/triton_linear.py), run by Triton's interpreter. A GPU refuses the setting until
+    tests/test_batch_invariant_gpu.py has passed on one."""
     if batch_invariant:
         if device.type == "cuda":
             raise ValueError("BATCH_INVARIANT runs on the CPU only for now (DEVICE=cpu): its GPU path is built, "

@@ -26,6 +26,10 @@ class PrefixShare(NamedTuple):
     table: np.ndarray  # (blocks,) the prefix's blocks
     lens: np.ndarray  # (D,) per decode: the prefix's tokens if it takes part, else 0
 
+    @property
+    def tokens(self) -> int:
+        return int(self.lens.max())
+
 
 class SharedPrefix(NamedTuple):
     """The cached blocks that many decodes of a step begin with, attended to once for all of them
@@ -143,8 +147,7 @@ def build_metadata(step: StepInputs, device: torch.device, all_prefill: bool = F
         block_m=block_m,
     )
     if shared and D:
-        tokens = int(shared.lens.max())
         meta.shared = SharedPrefix(table=as_tensor(shared.table, torch.int32),
-                                   length=as_tensor(np.array([tokens]), torch.int32),
-                                   lens=as_tensor(shared.lens, torch.int32), splits=shared_splits(tokens))
+                                   length=as_tensor(np.array([shared.tokens]), torch.int32),
+                                   lens=as_tensor(shared.lens, torch.int32), splits=shared_splits(shared.tokens))
     return meta
