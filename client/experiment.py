@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch", type=int,
                         help="the server's MAX_BATCH (default: the server's, 512 on a GPU and 128 on a CPU)")
     parser.add_argument("--batch-invariant", action="store_true",
-                        help="serve with BATCH_INVARIANT (CPU only for now): every request's text must then be the "
+                        help="serve with BATCH_INVARIANT: every request's text must then be the "
                              "same under every policy; slower, so the timings are not the default mode's")
     parser.add_argument("--startup-timeout", type=float, default=300, help="seconds to wait for /health")
     parser.add_argument("--out", type=Path, default=REPO_DIR / "results")

@@ -196,11 +196,13 @@ class MixedGraphs(StepGraphs):
     def capture(self, pool=None):
         pool = super().capture(pool)
         # The vocab projection runs eagerly after each replay, on the rows that sample: run it now at every power of
-        # two of rows, so that a product whose kernel depends on them (BATCH_INVARIANT's Triton tiles, compiled on
-        # first use) is ready before the first busy step
+        # two of rows and one less, so that a product whose kernel depends on them (BATCH_INVARIANT's Triton tiles,
+        # compiled on first use for each tile and for a row count that is a multiple of 16 or not) is ready before
+        # the first busy step
         hidden = torch.zeros(self.max_batch, self.model.config.n_embd, device=self.device_buffer.device,
                              dtype=self.model.lm_head.weight.dtype)
-        for rows in {min(2 ** i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}:
+        for rows in {min(2 ** i - less, self.max_batch) for i in range(1, self.max_batch.bit_length() + 1)
+                     for less in (0, 1)}:
             self._logits_and_argmax(hidden[:rows])
         return pool
 

@@ -43,21 +43,15 @@ def resolve_max_batch(max_batch: int | None, device: torch.device) -> int:
 
 
 def resolve_attention(name: str, device: torch.device, batch_invariant: bool = False) -> str:
-    """The attention path. BATCH_INVARIANT takes a batch-invariant one: on a CPU "invariant" (plain PyTorch over
-    fixed tiles, engine/attention/invariant.py), or with ATTENTION=triton "triton-invariant", the GPU's (the
-    Triton prefill kernel for every row and Triton products whose reduction does not depend on the row count,
-    engine/triton_linear.py), run by Triton's interpreter. A GPU refuses the setting until
-    tests/test_batch_invariant_gpu.py has passed on one."""
+    """The attention path. BATCH_INVARIANT takes a batch-invariant one: on a GPU, or with ATTENTION=triton,
+    "triton-invariant" (the Triton prefill kernel for every row and Triton products whose reduction does not depend
+    on the row count, engine/triton_linear.py; on a CPU run by Triton's interpreter), else on a CPU "invariant"
+    (plain PyTorch over fixed tiles, engine/attention/invariant.py)."""
     if batch_invariant:
-        if device.type == "cuda":
-            raise ValueError("BATCH_INVARIANT runs on the CPU only for now (DEVICE=cpu): its GPU path is built, "
-                             "and the same tokens in any batch are not yet confirmed on a GPU")
-        if name == "triton":
-            return "triton-invariant"
-        if name not in ("auto", "invariant"):
+        if name not in ("auto", "invariant", "triton") or (device.type == "cuda" and name == "invariant"):
             raise ValueError(f"BATCH_INVARIANT takes its own attention: leave ATTENTION unset (or triton); "
                              f"got {name!r}")
-        return "invariant"
+        return "triton-invariant" if device.type == "cuda" or name == "triton" else "invariant"
     if name == "auto":
         return "triton" if device.type == "cuda" else "reference"
     if name not in ("reference", "triton"):

@@ -109,15 +109,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, til
     N = weight.shape[0]
     block_m, block_n, block_k, split_k, warps = tiling
     x, weight = x.contiguous(), weight.contiguous()
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split_k)
-    assert split_k == 1 or grid[0] * grid[1] <= MAX_TILES
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    part = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
-    _linear_kernel[grid](
-        x, weight, bias if bias is not None else x, out, part, _tickets(x.device), M, N, K, x.stride(0),
-        weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split_k,
-        K_SHARE=triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=3)
+    # a split K takes a ticket counter per output tile: a product of more tiles goes in launches of rows that fit
+    # (the same tiles: a row's numbers do not change)
+    assert split_k == 1 or triton.cdiv(N, block_n) <= MAX_TILES
+    rows = max(1, M if split_k == 1 else min(M, MAX_TILES // triton.cdiv(N, block_n) * block_m))
+    part = torch.empty(split_k, rows, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    for start in range(0, M, rows):
+        m = min(rows, M - start)
+        _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(N, block_n), split_k)](
+            x[start:], weight, bias if bias is not None else x, out[start:], part, _tickets(x.device), m, N, K,
+            x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split_k,
+            K_SHARE=triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=3)
     return out
 
 

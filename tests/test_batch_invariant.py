@@ -93,7 +93,7 @@ def test_a_linear_row_does_not_depend_on_the_other_rows():
                for m in (2, 5, 16, 17, 40))
 
 
-def test_the_setting_takes_its_own_attention_and_refuses_a_gpu_for_now():
+def test_the_setting_takes_its_own_attention():
     import torch
     from engine.device import resolve_attention
     cpu = torch.device("cpu")
@@ -101,5 +101,8 @@ def test_the_setting_takes_its_own_attention_and_refuses_a_gpu_for_now():
     assert resolve_attention("triton", cpu, batch_invariant=True) == "triton-invariant"  # the GPU's, interpreted
     with pytest.raises(ValueError, match="its own attention"):
         resolve_attention("reference", cpu, batch_invariant=True)
-    with pytest.raises(ValueError, match="not yet confirmed on a GPU"):
-        resolve_attention("auto", torch.device("cuda"), batch_invariant=True)
+    cuda = torch.device("cuda")
+    assert resolve_attention("auto", cuda, batch_invariant=True) == "triton-invariant"
+    assert resolve_attention("triton", cuda, batch_invariant=True) == "triton-invariant"
+    with pytest.raises(ValueError, match="its own attention"):
+        resolve_attention("invariant", cuda, batch_invariant=True)

@@ -161,6 +161,26 @@ def test_the_triton_product_is_f_linear_then_the_tanh_gelu(rows, tiling, gelu):
             torch.testing.assert_close(triton_linear.linear(x, weight, b, tiling, gelu), want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_split_product_of_more_tiles_than_ticket_counters_goes_in_launches_of_rows(monkeypatch):
+    """A split K takes a ticket counter per output tile: with 4 counters, 40 rows x 100 outputs in 16 x 32 tiles
+    (16 tiles) go in three launches of up to 16 rows, each row the same numbers as in one launch."""
+    from engine import triton_linear
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(40, 256, generator=g).to(DEVICE), torch.randn(100, 256, generator=g).to(DEVICE),
+                       torch.randn(100, generator=g).to(DEVICE))
+    tiling = (16, 32, 64, 2, 4)
+    whole = triton_linear.linear(x, weight, bias, tiling)
+    launches = []
+    kernel = triton_linear._linear_kernel
+    monkeypatch.setattr(triton_linear, "MAX_TILES", 4)
+    monkeypatch.setattr(triton_linear, "_linear_kernel", type("Counting", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    in_launches = triton_linear.linear(x, weight, bias, tiling)
+    assert launches == [(1, 4, 2)] * 3
+    assert torch.equal(in_launches, whole)
+    torch.testing.assert_close(whole, F.linear(x, weight, bias), rtol=1e-4, atol=1e-4)
+
+
 def test_the_model_on_the_few_rows_products_gives_the_reference_paths_logits(tiny_model_dir):
     """Every product of a few rows through engine/triton_linear.py's few-rows tiling (c_fc's with its GELU); the
     vocab projection's 50,257 columns stay cuBLAS's."""

@@ -15,7 +15,7 @@ The price: padding (a decode runs a 16-row tile of copies of itself) and many sm
 CPU, one thread, 38-44% of the default mode's tokens/s with batching, 30-31% for nobatch
 (bench/results/cpu/batch-invariant).
 The CPU's path: the GPU's ("triton-invariant") takes engine/triton_linear.py's products and the prefill kernel
-for every row (run on an H100 once: two faults found and mended, not yet confirmed there).
+for every row (tests/test_batch_invariant_gpu.py, passed on an H100).
 tests/test_batch_invariant.py checks the property itself.
 """
 import math
