@@ -150,17 +150,17 @@ class GPT(nn.Module):
             elif isinstance(module, MLP) and gelu_product:
                 module.gelu_product = gelu_product
 
-    def fuse_kernels(self, gelu_in_product: bool = True) -> None:
+    def fuse_kernels(self) -> None:
         """Fewer launches for the GPU path (attention "triton"; a decode step at batch 1 is launch-bound): every
         residual add inside the layer norm after it (engine/triton_norm.py, a program per row), and on CUDA c_fc's
-        bias and GELU inside cuBLASLt's product, unless `gelu_in_product` is off (BATCH_INVARIANT takes its own
-        product). Call it once the model is on its device: a CPU's _addmm_activation takes the erf GELU, not
-        GPT-2's tanh one (cuBLASLt's epilogue), so there the GELU stays apart."""
+        bias and GELU inside cuBLASLt's product (a later use_product may take its own). Call it once the model is
+        on its device: a CPU's _addmm_activation takes the erf GELU, not GPT-2's tanh one (cuBLASLt's epilogue), so
+        there the GELU stays apart."""
         on_cuda = self.lm_head.weight.is_cuda
         for module in self.modules():
             if isinstance(module, LayerNorm):
                 module.fused_add = True
-            elif isinstance(module, MLP) and on_cuda and gelu_in_product:
+            elif isinstance(module, MLP) and on_cuda:
                 module.gelu_product = cublaslt_gelu_product
 
     def pad_vocab(self, multiple: int = 64) -> None:

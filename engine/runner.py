@@ -72,9 +72,9 @@ class ModelRunner:
         if attention == "invariant":
             self.model.use_product(invariant.linear)
         elif attention == "triton-invariant":  # per-row kernels keep their fusion; the products are Triton's own
-            self.model.fuse_kernels(gelu_in_product=False)
+            self.model.fuse_kernels()
             from engine import triton_linear  # triton only on this path
-            self.model.use_product(triton_linear.invariant_linear)
+            self.model.use_product(triton_linear.invariant_linear, triton_linear.invariant_gelu_product)
         elif attention == "triton":  # the GPU path (interpreted on a CPU, for tests): fewer launches per step
             self.model.fuse_kernels()
             if device.type == "cuda":  # a step of a few rows: Triton's products (engine/triton_linear.py)

@@ -7,7 +7,7 @@ steps with tl.dot into an fp32 accumulator. With SPLIT_K > 1 each program writes
 program of an output tile takes the last ticket (a counter per tile, reset by that program for the next launch)
 sums the partials in split order; the bias and the GELU follow the sum. One launch per product, CUDA graph safe.
 
-- `invariant_linear` (BATCH_INVARIANT): cuBLAS picks its kernel by the product's shape (its tiles, whether to split
+- `invariant_linear` / `invariant_gelu_product` (BATCH_INVARIANT): cuBLAS picks its kernel by the product's shape (its tiles, whether to split
   the reduction over K), so a row of a step's product changes in its last bits with how many rows the step has.
   Here K is reduced the same way for every row count (64-wide steps from 0, in order, split or not by K alone),
   so a row's numbers depend on that row and the weights only; the tile around it (which rows and columns share a
@@ -134,6 +134,11 @@ def invariant_tiling(M: int, K: int) -> tuple[int, int, int, int, int]:
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """BATCH_INVARIANT's product (GPT.use_product): F.linear, each row's result independent of M."""
     return linear(x, weight, bias, invariant_tiling(*x.shape))
+
+
+def invariant_gelu_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """BATCH_INVARIANT's c_fc product and GELU (MLP.gelu_product), in one launch."""
+    return linear(x, weight, bias, invariant_tiling(*x.shape), gelu=True)
 
 
 def few_rows_tiling(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int, int] | None:

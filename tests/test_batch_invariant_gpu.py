@@ -23,7 +23,8 @@ from test_oracle import hf_greedy  # noqa: E402
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_the_invariant_product_is_f_linear_with_and_without_a_bias():
+def test_the_invariant_product_is_f_linear_with_and_without_a_bias_and_with_the_gelu():
+    from engine.triton_linear import invariant_gelu_product
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     x, weight, bias = torch.randn(37, 80, generator=g), torch.randn(100, 80, generator=g), torch.randn(100, generator=g)
@@ -31,6 +32,8 @@ def test_the_invariant_product_is_f_linear_with_and_without_a_bias():
     for b in (bias, None):
         torch.testing.assert_close(invariant_linear(x, weight, b), torch.nn.functional.linear(x, weight, b), rtol=1e-4,
                                    atol=1e-4)
+    gelu = torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate="tanh")
+    torch.testing.assert_close(invariant_gelu_product(x, weight, bias), gelu, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreted kernels: the CPU's check")
@@ -133,16 +136,19 @@ def test_on_the_gpu_the_same_tokens_chunked_and_preempted(medium_shaped_dir, alo
 
 
 @needs_cuda
-@pytest.mark.parametrize("k, n", [(1024, 3072), (4096, 1024)])
-def test_on_the_gpu_a_row_of_the_invariant_product_has_the_same_bits_for_any_number_of_rows(k, n):
+@pytest.mark.parametrize("k, n, gelu", [(1024, 3072, False), (4096, 1024, False), (1024, 4096, True),
+                                        (1024, 50304, False)])
+def test_on_the_gpu_a_row_of_the_invariant_product_has_the_same_bits_for_any_number_of_rows(k, n, gelu):
     """Across the tilings' row limits (64, 512) and past them: each row is bitwise the row computed alone."""
+    from engine.triton_linear import invariant_gelu_product
+    product = invariant_gelu_product if gelu else invariant_linear
     g = torch.Generator().manual_seed(0)
     x, weight, bias = (t.to("cuda", torch.bfloat16) for t in (torch.randn(2048, k, generator=g),
                                                                 torch.randn(n, k, generator=g) / k ** 0.5,
                                                                 torch.randn(n, generator=g)))
-    alone = torch.cat([invariant_linear(x[i:i + 1], weight, bias) for i in range(130)])
-    for rows in (2, 17, 64, 65, 300, 512, 513, 2048):
-        assert torch.equal(invariant_linear(x[:rows], weight, bias)[:130], alone[:rows]), rows
+    alone = torch.cat([product(x[i:i + 1], weight, bias) for i in range(130)])
+    for rows in (2, 16, 17, 64, 65, 300, 512, 513, 2048):
+        assert torch.equal(product(x[:rows], weight, bias)[:130], alone[:rows]), rows
 
 
 @needs_cuda
