@@ -23,7 +23,7 @@ class Settings:
     kv_blocks: int | None = None  # exact pool size, overrides the two above
     block_size: int = 16
     prefix_caching: bool = True  # share the KV blocks of prompts' common prefixes (engine/kv_cache.py)
-    batch_invariant: bool = False  # the same tokens in any batch (engine/attention/invariant.py, engine/triton_linear.py)
+    batch_invariant: bool = False  # the same tokens in any batch (attention/invariant.py, triton_linear.py)
     routing_slack_tokens: int = 2048  # several engines: how much busier the one caching a prompt may be (router.py)
     gpu_memory_utilization: float = 0.9
     key: str | None = None

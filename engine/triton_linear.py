@@ -7,12 +7,13 @@ steps with tl.dot into an fp32 accumulator. With SPLIT_K > 1 each program writes
 program of an output tile takes the last ticket (a counter per tile, reset by that program for the next launch)
 sums the partials in split order; the bias and the GELU follow the sum. One launch per product, CUDA graph safe.
 
-- `invariant_linear` / `invariant_gelu_product` (BATCH_INVARIANT): cuBLAS picks its kernel by the product's shape (its tiles, whether to split
-  the reduction over K), so a row of a step's product changes in its last bits with how many rows the step has.
-  Here K is reduced the same way for every row count (64-wide steps from 0, in order, split or not by K alone),
-  so a row's numbers depend on that row and the weights only; the tile around it (which rows and columns share a
-  program) grows with the rows, from 16 x 64 up to 64 rows to 128 x 128 past 512: on an H100 every tile gave a
-  row the same bits, mma.sync and wgmma alike (tests/test_batch_invariant_gpu.py checks rows across the limits).
+- `invariant_linear` / `invariant_gelu_product` (BATCH_INVARIANT): cuBLAS picks its kernel by the product's shape
+  (its tiles, whether to split the reduction over K), so a row of a step's product changes in its last bits with
+  how many rows the step has. Here K is reduced the same way for every row count (64-wide steps from 0, in order,
+  split or not by K alone), so a row's numbers depend on that row and the weights only; the tile around it (which
+  rows and columns share a program) grows with the rows, from 16 x 64 up to 64 rows to 128 x 128 past 512: on an
+  H100 every tile gave a row the same bits, mma.sync and wgmma alike (tests/test_batch_invariant_gpu.py checks
+  rows across the limits).
 - `product` / `gelu_product` (the GPU path's products, GPT.use_product): a decode step of a few rows multiplies
   them by each weight matrix, a read of 2-8 MB of weights with little arithmetic, where cuBLAS's kernels take 4-6
   us each and a second kernel to sum a split K. Here every row goes in one tile, and the outputs and K are split
