@@ -172,9 +172,14 @@ def test_a_split_product_of_more_tiles_than_ticket_counters_goes_in_launches_of_
     whole = triton_linear.linear(x, weight, bias, tiling)
     launches = []
     kernel = triton_linear._linear_kernel
+
+    class CountingKernel:  # the kernel, noting each launch's grid
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
     monkeypatch.setattr(triton_linear, "MAX_TILES", 4)
-    monkeypatch.setattr(triton_linear, "_linear_kernel", type("Counting", (), {
-        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    monkeypatch.setattr(triton_linear, "_linear_kernel", CountingKernel())
     in_launches = triton_linear.linear(x, weight, bias, tiling)
     assert launches == [(1, 4, 2)] * 3
     assert torch.equal(in_launches, whole)
