@@ -8,6 +8,8 @@ GPU only; a tuning aid for INVARIANT_TILES and INVARIANT_SPLIT_FROM_K."""
 import argparse
 import itertools
 
+import triton
+
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +39,7 @@ def main() -> None:
             first = None
             for block_m, block_n, warps in TILES:
                 tiling = (block_m, block_n, 64, split, warps)
-                if split > 1 and -(-N // block_n) > triton_linear.MAX_TILES:
+                if split > 1 and triton.cdiv(N, block_n) > triton_linear.MAX_TILES:
                     continue
                 run = lambda: triton_linear.linear(x, w, b, tiling, gelu)
                 try:
