@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from engine.pdl import enabled as pdl_enabled, prefetch_l2, wait_for_inputs
 from model import cublaslt_gelu_product
 
 # BATCH_INVARIANT's tiles (BLOCK_M, BLOCK_N, warps) by the most rows each takes (the best of those timed on an
@@ -51,11 +52,16 @@ def _gelu_tanh(x):
 @triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, tickets_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, SPLIT_K: tl.constexpr, K_SHARE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                   PDL: tl.constexpr, PREFETCH_LINES: tl.constexpr, LINE: tl.constexpr):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    if PREFETCH_LINES > 0:  # this program's share of the weights (LINE elements a line), while the kernel before runs
+        lines = tl.minimum(pid_k * K_SHARE + tl.arange(0, PREFETCH_LINES) * LINE, K - 1)
+        prefetch_l2(w_ptr + tl.minimum(offs_n, N - 1)[:, None] * stride_wn + lines[None, :])
+    wait_for_inputs(PDL)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(pid_k * K_SHARE, (pid_k + 1) * K_SHARE, BLOCK_K):  # K_SHARE: whole tiles, masked past K
@@ -116,13 +122,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, til
     assert split_k == 1 or triton.cdiv(N, block_n) <= MAX_TILES
     rows = max(1, M if split_k == 1 else min(M, MAX_TILES // triton.cdiv(N, block_n) * block_m))
     part = torch.empty(split_k, rows, N, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    k_share = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    pdl = pdl_enabled(x.device)
+    line = 128 // weight.element_size()
+    # the weights are prefetched where one tile of rows reads them (a decode's few rows); more tiles read them anyway
+    prefetch_lines = triton.next_power_of_2(triton.cdiv(k_share, line)) if pdl and M <= block_m else 0
     for start in range(0, M, rows):
         m = min(rows, M - start)
         _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(N, block_n), split_k)](
             x[start:], weight, bias if bias is not None else x, out[start:], part, _tickets(x.device), m, N, K,
             x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GELU=gelu, SPLIT_K=split_k,
-            K_SHARE=triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=3)
+            K_SHARE=k_share, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, PREFETCH_LINES=prefetch_lines,
+            LINE=line, num_warps=warps, num_stages=3, launch_pdl=pdl)
     return out
 
 

@@ -9,10 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import enabled as pdl_enabled, wait_for_inputs
+
 
 @triton.jit
 def _add_layer_norm_kernel(x_ptr, y_ptr, weight_ptr, bias_ptr, sum_ptr, norm_ptr, eps,
-                           C: tl.constexpr, BLOCK: tl.constexpr):
+                           C: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     row = tl.program_id(0) * C
     offs = tl.arange(0, BLOCK)
     mask = offs < C
@@ -37,6 +40,7 @@ def add_layer_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias:
     total, norm = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(C)
     # a row is a few KB: one warp per 256 columns keeps each thread on a handful of them (Triton's tutorial's rule)
-    _add_layer_norm_kernel[(N,)](x, y, weight, bias, total, norm, eps, C=C, BLOCK=block,
-                                 num_warps=min(max(block // 256, 1), 8))
+    pdl = pdl_enabled(x.device)
+    _add_layer_norm_kernel[(N,)](x, y, weight, bias, total, norm, eps, C=C, BLOCK=block, PDL=pdl,
+                                 num_warps=min(max(block // 256, 1), 8), launch_pdl=pdl)
     return total, norm

@@ -143,9 +143,9 @@ def decode_plan(runner: ModelRunner, n: int, ctx: int, seed: int = 0):
 
 
 @torch.inference_mode()
-def test_graph_replay_gives_the_eager_logits_of_the_same_step(tiny_model_dir):
-    runner = gpu_runner(tiny_model_dir)
-    seqs = decode_plan(runner, 5, 40)
+def replayed_and_eager_logits(runner: ModelRunner, n: int = 5, ctx: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of one decode step of `n` sequences, replayed on the decode graph and run eagerly."""
+    seqs = decode_plan(runner, n, ctx)
     for s in seqs:  # fill the cache with real K/V through an eager prefill
         s.num_computed = 0
     runner.run([(s, len(s.token_ids) - 1) for s in seqs])
@@ -153,14 +153,31 @@ def test_graph_replay_gives_the_eager_logits_of_the_same_step(tiny_model_dir):
         s.num_computed = len(s.token_ids) - 1
     from engine.attention.metadata import pack_step
     bm = runner.block_manager
-    q = np.ones(5, dtype=np.int64)
-    ctx = np.array([len(s.token_ids) for s in seqs])
+    ctx_lens = np.array([len(s.token_ids) for s in seqs])
     ids = np.array([s.token_ids[-1] for s in seqs])
-    step = pack_step(q, ctx, bm.table_array([s.id for s in seqs], runner.table_width), bm.block_size)
-    host = np.full(5, -1)
-    replayed = runner.graphs.run(ids, host, step)[0].clone()
-    eager = runner._forward(ids, step, np.arange(5))
+    step = pack_step(np.ones(n, dtype=np.int64), ctx_lens, bm.table_array([s.id for s in seqs], runner.table_width),
+                     bm.block_size)
+    replayed = runner.graphs.run(ids, np.full(n, -1), step)[0].clone()
+    return replayed, runner._forward(ids, step, np.arange(n))
+
+
+def test_graph_replay_gives_the_eager_logits_of_the_same_step(tiny_model_dir):
+    replayed, eager = replayed_and_eager_logits(gpu_runner(tiny_model_dir))
     torch.testing.assert_close(replayed, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs compute capability 9.0")
+def test_kernels_launched_with_pdl_give_bitwise_the_logits_of_plain_launches(tiny_model_dir, monkeypatch):
+    """engine/pdl.py changes when a kernel's programs start, never what they compute: in bf16 (the products'
+    few-rows tiling, with the weights prefetched) on the decode graph and eagerly."""
+    from engine import pdl
+    with_pdl = replayed_and_eager_logits(gpu_runner(tiny_model_dir, torch.bfloat16))
+    monkeypatch.setenv("PDL", "false")
+    assert not pdl.enabled(torch.device("cuda"))
+    without = replayed_and_eager_logits(gpu_runner(tiny_model_dir, torch.bfloat16))
+    for got, want in zip(with_pdl, without):
+        assert torch.equal(got, want)
 
 
 @torch.inference_mode()

@@ -47,8 +47,11 @@ def kernels() -> list[tuple[str, object, dict, dict, dict]]:
         out.append((f"product, {name} tiling", triton_linear._linear_kernel,
                     {"part_ptr": "*fp32", "tickets_ptr": "*i32"},
                     dict(HAS_BIAS=True, GELU=gelu, SPLIT_K=split, K_SHARE=1024, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
-                         PRECISION="tf32"), dict(num_warps=warps, num_stages=3)))
-    return out
+                         PRECISION="tf32", PREFETCH_LINES=16 if m == 16 else 0, LINE=64),
+                    dict(num_warps=warps, num_stages=3)))
+    # as an H100 launches them: with programmatic dependent launch (engine/pdl.py)
+    return [(name, kernel, pointers, constexprs | dict(PDL=True), options | dict(launch_pdl=True))
+            for name, kernel, pointers, constexprs, options in out]
 
 
 def compile_all() -> None:

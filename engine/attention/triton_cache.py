@@ -7,10 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import enabled as pdl_enabled, wait_for_inputs
+
 
 @triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, stride_k, stride_v,
-                     WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+                     WIDTH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     t = tl.program_id(0)
     slot = tl.load(slots_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -26,4 +29,5 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     assert k.stride(1) == v.stride(1) == hs and k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous()
     width = nh * hs
     _write_kv_kernel[(N,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                           WIDTH=width, BLOCK=triton.next_power_of_2(width), num_warps=4)
+                           WIDTH=width, BLOCK=triton.next_power_of_2(width), PDL=pdl_enabled(k.device), num_warps=4,
+                           launch_pdl=pdl_enabled(k.device))

@@ -20,6 +20,7 @@ import triton.language as tl
 
 from engine.attention.metadata import SharedPrefix
 from engine.attention.triton_shared import shared_prefix_attention
+from engine.pdl import enabled as pdl_enabled, wait_for_inputs
 
 BLOCK_N = 128  # context tokens per tile, gathered from several cache blocks through the block table
 MIN_SPLIT_TOKENS = 128  # a shorter partition costs more to merge than its parallelism saves
@@ -33,7 +34,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
                    part_out_ptr, part_lse_ptr, qk_scale, split_tokens, parts_per_row,
                    stride_qd, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_od, stride_oh,
                    BLOCK_SIZE: tl.constexpr, HS: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr,
-                   AFTER_PREFIX: tl.constexpr):
+                   AFTER_PREFIX: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     seq, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
     start = split * split_tokens
@@ -76,7 +78,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_le
 
 @triton.jit
 def _combine_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_splits, stride_od, stride_oh,
-                    HS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+                    HS: tl.constexpr, SPLITS_POW2: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     seq, head = tl.program_id(0), tl.program_id(1)
     first = (seq * tl.num_programs(1) + head) * num_splits
     offs_s = tl.arange(0, SPLITS_POW2)
@@ -126,16 +129,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     partial = parts > 1
     part_out = torch.empty((D, nh, parts, hs), dtype=torch.float32, device=q.device) if partial else None
     part_lse = torch.empty((D, nh, parts), dtype=torch.float32, device=q.device) if partial else None
+    pdl = pdl_enabled(q.device)
     _decode_kernel[(D, nh, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, shared.lens if shared else context_lens, out, part_out,
         part_lse, scale * LOG2E, split_tokens, parts,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, HS=hs, BLOCK_N=BLOCK_N, PARTIAL=partial, AFTER_PREFIX=shared is not None,
-        num_warps=NUM_WARPS, num_stages=2)
+        BLOCK_SIZE=block_size, HS=hs, BLOCK_N=BLOCK_N, PARTIAL=partial, AFTER_PREFIX=shared is not None, PDL=pdl,
+        num_warps=NUM_WARPS, num_stages=2, launch_pdl=pdl)
     if shared:
         shared_prefix_attention(q, k_cache, v_cache, shared.table, shared.length, shared.lens, part_out, part_lse,
                                 num_splits, shared.splits, scale)
     if partial:
         _combine_kernel[(D, nh)](part_out, part_lse, out, parts, out.stride(0), out.stride(1),
-                                 HS=hs, SPLITS_POW2=triton.next_power_of_2(parts), num_warps=1)
+                                 HS=hs, SPLITS_POW2=triton.next_power_of_2(parts), PDL=pdl, num_warps=1,
+                                 launch_pdl=pdl)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import enabled as pdl_enabled, wait_for_inputs
+
 BLOCK_N = 64  # keys per tile, gathered from several cache blocks through the block table
 LOG2E = 1.4426950408889634  # softmax in base 2: exp2 is one instruction
 
@@ -50,7 +52,8 @@ def _attend(acc, l_i, m_i, q, pos_m, k_ptr, v_ptr, table, stride_kb, stride_kt, 
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_ptr, context_lens_ptr, work_ptr,
                     out_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot,
                     stride_oh, BLOCK_SIZE: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     seq = tl.load(work_ptr + 2 * tl.program_id(0))
     if seq < 0:  # padding of a captured step's work list
         return
@@ -103,4 +106,4 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out.stride(0), out.stride(1),
         BLOCK_SIZE=k_cache.shape[1], HS=hs, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; halves ignore it
-        num_warps=4, num_stages=2)
+        PDL=pdl_enabled(q.device), num_warps=4, num_stages=2, launch_pdl=pdl_enabled(q.device))

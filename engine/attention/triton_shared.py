@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.pdl import enabled as pdl_enabled, wait_for_inputs
+
 from engine.attention.metadata import SHARED_SPLIT_TOKENS
 from engine.attention.triton_prefill import _attend
 
@@ -30,7 +32,8 @@ def _shared_prefix_kernel(q_ptr, k_cache_ptr, v_cache_ptr, shared_table_ptr, sha
                           part_out_ptr, part_lse_ptr, num_rows, first_part, parts_per_row, qk_scale,
                           stride_qd, stride_qh, stride_kb, stride_kt, stride_kh,
                           BLOCK_SIZE: tl.constexpr, HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr):
+                          SPLIT_TOKENS: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+    wait_for_inputs(PDL)
     m_block, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     shared_len = tl.load(shared_len_ptr)
     start = split * SPLIT_TOKENS
@@ -78,4 +81,5 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         part_lse.shape[2], scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], HS=hs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLIT_TOKENS=SHARED_SPLIT_TOKENS,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, num_stages=2)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl_enabled(q.device), num_warps=4,
+        num_stages=2, launch_pdl=pdl_enabled(q.device))
