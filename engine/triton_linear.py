@@ -151,8 +151,10 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def invariant_gelu_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """BATCH_INVARIANT's c_fc product (MLP.gelu_product), then GPT-2's tanh GELU apart. With the GELU in the
-    product's epilogue every row of the product matched its row alone on an H100, yet the engine's seeded requests
-    in a crowd no longer got their tokens alone (bench/results/h100/notes.md, sixth session); apart, they do."""
+    product's epilogue every row of the product matched its row alone on an H100, yet one of the engine's 64 seeded
+    requests in a crowd got other tokens than alone; apart, all got theirs (bench/results/h100/notes.md, sixth
+    session). Why is not known: a difference elsewhere that only this rounding brought to a sampled token's edge
+    would look the same (the GPU tests now compare the requests' logprobs too)."""
     return F.gelu(invariant_linear(x, weight, bias), approximate="tanh")
 
 

@@ -28,18 +28,24 @@ def crowd(seed: int = 8, n: int = 24) -> list[tuple[list[int], int]]:
 
 
 def seeded(prompt: list[int], n: int, seed: int):
-    return request(prompt, n, seed=seed, **SAMPLED)
+    """A sampled request with its own seed, asking for its tokens' logprobs: the bits of its logits, which a token
+    that did not change can hide (a draw far from the edge between two tokens)."""
+    return request(prompt, n, seed=seed, logprobs=0, **SAMPLED)
+
+
+def tokens_and_logprobs(r) -> tuple[list[int], list[float]]:
+    return r.output_ids, [t.logprob for t in r.logprobs]
 
 
 @pytest.fixture(scope="module")
-def alone(tiny_model_dir) -> list[list[int]]:
-    """Each watched request's tokens with the engine to itself: one step for its prompt, then its decodes."""
+def alone(tiny_model_dir) -> list[tuple[list[int], list[float]]]:
+    """Each watched request's tokens and logprobs with the engine to itself: one step for its prompt, then its decodes."""
     out = []
     for p, n, seed in targets():
         manager = make_manager(tiny_model_dir, "nobatch", attention="invariant")
         r = manager.enqueue(seeded(p, n, seed))
         run_until_idle(manager)
-        out.append(r.output_ids)
+        out.append(tokens_and_logprobs(r))
     return out
 
 
@@ -62,7 +68,7 @@ def in_a_crowd(manager, work: list, others: list) -> list:
 @pytest.mark.parametrize("policy", ["nobatch", "static", "dynamic"])
 def test_a_seeded_request_gets_the_same_tokens_alone_and_in_a_crowd(tiny_model_dir, alone, policy, overlap):
     manager = make_manager(tiny_model_dir, policy, attention="invariant", overlap=overlap)
-    assert [r.output_ids for r in in_a_crowd(manager, targets(), crowd())] == alone
+    assert [tokens_and_logprobs(r) for r in in_a_crowd(manager, targets(), crowd())] == alone
 
 
 @OVERLAP
@@ -72,7 +78,7 @@ def test_the_same_tokens_with_chunked_prefill_preemption_and_cache_hits(tiny_mod
     manager = make_manager(tiny_model_dir, "dynamic", num_blocks=24, max_step_tokens=7, attention="invariant",
                            overlap=overlap)
     watched = in_a_crowd(manager, targets(), crowd(n=12))
-    assert [r.output_ids for r in watched] == alone
+    assert [tokens_and_logprobs(r) for r in watched] == alone
     assert manager.scheduler.num_preemptions > 0 and any(r.cached_tokens for r in watched)
 
 

@@ -16,7 +16,7 @@ from conftest import assert_nothing_leaked, make_manager, request, run_until_idl
 from engine.loader import from_pretrained  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
 from engine.triton_linear import invariant_linear  # noqa: E402
-from test_batch_invariant import SAMPLED, seeded  # noqa: E402
+from test_batch_invariant import SAMPLED, seeded, tokens_and_logprobs  # noqa: E402
 from test_loader import IDS, prefill_logits  # noqa: E402
 from test_oracle import hf_greedy  # noqa: E402
 
@@ -106,14 +106,14 @@ def in_a_poisson_crowd(manager: BatchingManager, work: list, crowd_size: int = 6
 
 
 @pytest.fixture(scope="module")
-def alone_on_gpu(medium_shaped_dir) -> list[list[int]]:
-    """Each watched request with the engine to itself, its whole prompt computed (no cache)."""
+def alone_on_gpu(medium_shaped_dir) -> list[tuple[list[int], list[float]]]:
+    """Each watched request's tokens and logprobs with the engine to itself, its whole prompt computed (no cache)."""
     manager = gpu_manager(medium_shaped_dir, "nobatch", prefix_caching=False)
     out = []
     for p, n, seed in watched():
         r = manager.enqueue(seeded(p, n, seed))
         run_until_idle(manager)
-        out.append(r.output_ids)
+        out.append(tokens_and_logprobs(r))
     return out
 
 
@@ -123,7 +123,7 @@ def test_on_the_gpu_a_seeded_request_gets_the_same_tokens_alone_and_in_a_poisson
                                                                                        alone_on_gpu, policy):
     manager = gpu_manager(medium_shaped_dir, policy)
     crowded = in_a_poisson_crowd(manager, watched())
-    assert [r.output_ids for r in crowded] == alone_on_gpu
+    assert [tokens_and_logprobs(r) for r in crowded] == alone_on_gpu
     assert sum(r.cached_tokens > 0 for r in crowded) >= 16  # cache hits among them, the same tokens as misses
 
 
@@ -131,7 +131,7 @@ def test_on_the_gpu_a_seeded_request_gets_the_same_tokens_alone_and_in_a_poisson
 def test_on_the_gpu_the_same_tokens_chunked_and_preempted(medium_shaped_dir, alone_on_gpu):
     manager = gpu_manager(medium_shaped_dir, "dynamic", max_step_tokens=48, block_size=4, num_blocks=160)
     crowded = in_a_poisson_crowd(manager, watched(), crowd_size=24, per_step=3.0)
-    assert [r.output_ids for r in crowded] == alone_on_gpu
+    assert [tokens_and_logprobs(r) for r in crowded] == alone_on_gpu
     assert manager.scheduler.num_preemptions > 0 and any(r.cached_tokens for r in crowded)
 
 
