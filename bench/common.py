@@ -87,6 +87,9 @@ def run_info(device: torch.device, dtype: torch.dtype, model: str) -> dict:
                 model=os.path.basename(model.rstrip("/")), weights=weights_for(model), git_commit=git_commit(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 cpus=os.cpu_count(), torch_threads=torch.get_num_threads(), load_avg_start=os.getloadavg()[0])
+    if device.type == "cuda":  # PDL=false runs a baseline beside it (engine/pdl.py)
+        from engine import pdl
+        info["pdl"] = pdl.enabled(device)
     try:
         import transformers
         info["transformers"] = transformers.__version__
