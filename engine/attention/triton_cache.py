@@ -27,7 +27,6 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """k, v: (N, nh, hs), each row contiguous; caches: (num_blocks, block_size, nh, hs) contiguous."""
     N, nh, hs = k.shape
     assert k.stride(1) == v.stride(1) == hs and k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous()
-    width = nh * hs
+    width, pdl = nh * hs, pdl_enabled(k.device)
     _write_kv_kernel[(N,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                           WIDTH=width, BLOCK=triton.next_power_of_2(width), PDL=pdl_enabled(k.device), num_warps=4,
-                           launch_pdl=pdl_enabled(k.device))
+                           WIDTH=width, BLOCK=triton.next_power_of_2(width), PDL=pdl, num_warps=4, launch_pdl=pdl)
