@@ -68,9 +68,18 @@ def run_load(url: str, requests: list[Request], key: str | None = None, stream: 
     return asyncio.run(_run_load(url, requests, key, stream, exact, on_finish, desc, progress))
 
 
+def _quiet_interrupts(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """A Ctrl-C or SIGTERM (client.stopping_cleanly_on_signals raises it as KeyboardInterrupt) that lands in one
+    request's task ends the run, and the caller reports it; that task's exception, never retrieved, is not another
+    error to print as a traceback."""
+    if not isinstance(context.get("exception"), KeyboardInterrupt):
+        loop.default_exception_handler(context)
+
+
 async def _run_load(url: str, requests: list[Request], key: str | None, stream: bool, exact: bool,
                     on_finish: Callable[[int, RequestRecord], None] | None, desc: str | None,
                     progress: bool) -> Load:
+    asyncio.get_running_loop().set_exception_handler(_quiet_interrupts)
     server = Server(url, key)
     try:
         streaming = stream and await supports_streaming(server)

@@ -148,6 +148,22 @@ def test_plot_draws_every_policy_csv_into_one_png_and_pdf(tmp_path):
     assert set(plot.latency_csvs([tmp_path])) == {"nobatch", "static", "dynamic"}
 
 
+def test_an_interrupt_inside_a_requests_task_ends_the_load_without_a_second_traceback(caplog):
+    """A SIGTERM or Ctrl-C (raised as KeyboardInterrupt) that lands in one request's task ends run_load for the
+    caller to report; asyncio then holds that task's exception unretrieved, which it would log as "Task exception
+    was never retrieved" with a traceback when the task is collected."""
+    import gc
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    with json_server(original_server) as url, pytest.raises(KeyboardInterrupt):
+        run_load(url, [Request("Request 0", 5), Request("Request 1", 3, arrival=0.5)], progress=False,
+                 on_finish=interrupt)
+    gc.collect()
+    assert "never retrieved" not in caplog.text
+
+
 def test_plot_without_csvs_says_so(tmp_path, capsys):
     assert plot.main([str(tmp_path)]) == 1
     assert "no token_data_<policy>.csv" in capsys.readouterr().err
