@@ -100,10 +100,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     metadata.prefill_work with the same block_m. Writes into out (which may be a strided view)."""
     nh, hs = q.shape[1:]
     assert q.stride(-1) == out.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and k_cache.is_contiguous()
+    pdl = pdl_enabled(q.device)
     _prefill_kernel[(len(work), nh)](
         q, k_cache, v_cache, block_tables, query_start, context_lens, work, out, scale * LOG2E,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         BLOCK_SIZE=k_cache.shape[1], HS=hs, BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays exact; halves ignore it
-        PDL=pdl_enabled(q.device), num_warps=4, num_stages=2, launch_pdl=pdl_enabled(q.device))
+        PDL=pdl, num_warps=4, num_stages=2, launch_pdl=pdl)

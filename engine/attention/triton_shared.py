@@ -76,10 +76,11 @@ def shared_prefix_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     D, nh, hs = q.shape
     assert q.stride(-1) == 1 and k_cache.stride() == v_cache.stride() and k_cache.is_contiguous()
     assert part_out.is_contiguous() and part_lse.is_contiguous() and first_part + splits <= part_lse.shape[2]
+    pdl = pdl_enabled(q.device)
     _shared_prefix_kernel[(triton.cdiv(D, BLOCK_M), nh, splits)](
         q, k_cache, v_cache, shared_table, shared_len, shared_lens, part_out, part_lse, D, first_part,
         part_lse.shape[2], scale * LOG2E, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2),
         BLOCK_SIZE=k_cache.shape[1], HS=hs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLIT_TOKENS=SHARED_SPLIT_TOKENS,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl_enabled(q.device), num_warps=4,
-        num_stages=2, launch_pdl=pdl_enabled(q.device))
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4, num_stages=2,
+        launch_pdl=pdl)
