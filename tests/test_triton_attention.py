@@ -196,6 +196,28 @@ def test_prefill_fp16():
     assert_close(*prefill([20], [45], block_size=16, dtype=torch.float16))
 
 
+def test_prefill_rows_have_the_same_bits_whichever_chunk_they_fall_in():
+    """BATCH_INVARIANT: a prompt prefilled whole, or in chunks that start anywhere (a step's token budget cuts it),
+    gives each query row the same bits. A chunk moves the query tiles, and so which key tiles are masked for a row:
+    a masked and an unmasked tile must compute a score alike (the compiler once fused the scaling into exp2's
+    subtraction in unmasked tiles only). BLOCK_M fixed, as BATCH_INVARIANT runs the kernel."""
+    from engine.attention.metadata import BLOCK_M
+    n, nh, hs = 150, 2, 64
+    k_cache, v_cache, tables = paged_cache([n], 16, nh, hs, torch.bfloat16)
+    q = torch.randn(n, nh, hs, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+
+    def attend(lo: int, hi: int) -> torch.Tensor:
+        out = torch.full_like(q[lo:hi], float("nan"))
+        starts = torch.tensor([0, hi - lo], dtype=torch.int32, device=DEVICE)
+        lens = torch.tensor([hi], dtype=torch.int32, device=DEVICE)
+        work = torch.from_numpy(prefill_work([hi - lo], [hi], BLOCK_M)).to(DEVICE)
+        paged_prefill_attention(q[lo:hi], k_cache, v_cache, tables, starts, lens, work, BLOCK_M, out, hs ** -0.5)
+        return out
+
+    chunked = torch.cat([attend(lo, hi) for lo, hi in [(0, 37), (37, 101), (101, n)]])
+    assert torch.equal(chunked, attend(0, n))
+
+
 def test_prefill_writes_into_strided_output_view():
     lens, nh, hs = [6, 10], 3, 16
     k_cache, v_cache, tables = paged_cache(lens, 4, nh, hs, torch.float32)

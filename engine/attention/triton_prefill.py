@@ -37,7 +37,13 @@ def _attend(acc, l_i, m_i, q, pos_m, k_ptr, v_ptr, table, stride_kb, stride_kt, 
         k = tl.load(k_ptr + kv_offs, mask=mask_n[:, None], other=0.0)  # (BLOCK_N, HS)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if CAUSAL:  # keys past hi (loaded as 0) lie past every real query's position: masked too
-            s = tl.where(offs_n[None, :] <= pos_m[:, None], s, float("-inf"))
+            visible = offs_n[None, :] <= pos_m[:, None]
+        else:
+            visible = mask_n[None, :]
+        # a select in every tile, masked or not: without it the compiler fuses the scaling into exp2's subtraction
+        # (an FMA) in unmasked tiles only, and a score's bits would depend on whether its key tile lies on the
+        # diagonal of the query's tile, which moves with where a chunk starts (BATCH_INVARIANT needs them fixed)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the first tile holds key 0 or the diagonal
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
