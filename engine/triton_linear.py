@@ -152,9 +152,10 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 def invariant_gelu_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """BATCH_INVARIANT's c_fc product (MLP.gelu_product), then GPT-2's tanh GELU apart. With the GELU in the
     product's epilogue every row of the product matched its row alone on an H100, yet one of the engine's 64 seeded
-    requests in a crowd got other tokens than alone; apart, all got theirs (bench/results/h100/notes.md, sixth
-    session). Why is not known: a difference elsewhere that only this rounding brought to a sampled token's edge
-    would look the same (the GPU tests now compare the requests' logprobs too)."""
+    requests in a crowd got other tokens than alone; apart, all got theirs. The likelier cause was found later in
+    the prefill kernel (a chunk's start changed a score's bits; bench/results/h100/notes.md, seventh session), of
+    which this rounding only moved which token showed it; fusing it again waits for a GPU run of the tests that
+    compare logprobs."""
     return F.gelu(invariant_linear(x, weight, bias), approximate="tanh")
 
 
