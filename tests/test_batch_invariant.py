@@ -39,7 +39,8 @@ def tokens_and_logprobs(r) -> tuple[list[int], list[float]]:
 
 @pytest.fixture(scope="module")
 def alone(tiny_model_dir) -> list[tuple[list[int], list[float]]]:
-    """Each watched request's tokens and logprobs with the engine to itself: one step for its prompt, then its decodes."""
+    """Each watched request's tokens and logprobs with the engine to itself: one step for its prompt, then its
+    decodes."""
     out = []
     for p, n, seed in targets():
         manager = make_manager(tiny_model_dir, "nobatch", attention="invariant")
