@@ -12,12 +12,10 @@ The END STATS are the server's figures over this run's requests (`/stats?since=`
 served others before still reports this run alone. Ctrl-C or SIGTERM ends the run with a one-line message.
 """
 import argparse
-import contextlib
 import csv
 import itertools
 import json
 import os
-import signal
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +26,7 @@ if __package__ in (None, ""):  # run as a script (python client/client.py): the 
 import requests  # noqa: E402
 from dotenv import load_dotenv  # noqa: E402
 
+from client.interrupts import interrupted, stopping_cleanly_on_signals  # noqa: E402
 from client.load import auth_headers, error_text, run_load  # noqa: E402
 from client.workload import DEFAULT_NUM_TOKENS_RANGE, SELECTIONS, PromptData, Request  # noqa: E402
 from telemetry.latency import RequestRecord  # noqa: E402
@@ -192,36 +191,6 @@ def benchmark(args: argparse.Namespace) -> int:
     failed = sum(not record.ok for record in records)
     print(f"\n{len(records) - failed} of {len(records)} requests answered; results in {args.out}")
     return 1 if failed else 0
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised like Ctrl-C's KeyboardInterrupt so that `with` blocks (a server's) unwind."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def stopping_cleanly_on_signals():
-    """Within this block, SIGTERM and SIGHUP unwind the stack like Ctrl-C instead of ending the process where it
-    stands (which would leave, e.g., a server it started running)."""
-    def interrupt(signum, frame):
-        raise Interrupted(signum)
-
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def interrupted(e: KeyboardInterrupt) -> int:
-    """One line instead of a traceback, and the shell's exit status for a process ended by that signal."""
-    signum = getattr(e, "signum", signal.SIGINT)
-    print(f"\nstopped ({signal.Signals(signum).name})", file=sys.stderr)
-    return 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:

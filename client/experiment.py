@@ -28,8 +28,9 @@ import requests  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from client import plot, timeline_plot  # noqa: E402
-from client.client import CLIENT_DIR, ShowDefaults, fetch_stats, interrupted, mean_latency_by_num_tokens, \
-    stopping_cleanly_on_signals, write_run_files  # noqa: E402
+from client.client import CLIENT_DIR, ShowDefaults, fetch_stats, mean_latency_by_num_tokens, \
+    write_run_files  # noqa: E402
+from client.interrupts import interrupted, stopping_cleanly_on_signals  # noqa: E402
 from client.load import run_load  # noqa: E402
 from client.server_process import ServerFailed, running_server  # noqa: E402
 from client.workload import DEFAULT_NUM_TOKENS_RANGE, PromptData  # noqa: E402

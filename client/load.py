@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
+from client import interrupts
 from client.workload import Request
 from telemetry.latency import RequestRecord, summarize
 
@@ -63,15 +64,16 @@ def run_load(url: str, requests: list[Request], key: str | None = None, stream: 
     key: the server's API key. stream: ask for an event stream where the server gives one (asked first).
     exact: greedy with EOS ignored, so that each request produces exactly its tokens, the same ones every run.
     on_finish(index, record) is called as each answer arrives, e.g. to print it; a caller that prints asks for
-    no progress bar, which would interleave with its lines.
+    no progress bar, which would interleave with its lines. Within client.interrupts.stopping_cleanly_on_signals,
+    a SIGTERM or SIGHUP cancels the load (its connections closed) and raises Interrupted.
     """
-    return asyncio.run(_run_load(url, requests, key, stream, exact, on_finish, desc, progress))
+    return interrupts.run(_run_load(url, requests, key, stream, exact, on_finish, desc, progress))
 
 
 def _quiet_interrupts(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """A Ctrl-C or SIGTERM (client.stopping_cleanly_on_signals raises it as KeyboardInterrupt) that lands in one
-    request's task ends the run, and the caller reports it; that task's exception, never retrieved, is not another
-    error to print as a traceback."""
+    """A KeyboardInterrupt raised in one request's task (by on_finish, or by a Ctrl-C that asyncio does not turn
+    into a cancellation) ends the run, and the caller reports it; that task's exception, never retrieved, is not
+    another error to print as a traceback."""
     if not isinstance(context.get("exception"), KeyboardInterrupt):
         loop.default_exception_handler(context)
 
@@ -159,20 +161,25 @@ class Server:
 
     async def _exchange_on(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            message: bytes) -> "Response | None":
-        """None when the connection turns out closed (the server lets idle ones go) before an answer began."""
-        writer.write(message)
+        """None when the connection turns out closed (the server lets idle ones go) before an answer began. One left
+        mid-exchange (the request cancelled, a head we cannot read) is closed, for the server to see."""
         try:
-            status_line = await reader.readline()
-        except ConnectionResetError:
-            status_line = b""
-        if not status_line:
+            writer.write(message)
+            try:
+                status_line = await reader.readline()
+            except ConnectionResetError:
+                status_line = b""
+            if not status_line:
+                writer.close()
+                return None
+            version, status, _ = status_line.decode("latin-1").split(" ", 2)
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                name, value = line.decode("latin-1").split(":", 1)
+                headers[name.strip().lower()] = value.strip()
+        except BaseException:
             writer.close()
-            return None
-        version, status, _ = status_line.decode("latin-1").split(" ", 2)
-        headers = {}
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-            name, value = line.decode("latin-1").split(":", 1)
-            headers[name.strip().lower()] = value.strip()
+            raise
         return Response(self, reader, writer, int(status), headers,
                         keep_alive=version == "HTTP/1.1" and headers.get("connection", "").lower() != "close")
 

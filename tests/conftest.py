@@ -258,6 +258,7 @@ def json_server(answer):
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+        server.server_close()
 
 
 # ---- watching a real server ----

@@ -1,15 +1,21 @@
 """The client: its seeded workload, the files it writes, the plot, and a run against a real server."""
 import csv
+import gc
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import traceback
+import warnings
 from pathlib import Path
 
 import pytest
 import requests
 
-from client import client, plot
+from client import client, interrupts, plot
 from client.load import run_load
 from client.workload import PromptData, Request
 from conftest import json_server, running_server
@@ -149,11 +155,9 @@ def test_plot_draws_every_policy_csv_into_one_png_and_pdf(tmp_path):
 
 
 def test_an_interrupt_inside_a_requests_task_ends_the_load_without_a_second_traceback(caplog):
-    """A SIGTERM or Ctrl-C (raised as KeyboardInterrupt) that lands in one request's task ends run_load for the
-    caller to report; asyncio then holds that task's exception unretrieved, which it would log as "Task exception
-    was never retrieved" with a traceback when the task is collected."""
-    import gc
-
+    """A KeyboardInterrupt raised in one request's task ends run_load for the caller to report; asyncio then holds
+    that task's exception unretrieved, which it would log as "Task exception was never retrieved" with a traceback
+    when the task is collected."""
     def interrupt(*_):
         raise KeyboardInterrupt
 
@@ -162,6 +166,53 @@ def test_an_interrupt_inside_a_requests_task_ends_the_load_without_a_second_trac
                  on_finish=interrupt)
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+def test_a_sigterm_inside_the_loop_cancels_the_load_and_is_raised_once_the_loop_has_closed(caplog):
+    """Here the signal lands in on_finish, asyncio's code around it: raised there, it would end the load from
+    whichever frame it hit (asyncio's teardown among them, which then leaves the loop unclosed)."""
+    finished = []
+
+    def signal_self(i, record):
+        finished.append(i)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with json_server(original_server) as url, interrupts.stopping_cleanly_on_signals(), \
+                pytest.raises(interrupts.Interrupted) as stopped:
+            run_load(url, [Request("Request 0", 5), Request("Request 1", 3, arrival=1.0)], progress=False,
+                     on_finish=signal_self)
+        gc.collect()
+    assert stopped.value.signum == signal.SIGTERM
+    raised_at = traceback.extract_tb(stopped.value.__traceback__)[-1]
+    assert (Path(raised_at.filename).name, raised_at.name) == ("interrupts.py", "run")  # not where it landed
+    assert finished == [0]  # request 1 was cancelled before it was sent
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]  # nothing left open
+    assert "never retrieved" not in caplog.text
+
+
+def test_a_sigterm_wakes_a_load_waiting_on_a_silent_server_which_then_sees_the_connection_closed():
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(30)
+        seen = []
+
+        def answer_nothing_then_signal():
+            connection, _ = silent.accept()
+            with connection:
+                connection.settimeout(30)
+                seen.append(connection.recv(4096))
+                os.kill(os.getpid(), signal.SIGTERM)
+                seen.append(connection.recv(4096))  # b"": closed by the load's own `finally`
+
+        thread = threading.Thread(target=answer_nothing_then_signal)
+        thread.start()
+        with interrupts.stopping_cleanly_on_signals(), pytest.raises(interrupts.Interrupted):
+            run_load(f"http://127.0.0.1:{silent.getsockname()[1]}", [Request("Request 0", 5)], progress=False)
+        thread.join(30)
+    assert seen[0].startswith(b"POST /inference") and seen[1] == b""
 
 
 def test_plot_without_csvs_says_so(tmp_path, capsys):
