@@ -65,6 +65,7 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     async def tracked() -> T:
         _Running.task = asyncio.current_task()
         if _Running.received:  # a signal came before there was a task to cancel
+            coroutine.close()  # never started: nothing to unwind, and no "never awaited" warning
             raise asyncio.CancelledError
         return await coroutine
 
